@@ -1,0 +1,126 @@
+"""The control plane: a torch.distributed TCPStore where the trainer and the engine meet.
+
+The two jobs are separate torch.distributed worlds; they share only this store. Every
+key lives under ``fsdp_sync/<job>/`` and every per-push key under ``push/<seq>/``, so
+a repeated or restarted push can never read a stale key. Waits poll with a deadline
+and watch error keys, so a dead or failed peer ends in an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch.distributed as dist
+
+from .config import SyncConfig
+from .errors import SyncError, SyncTimeout
+
+_POLL_MIN_S = 0.002
+_POLL_MAX_S = 0.05
+
+
+class ControlPlane:
+    """Typed helpers over one namespaced store."""
+
+    def __init__(self, store: dist.Store, job: str, timeout_s: float):
+        self.root = store
+        self.store = dist.PrefixStore(f"fsdp_sync/{job}/", store)
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def connect(cls, config: SyncConfig, *, serve: bool) -> "ControlPlane":
+        """Open the store at ``config.control``; ``serve`` hosts it (the trainer's rank 0)."""
+        try:
+            store = dist.TCPStore(config.control_host, config.control_port, is_master=serve,
+                                  timeout=timedelta(seconds=config.timeout_s), wait_for_workers=False)
+        except (RuntimeError, dist.DistStoreError) as e:
+            role = "host" if serve else "reach"
+            raise SyncError(f"cannot {role} the control plane at {config.control} "
+                            f"(SyncConfig.control): {e}") from e
+        return cls(store, config.job, config.timeout_s)
+
+    # -- values -------------------------------------------------------------------------
+    def set(self, key: str, value: Any) -> None:
+        self.store.set(key, pickle.dumps(value, protocol=4))
+
+    def get(self, key: str) -> Any:
+        """The value of a key that is known to exist (check or wait first)."""
+        return pickle.loads(self.store.get(key))
+
+    def has(self, key: str) -> bool:
+        return self.store.check([key])
+
+    def add(self, key: str, amount: int) -> int:
+        return self.store.add(key, amount)
+
+    # -- waiting ------------------------------------------------------------------------
+    def wait(self, keys: Sequence[str], *, timeout_s: float | None = None,
+             describe: Callable[[list[str]], str] | None = None,
+             abort: Callable[[], str | None] | None = None) -> None:
+        """Wait until every key exists.
+
+        Raises SyncTimeout naming what is missing (``describe`` turns keys into words)
+        after ``timeout_s``, and SyncError as soon as ``abort`` returns a reason.
+        """
+        keys = list(keys)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        pause = _POLL_MIN_S
+        while True:
+            if not keys or self.store.check(keys):
+                return
+            if abort is not None and (reason := abort()):
+                raise SyncError(reason)
+            if time.monotonic() > deadline:
+                missing = [k for k in keys if not self.store.check([k])]
+                what = describe(missing) if describe else f"keys {missing}"
+                raise SyncTimeout(f"timed out after {timeout_s or self.timeout_s:.1f}s waiting for {what}")
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX_S)
+
+    def first_error(self, keys: Sequence[str]) -> str | None:
+        """The value of the first existing error key among ``keys``, if any."""
+        for key in keys:
+            if self.store.check([key]):
+                return self.get(key)
+        return None
+
+
+# Key names, in one place so both sides agree.
+def recv_meta_key(rank: int) -> str:
+    return f"recv/meta/{rank}"
+
+
+RECV_COUNT = "recv/count"
+RECV_EPOCH = "recv/epoch"
+PUSH_LATEST = "push/latest"
+
+
+def sender_host_key(rank: int) -> str:
+    return f"send/host/{rank}"
+
+
+def plan_sender_key(fp: str, rank: int) -> str:
+    return f"plan/{fp}/send/{rank}"
+
+
+def plan_receiver_key(fp: str, rank: int) -> str:
+    return f"plan/{fp}/recv/{rank}"
+
+
+def push_key(seq: int) -> str:
+    return f"push/{seq}"
+
+
+def done_key(seq: int, sender: int) -> str:
+    return f"push/{seq}/done/{sender}"
+
+
+def sender_error_key(seq: int, sender: int) -> str:
+    return f"push/{seq}/error/{sender}"
+
+
+def ack_key(seq: int, receiver: int) -> str:
+    return f"push/{seq}/ack/{receiver}"

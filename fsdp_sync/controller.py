@@ -1,0 +1,67 @@
+"""The controller (trainer rank 0): gathers metadata, plans once, publishes each push.
+
+A plan is keyed by what it was computed from: the model's parameter layout and the
+receivers' registration epoch. While both stay the same, every push replays the cached
+plan; when either changes, the next push re-plans.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from .config import SyncConfig
+from .control import (RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, plan_sender_key,
+                      recv_meta_key, sender_host_key)
+from .meta import ReceiverMeta, SourceParam
+from .plan import Plan
+from .planner import build_plan
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(self, control: ControlPlane, config: SyncConfig, num_senders: int):
+        self.control = control
+        self.config = config
+        self.num_senders = num_senders
+        self.plan: Plan | None = None
+        self.plan_key: tuple | None = None
+        self.num_plans_built = 0
+
+    def ensure_plan(self, sources_key: tuple, sources: Callable[[], list[SourceParam]]) -> Plan:
+        """The cached plan if its inputs are unchanged, else a new validated, published plan."""
+        epoch = self.control.add(RECV_EPOCH, 0)
+        key = (sources_key, epoch)
+        if self.plan is not None and key == self.plan_key:
+            return self.plan
+        receivers = self._receivers()
+        hosts = self._sender_hosts()
+        plan = build_plan(sources(), receivers, sender_hosts=hosts, mode=self.config.mode,
+                          links=self.config.links, watermark_bytes=self.config.watermark_bytes)
+        self.num_plans_built += 1
+        log.info("fsdp_sync: planned %d tasks, %.1f MB, floor %.3f s, in %.2f s", plan.stats.num_tasks,
+                 plan.stats.bytes_total / 1e6, plan.stats.floor_s, plan.stats.plan_s)
+        for s in range(plan.num_senders):
+            self.control.set(plan_sender_key(plan.fingerprint, s), plan.for_sender(s))
+        for r in range(plan.num_receivers):
+            self.control.set(plan_receiver_key(plan.fingerprint, r), plan.for_receiver(r))
+        self.plan, self.plan_key = plan, key
+        return plan
+
+    def receiver_metas(self) -> dict[int, ReceiverMeta]:
+        return {r: self.control.get(recv_meta_key(r)) for r in range(self.control.get(RECV_COUNT))}
+
+    def _receivers(self) -> list[ReceiverMeta]:
+        self.control.wait([RECV_COUNT], describe=lambda _: "the inference job to register its receivers "
+                          f"(is it running with SyncConfig.job={self.config.job!r} and control={self.config.control!r}?)")
+        count = self.control.get(RECV_COUNT)
+        self.control.wait([recv_meta_key(r) for r in range(count)],
+                          describe=lambda keys: f"receiver ranks {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to register")
+        return [self.control.get(recv_meta_key(r)) for r in range(count)]
+
+    def _sender_hosts(self) -> list[str]:
+        keys = [sender_host_key(s) for s in range(self.num_senders)]
+        self.control.wait(keys, describe=lambda ks: f"sender ranks {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} to start")
+        return [self.control.get(k) for k in keys]
+

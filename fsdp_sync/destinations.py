@@ -1,0 +1,77 @@
+"""Destination tensors derived from source shapes: allocate them, or say what they must hold.
+
+An engine normally owns its buffers; these helpers build the same buffers for tests,
+demos and engines that load from a config (FP8 weights get their ``*_scale_inv``
+tensors), and compute the exact expected contents from full source tensors, which is
+how every sync is verified.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .layouts import make_layout
+from .meta import LayoutSpec, SourceParam
+from .quant import DEFAULT_QUANT_SKIP, get_quant_format, reference_quantize, scale_name, should_quantize
+
+
+def _pieces(name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: LayoutSpec):
+    return make_layout(layout).pieces(SourceParam(name, tuple(shape), dtype, ()))
+
+
+def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dtype]], *, layout: LayoutSpec,
+                          quant: str = "none", quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP,
+                          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Empty destination tensors (and FP8 scale tensors) for sources given as name -> (shape, dtype)."""
+    fmt = get_quant_format(quant)
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for name, (shape, dtype) in sources.items():
+        quantized = fmt.is_quantized and should_quantize(name, shape, quant_skip)
+        for piece in _pieces(name, shape, dtype, layout):
+            ends = shapes.setdefault(piece.dst, [0] * len(piece.dst_box.ends))
+            shapes[piece.dst] = [max(a, b) for a, b in zip(ends, piece.dst_box.ends)]
+            dtypes[piece.dst] = fmt.dtype if quantized else dtype
+    out = {}
+    for name, shape in shapes.items():
+        out[name] = torch.zeros(shape, dtype=dtypes[name], device=device)
+        if dtypes[name] == torch.float8_e4m3fn:
+            out[scale_name(name)] = torch.zeros(fmt.scale_shape(shape), dtype=torch.float32, device=device)
+    return out
+
+
+def expected_destinations(full: Mapping[str, torch.Tensor], *, layout: LayoutSpec, quant: str = "none",
+                          quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP) -> dict[str, torch.Tensor]:
+    """What a receiver must hold after a push of the full tensors ``full``: the reference, sliced."""
+    fmt = get_quant_format(quant)
+    shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
+    out = allocate_destinations(shapes, layout=layout, quant=quant, quant_skip=quant_skip)
+    for name, tensor in full.items():
+        quantized = fmt.is_quantized and should_quantize(name, tensor.shape, quant_skip)
+        values, scales = reference_quantize(tensor, fmt) if quantized else (tensor, None)
+        for piece in _pieces(name, tuple(tensor.shape), tensor.dtype, layout):
+            piece.dst_box.view(out[piece.dst]).copy_(piece.src_box.view(values))
+            if scales is not None:
+                block = fmt.block_shape(tensor.shape)
+                piece.dst_box.to_blocks(block).view(out[scale_name(piece.dst)]).copy_(
+                    piece.src_box.to_blocks(block).view(scales))
+    return out
+
+
+def mismatches(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names whose bytes differ (bitwise, so NaN and -0.0 count), with a short reason."""
+    bad = []
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None:
+            bad.append(f"{name}: missing")
+        elif got.shape != want.shape or got.dtype != want.dtype:
+            bad.append(f"{name}: {got.dtype}{tuple(got.shape)} != {want.dtype}{tuple(want.shape)}")
+        elif not torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
+            bad.append(f"{name}: values differ")
+    return bad
+
+
+__all__ = ["allocate_destinations", "expected_destinations", "mismatches"]

@@ -1,0 +1,13 @@
+"""Errors a user can act on. Each names the tensor, rank or setting at fault."""
+
+
+class SyncError(RuntimeError):
+    """A push failed (a peer died, a transport broke); the version did not land."""
+
+
+class PlanError(ValueError):
+    """The metadata of the two sides does not fit; refused before any byte moved."""
+
+
+class SyncTimeout(SyncError, TimeoutError):
+    """A peer did not answer within the configured timeout."""

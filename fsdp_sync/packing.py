@@ -1,0 +1,125 @@
+"""Turn one bucket of local shards into packed task payloads, in either mode.
+
+* direct: each rank quantizes only the rows it holds. Blocks that straddle a shard
+  boundary get their scale from one all-reduce(MAX) of per-block amax over the shard
+  group, one collective per bucket.
+* reconstruct: the shard group rebuilds the bucket's full tensors with one
+  all-gather per dtype, then the planned rank quantizes and slices each task.
+
+Both compute the same scale grids (MAX is exact), so they give identical bytes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from .boxes import Box
+from .meta import SourceParam
+from .plan import DATA, Bucket, SenderPlan, Task
+from .quant import block_amax, get_quant_format, quantize_box, scales_from_amax
+from .trace import Trace
+
+
+class BucketPacker:
+    """Packs this rank's tasks bucket by bucket, running the bucket's collectives."""
+
+    def __init__(self, plan: SenderPlan, sources: dict[str, SourceParam], groups: dict[tuple[int, ...], object],
+                 device: torch.device):
+        self.plan = plan
+        self.sources = sources
+        self.groups = groups
+        self.device = device
+        self.tasks_of: dict[int, list[Task]] = defaultdict(list)
+        for t in plan.tasks:
+            self.tasks_of[t.bucket].append(t)
+
+    def pack(self, bucket: Bucket, local: dict[str, torch.Tensor], trace: Trace) -> list[tuple[Task, torch.Tensor]]:
+        shards = {name: self._on_device(local[name], trace) for name in bucket.params}
+        boxes = {name: self._box(name, bucket.group) for name in bucket.params}
+        if self.plan.mode == "reconstruct":
+            with trace.span("gather", f"bucket {bucket.index}"):
+                held = self._gather(bucket, shards)
+            held_boxes = {name: Box.full(self.sources[name].shape) for name in bucket.params}
+        else:
+            held, held_boxes = shards, boxes
+        with trace.span("amax" if self.plan.mode == "direct" else "scale", f"bucket {bucket.index}"):
+            scales = self._scales(bucket, held, held_boxes)
+        with trace.span("quantize", f"bucket {bucket.index}"):
+            return [(t, self._payload(t, held[t.src], held_boxes[t.src], scales)) for t in self.tasks_of[bucket.index]]
+
+    def _on_device(self, t: torch.Tensor, trace: Trace) -> torch.Tensor:
+        if t.device == self.device:
+            return t
+        with trace.span("h2d"):  # CPU-offloaded shards come up to the compute device here
+            return t.to(self.device, non_blocking=True)
+
+    def _box(self, name: str, group: tuple[int, ...]) -> Box:
+        for g in self.sources[name].groups:
+            if g.ranks == group:
+                return g.box_of(self.plan.rank)
+        raise AssertionError(f"{name!r} has no shard group {group}")
+
+    def _gather(self, bucket: Bucket, shards: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors of the bucket: one all-gather per dtype over a flat, padded buffer."""
+        full = {}
+        ranks = bucket.group
+        by_dtype: dict[torch.dtype, list[str]] = defaultdict(list)
+        for name in bucket.params:
+            by_dtype[self.sources[name].dtype].append(name)
+        for dtype, names in by_dtype.items():
+            groups = {n: next(g for g in self.sources[n].groups if g.ranks == ranks) for n in names}
+            slot = {n: max(b.numel() for b in groups[n].boxes) for n in names}
+            offsets, total = {}, 0
+            for n in names:
+                offsets[n], total = total, total + slot[n]
+            send = torch.zeros(total, dtype=dtype, device=self.device)
+            for n in names:
+                shard = shards[n]
+                send[offsets[n]:offsets[n] + shard.numel()].copy_(shard.reshape(-1))
+            if len(ranks) > 1:
+                recv = torch.empty(total * len(ranks), dtype=dtype, device=self.device)
+                dist.all_gather_into_tensor(recv, send, group=self.groups[ranks])
+            else:
+                recv = send
+            for n in names:
+                out = torch.empty(self.sources[n].shape, dtype=dtype, device=self.device)
+                for i, box in enumerate(groups[n].boxes):
+                    start = i * total + offsets[n]
+                    box.view(out).copy_(recv[start:start + box.numel()].view(box.sizes))
+                full[n] = out
+        return full
+
+    def _scales(self, bucket: Bucket, held: dict[str, torch.Tensor], held_boxes: dict[str, Box]) -> dict[str, torch.Tensor]:
+        """Scale grid of every quantized param of the bucket; direct mode reduces amax over the group."""
+        grids = {}
+        for name in bucket.quantized:
+            src = self.sources[name]
+            fmt = get_quant_format(self.plan.fmt_of[name])
+            block = fmt.block_shape(src.shape)
+            grid = torch.zeros(fmt.scale_shape(src.shape), dtype=torch.float32, device=self.device)
+            box = held_boxes[name]
+            if box.numel():
+                box.to_blocks(block).view(grid).copy_(block_amax(held[name], box, block))
+            grids[name] = grid
+        if self.plan.mode == "direct" and len(bucket.group) > 1 and grids:
+            flat = torch.cat([g.reshape(-1) for g in grids.values()])
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.groups[bucket.group])
+            offset = 0
+            for name, g in grids.items():
+                g.copy_(flat[offset:offset + g.numel()].view(g.shape))
+                offset += g.numel()
+        return {name: scales_from_amax(g) for name, g in grids.items()}
+
+    def _payload(self, task: Task, held: torch.Tensor, held_box: Box, scales: dict[str, torch.Tensor]) -> torch.Tensor:
+        if task.kind != DATA:
+            return task.src_box.view(scales[task.src])
+        part = task.src_box.relative_to(held_box).view(held)
+        if task.fmt == "none":
+            return part
+        fmt = get_quant_format(task.fmt)
+        block = fmt.block_shape(self.sources[task.src].shape)
+        grid = scales[task.src]
+        return quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)

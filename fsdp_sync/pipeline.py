@@ -1,0 +1,92 @@
+"""The staged executor: pack buckets on one thread while the previous ones transfer.
+
+The producer (the caller's thread) runs gather/H2D and quantize+pack per bucket; a
+transfer thread sends and then releases the bucket's memory. A byte budget (the
+watermark) bounds temporary bytes in flight: a bucket waits until it fits, except when
+nothing else is in flight, so one oversized bucket can still pass alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterable, TypeVar
+
+from .trace import Trace
+
+Item = TypeVar("Item")
+_DONE = object()
+
+
+class ByteBudget:
+    """Blocks acquirers while the bytes in flight would exceed the watermark."""
+
+    def __init__(self, watermark_bytes: int):
+        self.watermark = watermark_bytes
+        self.in_flight = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, stop: threading.Event) -> None:
+        with self._cond:
+            while self.in_flight and self.in_flight + nbytes > self.watermark and not stop.is_set():
+                self._cond.wait(0.05)
+            self.in_flight += nbytes
+            self.peak = max(self.peak, self.in_flight)
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.in_flight -= nbytes
+            self._cond.notify_all()
+
+
+def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce: Callable[[Item], object],
+                 transfer: Callable[[object], None], budget: ByteBudget, trace: Trace) -> None:
+    """Run ``produce`` then ``transfer`` on every item, the two stages overlapping.
+
+    An error on either side stops the other and is raised here.
+    """
+    handoff: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def transfer_loop() -> None:
+        while True:
+            entry = handoff.get()
+            if entry is _DONE:
+                return
+            packed, size = entry
+            try:
+                if not stop.is_set():
+                    with trace.span("transfer"):
+                        transfer(packed)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                errors.append(e)
+                stop.set()
+            finally:
+                del packed
+                with trace.span("release"):
+                    budget.release(size)
+
+    worker = threading.Thread(target=transfer_loop, name="fsdp_sync-transfer", daemon=True)
+    worker.start()
+    try:
+        for item in work:
+            if stop.is_set():
+                break
+            size = nbytes(item)
+            budget.acquire(size, stop)
+            try:
+                packed = produce(item)
+            except BaseException:
+                budget.release(size)
+                raise
+            handoff.put((packed, size))
+    except BaseException as e:
+        errors.append(e)
+        stop.set()
+    finally:
+        handoff.put(_DONE)
+        worker.join()
+    if errors:
+        raise errors[0]

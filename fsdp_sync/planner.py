@@ -1,0 +1,374 @@
+"""The planner: a pure function from all metadata to a validated plan.
+
+No collectives and no tensors: it runs on one CPU for hundreds of ranks. It checks
+every input first (names, shapes, dtypes, FP8 block alignment) and refuses the whole
+plan with one message listing each offending tensor. Then it assigns every piece of
+every destination to senders, balancing estimated link time (fewest bytes so far,
+same host preferred through the faster link), and finally proves that every
+destination element is written exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .boxes import Box, check_exact_cover
+from .config import LinkModel
+from .errors import PlanError
+from .layouts import Piece, make_layout
+from .meta import SUPPORTED_DTYPES, ReceiverMeta, SourceParam
+from .plan import DATA, SCALE, Bucket, Plan, PlanStats, Task, fingerprint
+from .quant import QuantFormat, get_quant_format, scale_name
+from .sharding import ShardGroup
+
+_MAX_LISTED_ERRORS = 40
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A checked piece with its receiver and quant format."""
+
+    receiver: int
+    piece: Piece
+    fmt: QuantFormat
+    block: tuple[int, ...] | None
+    scale_dst: str | None
+
+
+def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sender_hosts: list[str],
+               mode: str, links: LinkModel, watermark_bytes: int) -> Plan:
+    """Check all metadata, assign every destination box to senders, validate, fingerprint."""
+    started = time.perf_counter()
+    jobs = _check_and_map(sources, receivers)
+    by_name = {s.name: s for s in sources}
+    recv_host = {r.rank: r.host for r in receivers}
+    assigner = _Assigner(sender_hosts, recv_host, links)
+    if mode == "direct":
+        raw = assigner.direct(jobs, by_name)
+    elif mode == "reconstruct":
+        raw = assigner.reconstruct(jobs, by_name)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; valid: ['direct', 'reconstruct']")
+    buckets, bucket_of = _make_buckets(raw, by_name, mode, watermark_bytes)
+    tasks, arrivals = _order(raw, bucket_of)
+    _validate_cover(arrivals, receivers)
+    fmt_of = {s.name: "none" for s in sources}
+    for job in jobs:
+        if job.fmt.is_quantized:
+            fmt_of[job.piece.src] = job.fmt.name
+    stats = _stats(tasks, arrivals, buckets, by_name, sender_hosts, recv_host, links, mode)
+    stats.plan_s = time.perf_counter() - started
+    plan = Plan(mode, len(sender_hosts), len(receivers), tasks, arrivals, buckets, fmt_of, stats,
+                groups=sorted({b.group for b in buckets}))
+    plan.fingerprint = fingerprint(sources, receivers, sender_hosts, mode, links, watermark_bytes)
+    return plan
+
+
+def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) -> list[_Job]:
+    errors: list[str] = []
+    for s in sources:
+        if s.dtype not in SUPPORTED_DTYPES:
+            errors.append(f"source parameter {s.name!r} has unsupported dtype {s.dtype} "
+                          f"(supported: {[str(d) for d in SUPPORTED_DTYPES]})")
+    ranks = sorted(r.rank for r in receivers)
+    if ranks != list(range(len(receivers))):
+        errors.append(f"receiver ranks must be 0..{len(receivers) - 1}, got {ranks}")
+    jobs: list[_Job] = []
+    for recv in receivers:
+        jobs.extend(_map_receiver(recv, sources, errors))
+    if errors:
+        more = f"\n... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
+        raise PlanError("plan refused before any byte moved:\n  " + "\n  ".join(errors[:_MAX_LISTED_ERRORS]) + more)
+    return jobs
+
+
+def _map_receiver(recv: ReceiverMeta, sources: list[SourceParam], errors: list[str]) -> list[_Job]:
+    r = recv.rank
+    try:
+        layout = make_layout(recv.layout)
+        fmt = get_quant_format(recv.quant)
+    except (ValueError, TypeError) as e:
+        errors.append(f"receiver {r}: {e}")
+        return []
+    jobs: list[_Job] = []
+    targeted: set[str] = set()
+    for src in sources:
+        try:
+            pieces = layout.pieces(src)
+        except ValueError as e:
+            errors.append(f"receiver {r}: {e}")
+            continue
+        for piece in pieces:
+            dest = recv.tensors.get(piece.dst)
+            if dest is None:
+                errors.append(f"receiver {r} has no tensor {piece.dst!r} for source parameter {src.name!r}")
+                continue
+            targeted.add(piece.dst)
+            if len(dest.shape) != len(src.shape):
+                errors.append(f"receiver {r} tensor {piece.dst!r}: shape {dest.shape} does not match "
+                              f"source {src.name!r} shape {src.shape}")
+                continue
+            if not Box.full(dest.shape).contains(piece.dst_box):
+                errors.append(f"receiver {r} tensor {piece.dst!r}: destination too small, shape {dest.shape} "
+                              f"but source {src.name!r} writes {piece.dst_box}")
+                continue
+            job = _quant_job(r, piece, src, dest.dtype, fmt, recv, errors)
+            if job is not None:
+                jobs.append(job)
+                if job.scale_dst:
+                    targeted.add(job.scale_dst)
+    for name in sorted(set(recv.tensors) - targeted):
+        errors.append(f"receiver {r} tensor {name!r} has no source parameter on the trainer")
+    return jobs
+
+
+def _quant_job(r: int, piece: Piece, src: SourceParam, dst_dtype: torch.dtype, fmt: QuantFormat,
+               recv: ReceiverMeta, errors: list[str]) -> _Job | None:
+    if dst_dtype != torch.float8_e4m3fn:
+        if dst_dtype != src.dtype:
+            errors.append(f"receiver {r} tensor {piece.dst!r}: dtype {dst_dtype} does not match source "
+                          f"{src.name!r} dtype {src.dtype}")
+            return None
+        return _Job(r, piece, get_quant_format("none"), None, None)
+    if not fmt.is_quantized:
+        errors.append(f"receiver {r} tensor {piece.dst!r} is float8 but the receiver's quant is 'none'")
+        return None
+    try:
+        block = fmt.block_shape(src.shape)
+    except ValueError as e:
+        errors.append(f"receiver {r} tensor {piece.dst!r}: {e}")
+        return None
+    dest_shape = recv.tensors[piece.dst].shape
+    sname = scale_name(piece.dst)
+    scale = recv.tensors.get(sname)
+    want = fmt.scale_shape(dest_shape)
+    if scale is None or scale.shape != want or scale.dtype != torch.float32:
+        got = "missing" if scale is None else f"{scale.dtype} {scale.shape}"
+        errors.append(f"receiver {r} tensor {piece.dst!r}: {fmt.name} needs a float32 scale tensor "
+                      f"{sname!r} of shape {want}, got {got}")
+        return None
+    for d, b in enumerate(block):
+        if b >= src.shape[d]:
+            continue  # one block spans the dim: every slice shares its scale
+        s, dbox = piece.src_box, piece.dst_box
+        ok = (s.offsets[d] % b == 0 and dbox.offsets[d] % b == 0
+              and (s.ends[d] % b == 0 or (s.ends[d] == src.shape[d] and dbox.ends[d] == dest_shape[d])))
+        if not ok:
+            errors.append(f"receiver {r} tensor {piece.dst!r}: FP8 block of {b} misaligned with the slice "
+                          f"[{s.offsets[d]}:{s.ends[d]}) of {src.name!r} dim {d} (slices must start and end "
+                          f"on multiples of {b})")
+            return None
+    return _Job(r, piece, fmt, block, sname)
+
+
+class _Assigner:
+    """Greedy sender choice: the candidate whose link would finish earliest."""
+
+    def __init__(self, sender_hosts: list[str], recv_host: dict[int, str], links: LinkModel):
+        host_ids = {h: i for i, h in enumerate(sorted(set(sender_hosts) | set(recv_host.values())))}
+        self.sender_host = np.array([host_ids[h] for h in sender_hosts])
+        self.recv_host = {r: host_ids[h] for r, h in recv_host.items()}
+        self.load_s = np.zeros(len(sender_hosts))
+        self.intra = links.intra_host_gbps * 1e9
+        self.inter = links.inter_host_gbps * 1e9
+
+    def _seconds(self, senders: np.ndarray, receiver: int, nbytes: np.ndarray) -> np.ndarray:
+        same = self.sender_host[senders] == self.recv_host[receiver]
+        return nbytes / np.where(same, self.intra, self.inter)
+
+    def direct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[tuple[tuple, Task]]:
+        """Each piece goes to one shard group, split along the boxes its ranks hold.
+
+        The group is the one whose busiest involved rank would finish first.
+        """
+        out = []
+        splits: dict[tuple[str, Box], list[tuple[int, Box]]] = {}
+        rank_matrix: dict[str, np.ndarray | None] = {}
+        for job in sorted(jobs, key=lambda j: -j.piece.src_box.numel()):
+            src = by_name[job.piece.src]
+            if src.name not in rank_matrix:
+                same_boxes = all(g.boxes == src.groups[0].boxes for g in src.groups)
+                rank_matrix[src.name] = np.array([g.ranks for g in src.groups]) if same_boxes else None
+            key = (src.name, job.piece.src_box)
+            parts = splits.get(key)
+            if parts is None:
+                parts = [(i, inter) for i, box in enumerate(src.groups[0].boxes)
+                         if (inter := box.intersect(job.piece.src_box)) is not None]
+                splits[key] = parts
+            elem = 1 if job.fmt.is_quantized else src.dtype.itemsize
+            matrix = rank_matrix[src.name]
+            if matrix is not None:
+                ranks = matrix[:, [i for i, _ in parts]]
+                nbytes = np.array([inter.numel() * elem for _, inter in parts], dtype=np.float64)
+                seconds = self._seconds(ranks, job.receiver, nbytes[None, :])
+                best = int(np.argmin((self.load_s[ranks] + seconds).max(axis=1)))
+                self.load_s[ranks[best]] += seconds[best]
+                chosen, chosen_parts = src.groups[best], parts
+            else:
+                chosen, chosen_parts = self._best_irregular(src, job, elem)
+            for i, inter in chosen_parts:
+                out.extend(_tasks_for(chosen.ranks[i], chosen.ranks, job, inter, elem))
+        return out
+
+    def _best_irregular(self, src: SourceParam, job: _Job, elem: int) -> tuple[ShardGroup, list[tuple[int, Box]]]:
+        """The same choice for params whose shard groups hold differently shaped boxes."""
+        best = None
+        for group in src.groups:
+            parts = [(i, inter) for i, box in enumerate(group.boxes)
+                     if (inter := box.intersect(job.piece.src_box)) is not None]
+            ranks = np.array([group.ranks[i] for i, _ in parts])
+            seconds = self._seconds(ranks, job.receiver, np.array([b.numel() * elem for _, b in parts], dtype=float))
+            cost = float((self.load_s[ranks] + seconds).max()) if len(parts) else 0.0
+            if best is None or cost < best[0]:
+                best = (cost, group, parts, ranks, seconds)
+        _, group, parts, ranks, seconds = best
+        self.load_s[ranks] += seconds
+        return group, parts
+
+    def reconstruct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[tuple[tuple, Task]]:
+        """Each param goes to one shard group; each of its pieces to that group's least-loaded rank."""
+        out = []
+        per_param: dict[str, list[_Job]] = defaultdict(list)
+        for job in jobs:
+            per_param[job.piece.src].append(job)
+        for name in sorted(per_param, key=lambda n: -by_name[n].nbytes):
+            src = by_name[name]
+            group = min(src.groups, key=lambda g: float(self.load_s[list(g.ranks)].mean()))
+            ranks = np.array(group.ranks)
+            for job in sorted(per_param[name], key=lambda j: -j.piece.src_box.numel()):
+                elem = 1 if job.fmt.is_quantized else src.dtype.itemsize
+                seconds = self._seconds(ranks, job.receiver, np.full(len(ranks), job.piece.src_box.numel() * elem,
+                                                                       dtype=np.float64))
+                best = int(np.argmin(self.load_s[ranks] + seconds))
+                self.load_s[ranks[best]] += seconds[best]
+                out.extend(_tasks_for(int(ranks[best]), group.ranks, job, job.piece.src_box, elem))
+        return out
+
+
+def _tasks_for(rank: int, group: tuple[int, ...], job: _Job, part: Box, elem: int) -> list[tuple[tuple, Task]]:
+    """(group, task) for ``part`` of a piece: its data and its share of the scales."""
+    piece = job.piece
+    delta = tuple(d - s for d, s in zip(piece.dst_box.offsets, piece.src_box.offsets))
+    out = [(group, Task(rank, job.receiver, piece.src, part, piece.dst, part.shift(delta), DATA,
+                        job.fmt.name, part.numel() * elem))]
+    if job.block is not None:
+        owned = part.owned_blocks(piece.src_box, job.block)
+        if not owned.is_empty():
+            s_grid = piece.src_box.to_blocks(job.block)
+            d_grid = piece.dst_box.to_blocks(job.block)
+            shift = tuple(d - s for d, s in zip(d_grid.offsets, s_grid.offsets))
+            out.append((group, Task(rank, job.receiver, piece.src, owned, job.scale_dst, owned.shift(shift), SCALE,
+                                    job.fmt.name, owned.numel() * 4)))
+    return out
+
+
+def _make_buckets(raw: list[tuple[tuple, Task]], by_name: dict[str, SourceParam], mode: str,
+                  watermark_bytes: int) -> tuple[list[Bucket], dict[tuple, int]]:
+    """Pack each group's params into buckets of at most half the watermark, then interleave groups.
+
+    Half, so one bucket can be packed while the previous one is in transfer. A param
+    larger than that gets a bucket of its own.
+    """
+    per_group: dict[tuple[int, ...], dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0, False]))
+    rank_bytes: dict[tuple, int] = defaultdict(int)
+    for group, task in raw:
+        entry = per_group[group][task.src]
+        entry[1] = entry[1] or task.fmt != "none"
+        rank_bytes[(group, task.src, task.sender)] += task.nbytes
+    for (group, src, _rank), nbytes in rank_bytes.items():
+        held = by_name[src].nbytes if mode == "reconstruct" else 0
+        per_group[group][src][0] = max(per_group[group][src][0], held + nbytes)
+    cap = max(1, watermark_bytes // 2)
+    lists = []
+    for group in sorted(per_group):
+        params = sorted(per_group[group].items(), key=lambda kv: (-kv[1][0], kv[0]))
+        buckets, current, size = [], [], 0
+        for name, (nbytes, quantized) in params:
+            if current and size + nbytes > cap:
+                buckets.append((current, size))
+                current, size = [], 0
+            current.append((name, quantized))
+            size += nbytes
+        if current:
+            buckets.append((current, size))
+        lists.append((group, buckets))
+    ordered: list[Bucket] = []
+    bucket_of: dict[tuple, int] = {}
+    for i in range(max((len(b) for _, b in lists), default=0)):
+        for group, buckets in lists:
+            if i < len(buckets):
+                members, size = buckets[i]
+                index = len(ordered)
+                ordered.append(Bucket(index, group, tuple(n for n, _ in members),
+                                      tuple(n for n, q in members if q), size))
+                for name, _ in members:
+                    bucket_of[(group, name)] = index
+    return ordered, bucket_of
+
+
+def _order(raw: list[tuple[tuple, Task]], bucket_of: dict[tuple, int]
+           ) -> tuple[dict[int, list[Task]], dict[int, list[Task]]]:
+    """Per sender: bucket order, then large tasks first; seq numbers each (sender, receiver) pair."""
+    per_sender: dict[int, list[Task]] = defaultdict(list)
+    for group, task in raw:
+        task.bucket = bucket_of[(group, task.src)]
+        per_sender[task.sender].append(task)
+    tasks: dict[int, list[Task]] = {}
+    arrivals: dict[int, list[Task]] = defaultdict(list)
+    for sender in sorted(per_sender):
+        ordered = sorted(per_sender[sender], key=lambda t: (t.bucket, -t.nbytes, t.receiver, t.src, t.kind))
+        seq: dict[int, int] = defaultdict(int)
+        for task in ordered:
+            task.seq = seq[task.receiver]
+            seq[task.receiver] += 1
+            arrivals[task.receiver].append(task)
+        tasks[sender] = ordered
+    return tasks, dict(arrivals)
+
+
+def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta]) -> None:
+    """Prove that every destination element is written exactly once and inside its bounds."""
+    problems = []
+    for recv in receivers:
+        boxes: dict[str, list[Box]] = defaultdict(list)
+        for t in arrivals.get(recv.rank, []):
+            boxes[t.dst].append(t.dst_box)
+        for name, dest in recv.tensors.items():
+            why = check_exact_cover(boxes.get(name, []), dest.shape)
+            if why is not None:
+                problems.append(f"receiver {recv.rank} tensor {name!r}: {why}")
+    if problems:
+        raise PlanError("plan does not cover every destination element exactly once:\n  " + "\n  ".join(problems[:40]))
+
+
+def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], buckets: list[Bucket],
+           by_name: dict[str, SourceParam], sender_hosts: list[str], recv_host: dict[int, str],
+           links: LinkModel, mode: str) -> PlanStats:
+    """Bytes per rank and the plan's floor: the busiest link or memory, at its bandwidth."""
+    intra, inter, hbm = links.intra_host_gbps * 1e9, links.inter_host_gbps * 1e9, links.hbm_gbps * 1e9
+    per_sender = {s: sum(t.nbytes for t in ts) for s, ts in tasks.items()}
+    per_recv = {r: sum(t.nbytes for t in ts) for r, ts in arrivals.items()}
+    times = [0.0]
+    for s, ts in tasks.items():
+        same = sum(t.nbytes for t in ts if sender_hosts[s] == recv_host[t.receiver])
+        read = sum(t.src_box.numel() * by_name[t.src].dtype.itemsize for t in ts if t.kind == DATA)
+        times += [same / intra, (per_sender[s] - same) / inter, (read + per_sender[s]) / hbm]
+    for r, ts in arrivals.items():
+        same = sum(t.nbytes for t in ts if sender_hosts[t.sender] == recv_host[r])
+        times += [same / intra, (per_recv[r] - same) / inter, per_recv[r] / hbm]
+    if mode == "reconstruct":
+        gathered: dict[int, float] = defaultdict(float)
+        for b in buckets:
+            if len(b.group) > 1:
+                one_host = len({sender_hosts[r] for r in b.group}) == 1
+                nbytes = sum(by_name[n].nbytes for n in b.params) * (len(b.group) - 1) / len(b.group)
+                for r in b.group:
+                    gathered[r] += nbytes / (intra if one_host else inter)
+        times += list(gathered.values())
+    return PlanStats(max(times), sum(per_sender.values()), per_sender, per_recv, 0.0,
+                     sum(len(ts) for ts in tasks.values()))

@@ -1,0 +1,178 @@
+"""The engine's side: ``WeightReceiver`` registers destination tensors and lands versions.
+
+A background thread follows the pushes the trainer announces. For each one it waits
+until every expected arrival landed, then commits: only then does ``version`` move.
+A failed or timed-out push leaves the version where it was and is raised by the next
+``wait_for``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import SyncConfig
+from .control import (PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
+                      push_key, recv_meta_key)
+from .errors import PlanError, SyncError, SyncTimeout
+from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors
+from .plan import ReceiverPlan
+from .transport import get_transport
+
+log = logging.getLogger(__name__)
+_IDLE_POLL_S = 0.02
+
+
+class WeightReceiver:
+    """Receives pushed weights into ``module_or_tensors`` (an nn.Module or a dict of named tensors)."""
+
+    def __init__(self, module_or_tensors: nn.Module | dict[str, torch.Tensor], *, config: SyncConfig,
+                 layout: str = "identity", layout_kwargs: dict | None = None, rank: int | None = None,
+                 world_size: int | None = None, host: str | None = None):
+        self.config = config
+        self.rank, self.world_size = _rank_and_size(rank, world_size)
+        self.host = host or socket.gethostname()
+        tensors = _named_tensors(module_or_tensors)
+        _, recv_cls = get_transport(config.transport)
+        self._recv_cls = recv_cls
+        shared, info = recv_cls.prepare(tensors, job=config.job, rank=self.rank)
+        if shared is not tensors and isinstance(module_or_tensors, nn.Module):
+            _rebind(module_or_tensors, shared)
+        self.tensors = shared
+        self._transport_info = info
+        self.meta = ReceiverMeta(self.rank, self.host, dest_tensors(shared.items()),
+                                 LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info)
+        self.control = ControlPlane.connect(config, serve=False)
+        self._seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
+        self.control.set(recv_meta_key(self.rank), self.meta)
+        if self.rank == 0:
+            self.control.set(RECV_COUNT, self.world_size)
+        self.control.add(RECV_EPOCH, 1)
+        self.version: int | None = None
+        self._plan: ReceiverPlan | None = None
+        self._transport = None
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"fsdp_sync-recv-{self.rank}", daemon=True)
+        self._thread.start()
+
+    def wait_for(self, version: int | None = None, timeout: float | None = None) -> int:
+        """Block until ``version`` (default: any newer version than now) is committed; return it.
+
+        Raises the error of a failed push (the version did not move), or SyncTimeout.
+        """
+        timeout = self.config.timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            start = self.version
+            while True:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                current = self.version
+                if current is not None:
+                    if version is not None and current >= version:
+                        return current
+                    if version is None and (start is None or current > start):
+                        return current
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    want = "a new version" if version is None else f"version {version}"
+                    raise SyncTimeout(f"receiver {self.rank}: no {want} within {timeout:.1f}s (have {current})")
+                self._cond.wait(min(left, 0.1))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._transport is not None:
+            self._transport.close()
+        from .transport.shm import remove_files
+
+        remove_files(self._transport_info)
+
+    # -- the background loop -----------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            seq = self._seq + 1
+            try:
+                if not self.control.has(push_key(seq)):
+                    time.sleep(_IDLE_POLL_S)
+                    continue
+                self._seq = seq
+                self._land(seq)
+            except BaseException as e:  # noqa: BLE001 - handed to wait_for
+                if self._stop.is_set():
+                    return
+                log.error("fsdp_sync receiver %d: %s", self.rank, e)
+                try:
+                    self.control.set(ack_key(seq, self.rank), f"receiver {self.rank}: {e}")
+                except Exception:  # noqa: BLE001 - the store itself may be gone
+                    pass
+                with self._cond:
+                    self._error = e
+                    self._cond.notify_all()
+                if not self._control_alive():
+                    return
+
+    def _control_alive(self) -> bool:
+        try:
+            self.control.has(PUSH_LATEST)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means the store is unreachable
+            return False
+
+    def _land(self, seq: int) -> None:
+        announced = self.control.get(push_key(seq))
+        if announced[0] == "error":
+            raise PlanError(announced[1])
+        _, version, fp = announced
+        if self._plan is None or self._plan.fingerprint != fp:
+            self._plan = self.control.get(plan_receiver_key(fp, self.rank))
+            if self._transport is not None:
+                self._transport.close()
+            self._transport = self._recv_cls(self.control, self._plan, self.tensors, self.config)
+        if self.version is not None and version <= self.version:
+            raise SyncError(f"receiver {self.rank}: push {seq} announces version {version}, "
+                            f"not newer than committed version {self.version}")
+        self._transport.receive(seq, self.config.timeout_s)
+        with self._cond:
+            self.version = version
+            self._cond.notify_all()
+        self.control.set(ack_key(seq, self.rank), "ok")
+
+
+def _rank_and_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        if dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+        else:
+            rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"receiver rank {rank} is outside [0, world_size={world_size})")
+    return rank, world_size
+
+
+def _named_tensors(module_or_tensors: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(module_or_tensors, nn.Module):
+        # Parameters only: engine buffers (rotary tables, caches) are derived, not synced.
+        return {clean_name(n): p.data for n, p in module_or_tensors.named_parameters()}
+    if isinstance(module_or_tensors, dict):
+        for name, t in module_or_tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"destination {name!r} is a {type(t).__name__}, not a tensor")
+        return {clean_name(n): t for n, t in module_or_tensors.items()}
+    raise TypeError(f"WeightReceiver takes an nn.Module or a dict of tensors, got {type(module_or_tensors).__name__}")
+
+
+def _rebind(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Point the module's parameters and buffers at the transport's storage (e.g. shared memory)."""
+    for name, p in module.named_parameters():
+        p.data = tensors[clean_name(name)]

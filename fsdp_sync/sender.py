@@ -1,0 +1,219 @@
+"""The trainer's side: ``WeightSender(model, config).push()`` on every training rank.
+
+Every rank calls ``push`` together (SPMD), after ``optimizer.step()``. Rank 0 plans
+(once) and publishes the push; each rank then runs its part of the plan through the
+pipeline on a background thread and returns a handle at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import SyncConfig
+from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key,
+                      recv_meta_key, sender_error_key, sender_host_key)
+from .controller import Controller
+from .errors import PlanError, SyncError
+from .meta import SourceParam, clean_name, source_params
+from .packing import BucketPacker
+from .pipeline import ByteBudget, run_pipeline
+from .plan import SenderPlan
+from .trace import Trace
+from .transport import get_transport
+
+
+@dataclass
+class PushResult:
+    """What one push cost on this rank."""
+
+    version: int
+    seq: int
+    seconds: float
+    bytes_sent: int
+    stage_seconds: dict[str, float]
+    peak_bytes: int
+    floor_s: float | None = None  # the plan's floor, known on the controller
+    trace_path: str | None = None
+
+
+@dataclass
+class PushHandle:
+    """A push in flight; ``wait()`` returns its PushResult or raises its error."""
+
+    version: int
+    seq: int
+    _thread: threading.Thread
+    _outcome: dict = field(default_factory=dict)
+    _after: Callable[[], None] | None = None
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> PushResult:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"push of version {self.version} still running after {timeout}s")
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        if self._after is not None:
+            self._after()
+            self._after = None
+        return self._outcome["result"]
+
+
+class WeightSender:
+    """Pushes an FSDP2 model's weights to the registered receivers, replaying one plan."""
+
+    def __init__(self, model: nn.Module, config: SyncConfig, *, host: str | None = None,
+                 device: torch.device | None = None):
+        if not dist.is_initialized():
+            raise SyncError("WeightSender needs torch.distributed initialized in the trainer job")
+        self.model = model
+        self.config = config
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.host = host or socket.gethostname()
+        self.device = device or _model_device(model)
+        self.control = ControlPlane.connect(config, serve=self.rank == 0)
+        self.control.set(sender_host_key(self.rank), self.host)
+        self.controller = Controller(self.control, config, self.world_size) if self.rank == 0 else None
+        self.version: int | None = None
+        self.seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
+        self._plan: SenderPlan | None = None
+        self._sources: dict[str, SourceParam] = {}
+        self._sources_key: tuple | None = None
+        self._groups: dict[tuple[int, ...], object] = {}
+        self._transport = None
+        self._packer: BucketPacker | None = None
+        self._inflight: PushHandle | None = None
+
+    @property
+    def num_plans_built(self) -> int:
+        """How many times this rank planned (only the controller plans)."""
+        return self.controller.num_plans_built if self.controller else 0
+
+    def push(self, version: int | None = None) -> PushHandle:
+        """Start pushing the current weights as ``version`` (default: last + 1)."""
+        if self._inflight is not None and not self._inflight.done():
+            self._inflight.wait()
+        version = (0 if self.version is None else self.version + 1) if version is None else int(version)
+        if self.version is not None and version <= self.version:
+            raise ValueError(f"version {version} does not increase: version {self.version} was pushed already")
+        seq = self.seq + 1
+        self._publish(seq, version)
+        self.seq, self.version = seq, version
+        handle = PushHandle(version, seq, threading.Thread(target=lambda: None))
+        handle._thread = threading.Thread(target=self._run, args=(handle,), name=f"fsdp_sync-push-{seq}", daemon=True)
+        if self.config.wait_for_receivers:
+            handle._after = lambda: self._wait_for_acks(seq, version)
+        handle._thread.start()
+        self._inflight = handle
+        return handle
+
+    def close(self) -> None:
+        if self._inflight is not None:
+            try:
+                self._inflight.wait()
+            except Exception:  # noqa: BLE001 - the caller saw it already or will not care at close
+                pass
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- planning ----------------------------------------------------------------------
+    def _local_params(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        return {clean_name(n): (p.to_local() if isinstance(p, DTensor) else p).detach()
+                for n, p in self.model.named_parameters()}
+
+    def _current_sources_key(self) -> tuple:
+        from torch.distributed.tensor import DTensor
+
+        key = []
+        for n, p in self.model.named_parameters():
+            layout = (tuple(p.placements), tuple(p.device_mesh.mesh.reshape(-1).tolist())) if isinstance(p, DTensor) else None
+            key.append((n, tuple(p.shape), p.dtype, layout))
+        return tuple(key)
+
+    def _publish(self, seq: int, version: int) -> None:
+        """Controller: plan if needed, then announce the push. Everyone: load the announced plan."""
+        key = self._current_sources_key()
+        if key != self._sources_key:
+            self._sources = {s.name: s for s in source_params(self.model, world_size=self.world_size)}
+            self._sources_key = key
+        if self.controller is not None:
+            try:
+                plan = self.controller.ensure_plan(key, lambda: list(self._sources.values()))
+            except PlanError as e:
+                self.control.set(push_key(seq), ("error", str(e)))
+                self.control.set(PUSH_LATEST, seq)
+                raise
+            self.control.set(push_key(seq), ("go", version, plan.fingerprint))
+            self.control.set(PUSH_LATEST, seq)
+        self.control.wait([push_key(seq)], describe=lambda _: f"trainer rank 0 to publish push {seq}")
+        announced = self.control.get(push_key(seq))
+        if announced[0] == "error":
+            raise PlanError(announced[1])
+        _, _, fp = announced
+        if self._plan is None or self._plan.fingerprint != fp:
+            self._load_plan(fp)
+
+    def _load_plan(self, fp: str) -> None:
+        self._plan = self.control.get(plan_sender_key(fp, self.rank))
+        for ranks in self._plan.groups:
+            if ranks not in self._groups:
+                # Sync's own groups, so its collectives never interleave with FSDP's.
+                self._groups[ranks] = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+        receivers = {r: self.control.get(recv_meta_key(r)) for r in range(self._plan.num_receivers)}
+        if self._transport is not None:
+            self._transport.close()
+        send_cls, _ = get_transport(self.config.transport)
+        self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host)
+        self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device)
+
+    # -- the push itself -----------------------------------------------------------------
+    def _run(self, handle: PushHandle) -> None:
+        seq, plan = handle.seq, self._plan
+        trace = Trace(self.rank)
+        budget = ByteBudget(self.config.watermark_bytes)
+        started = time.perf_counter()
+        try:
+            local = self._local_params()
+            run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes,
+                         produce=lambda b: self._packer.pack(b, local, trace),
+                         transfer=self._transport.send, budget=budget, trace=trace)
+            self.control.set(done_key(seq, self.rank), True)
+        except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
+            self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")
+            handle._outcome["error"] = e if isinstance(e, SyncError) else SyncError(f"push {seq} failed on sender {self.rank}: {e!r}")
+            handle._outcome["error"].__cause__ = e
+            return
+        seconds = time.perf_counter() - started
+        path = trace.write_chrome(self.config.trace_dir, f"push{seq}") if self.config.trace_dir else None
+        floor = self.controller.plan.stats.floor_s if self.controller else None
+        handle._outcome["result"] = PushResult(handle.version, seq, seconds, sum(t.nbytes for t in plan.tasks),
+                                               trace.stage_seconds(), budget.peak, floor, path)
+
+    def _wait_for_acks(self, seq: int, version: int) -> None:
+        keys = [ack_key(seq, r) for r in range(self._plan.num_receivers)]
+        self.control.wait(keys, describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
+                          f"to commit version {version}")
+        failures = [a for a in (self.control.get(k) for k in keys) if a != "ok"]
+        if failures:
+            raise SyncError(f"version {version} did not land: " + "; ".join(failures))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        return p.to_local().device if isinstance(p, DTensor) else p.device
+    return torch.device("cpu")

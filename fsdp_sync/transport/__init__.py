@@ -1,0 +1,30 @@
+"""Transports by name. Optional dependencies are imported inside their own modules."""
+
+from __future__ import annotations
+
+from .base import RecvTransport, SendTransport
+
+
+def _gloo():
+    from .gloo import GlooRecv, GlooSend
+    return GlooSend, GlooRecv
+
+
+def _shm():
+    from .shm import ShmRecv, ShmSend
+    return ShmSend, ShmRecv
+
+
+TRANSPORTS = {"gloo": _gloo, "shm": _shm}
+
+
+def get_transport(name: str) -> tuple[type[SendTransport], type[RecvTransport]]:
+    """The (send, receive) classes of a transport, or a ValueError listing the valid names."""
+    try:
+        loader = TRANSPORTS[name]
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r}; valid: {sorted(TRANSPORTS)}") from None
+    return loader()
+
+
+__all__ = ["RecvTransport", "SendTransport", "TRANSPORTS", "get_transport"]

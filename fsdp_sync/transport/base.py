@@ -1,0 +1,63 @@
+"""The transport interface: how bytes of a task reach a receiver's destination tensor.
+
+A transport is built once per plan on each side and replayed every push. Senders hand
+it one bucket of packed tasks at a time; receivers ask it to block until every
+arrival of a push has landed, or raise.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from ..config import SyncConfig
+from ..control import ControlPlane
+from ..meta import ReceiverMeta
+from ..plan import ReceiverPlan, SenderPlan, Task
+
+
+class SendTransport(ABC):
+    """The sending side, set up when a sender first sees a plan."""
+
+    def __init__(self, control: ControlPlane, plan: SenderPlan, receivers: dict[int, ReceiverMeta],
+                 config: SyncConfig, host: str):
+        self.control = control
+        self.plan = plan
+        self.receivers = receivers
+        self.config = config
+        self.host = host
+
+    @abstractmethod
+    def send(self, items: list[tuple[Task, torch.Tensor]]) -> None:
+        """Deliver every (task, packed data) of one bucket; return once the data may be freed."""
+
+    def close(self) -> None:
+        """Release connections and mappings."""
+
+
+class RecvTransport(ABC):
+    """The receiving side, set up when a receiver first sees a plan."""
+
+    def __init__(self, control: ControlPlane, plan: ReceiverPlan, tensors: dict[str, torch.Tensor],
+                 config: SyncConfig):
+        self.control = control
+        self.plan = plan
+        self.tensors = tensors
+        self.config = config
+
+    @staticmethod
+    def prepare(tensors: dict[str, torch.Tensor], *, job: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Make destination tensors reachable (e.g. move them to shared memory) at registration.
+
+        Returns the tensors to use from now on and the information senders need.
+        """
+        return tensors, {}
+
+    @abstractmethod
+    def receive(self, seq: int, timeout_s: float) -> None:
+        """Block until every arrival of push ``seq`` landed; raise SyncError otherwise."""
+
+    def close(self) -> None:
+        """Release connections and mappings."""

@@ -1,0 +1,65 @@
+"""Start a trainer job and an inference job as separate torch.distributed worlds, on one machine.
+
+Used by the demo, the GRPO recipe and the multi-process tests: each job gets its own
+gloo world (its own TCP rendezvous); the two meet only on the fsdp_sync control plane.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=120))
+        out = fn(rank, world_size, *args)
+        results.put((fn.__name__, rank, "ok", out))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        results.put((fn.__name__, rank, "error", f"{e!r}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_job(ctx: Any, fn: Callable, world_size: int, results: Any, *args: Any) -> list:
+    """Start ``world_size`` processes running ``fn(rank, world_size, *args)`` in one fresh world."""
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def pack(obj: Any) -> bytes:
+    """Tensors as plain bytes for a multiprocessing queue: torch's shared-memory handoff
+    breaks when the sending process exits before the parent reads."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def spawn_context() -> Any:
+    return mp.get_context("spawn")
