@@ -31,11 +31,10 @@ class Controller:
 
     def ensure_plan(self, sources_key: tuple, sources: Callable[[], list[SourceParam]]) -> Plan:
         """The cached plan if its inputs are unchanged, else a new validated, published plan."""
-        epoch = self.control.add(RECV_EPOCH, 0)
-        key = (sources_key, epoch)
-        if self.plan is not None and key == self.plan_key:
+        if self.plan is not None and (sources_key, self.control.add(RECV_EPOCH, 0)) == self.plan_key:
             return self.plan
         receivers = self._receivers()
+        key = (sources_key, self.control.add(RECV_EPOCH, 0))
         hosts = self._sender_hosts()
         plan = build_plan(sources(), receivers, sender_hosts=hosts, mode=self.config.mode,
                           links=self.config.links, watermark_bytes=self.config.watermark_bytes)

@@ -22,6 +22,9 @@ from .plan import DATA, Bucket, SenderPlan, Task
 from .quant import block_amax, get_quant_format, quantize_box, scales_from_amax
 from .trace import Trace
 
+# torch 2.13 renamed all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class BucketPacker:
     """Packs this rank's tasks bucket by bucket, running the bucket's collectives."""
@@ -81,7 +84,7 @@ class BucketPacker:
                 send[offsets[n]:offsets[n] + shard.numel()].copy_(shard.reshape(-1))
             if len(ranks) > 1:
                 recv = torch.empty(total * len(ranks), dtype=dtype, device=self.device)
-                dist.all_gather_into_tensor(recv, send, group=self.groups[ranks])
+                _all_gather_flat(recv, send, group=self.groups[ranks])
             else:
                 recv = send
             for n in names:

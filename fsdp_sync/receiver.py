@@ -50,10 +50,11 @@ class WeightReceiver:
                                  LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info)
         self.control = ControlPlane.connect(config, serve=False)
         self._seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
+        # Epoch first: once the controller sees every meta, every epoch bump is counted.
+        self.control.add(RECV_EPOCH, 1)
         self.control.set(recv_meta_key(self.rank), self.meta)
         if self.rank == 0:
             self.control.set(RECV_COUNT, self.world_size)
-        self.control.add(RECV_EPOCH, 1)
         self.version: int | None = None
         self._plan: ReceiverPlan | None = None
         self._transport = None

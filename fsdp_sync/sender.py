@@ -50,7 +50,7 @@ class PushHandle:
 
     version: int
     seq: int
-    _thread: threading.Thread
+    _thread: threading.Thread | None = None
     _outcome: dict = field(default_factory=dict)
     _after: Callable[[], None] | None = None
 
@@ -73,7 +73,8 @@ class WeightSender:
     """Pushes an FSDP2 model's weights to the registered receivers, replaying one plan."""
 
     def __init__(self, model: nn.Module, config: SyncConfig, *, host: str | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, progress: Callable[[int, int], None] | None = None):
+        """``progress(done, total)`` is called from the transfer thread after each bucket lands."""
         if not dist.is_initialized():
             raise SyncError("WeightSender needs torch.distributed initialized in the trainer job")
         self.model = model
@@ -94,6 +95,7 @@ class WeightSender:
         self._transport = None
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
+        self._progress = progress
 
     @property
     def num_plans_built(self) -> int:
@@ -110,7 +112,7 @@ class WeightSender:
         seq = self.seq + 1
         self._publish(seq, version)
         self.seq, self.version = seq, version
-        handle = PushHandle(version, seq, threading.Thread(target=lambda: None))
+        handle = PushHandle(version, seq)
         handle._thread = threading.Thread(target=self._run, args=(handle,), name=f"fsdp_sync-push-{seq}", daemon=True)
         if self.config.wait_for_receivers:
             handle._after = lambda: self._wait_for_acks(seq, version)
@@ -187,9 +189,18 @@ class WeightSender:
         started = time.perf_counter()
         try:
             local = self._local_params()
+            sent = 0
+
+            def transfer(items: list) -> None:
+                nonlocal sent
+                self._transport.send(items)
+                sent += 1
+                if self._progress is not None:
+                    self._progress(sent, len(plan.buckets))
+
             run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes,
                          produce=lambda b: self._packer.pack(b, local, trace),
-                         transfer=self._transport.send, budget=budget, trace=trace)
+                         transfer=transfer, budget=budget, trace=trace)
             self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
             self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")

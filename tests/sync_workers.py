@@ -1,0 +1,156 @@
+"""Trainer and receiver processes for the multi-process sync tests (real FSDP2, gloo, TCPStore).
+
+Each case builds a fresh sender and receivers under its own job name and control port,
+pushes two versions with an optimizer step between them, and ships the trainer's
+full tensors and every receiver's tensors back to the test as bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fsdp_sync import LayoutSpec, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
+from recipes.jobs import pack
+from recipes.tiny_llama import apply_fsdp, build_model, param_shapes, tiny_llama_config
+
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Case:
+    name: str
+    model: str  # "llama" or "odd"
+    mesh: tuple[int, ...]  # (shard,) for FSDP, (replicate, shard) for HSDP
+    num_receivers: int
+    tp: int  # TP degree of one receiver replica
+    quant: str
+    mode: str
+    port: int
+    transport: str = "gloo"
+    versions: int = 2
+    watermark_mb: float = 256.0
+    kill_sender_at_version: int | None = None  # SIGKILL trainer rank 1 mid-push of this version
+    timeout_s: float = 60.0
+    extra: dict = field(default_factory=dict)
+
+    def config(self) -> SyncConfig:
+        return SyncConfig(control=f"127.0.0.1:{self.port}", job=self.name, quant=self.quant, mode=self.mode,
+                          transport=self.transport, timeout_s=self.timeout_s, watermark_mb=self.watermark_mb)
+
+    def layout(self, receiver: int) -> LayoutSpec:
+        if self.tp == 1:
+            return LayoutSpec("identity")
+        return LayoutSpec("hf_tp", {"tp_rank": receiver % self.tp, "tp_size": self.tp})
+
+
+class OddModel(nn.Module):
+    """Shapes that do not divide by the world size, one with fewer rows than ranks, partial FP8 blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(257, 130, bias=True)  # 130 rows over 4 ranks: 33, 33, 33, 31
+        self.tiny = nn.Parameter(torch.randn(3, 200) * 0.1)  # 3 rows over 4 ranks: one holds none
+        self.wide = nn.Parameter(torch.randn(7, 300) * 0.1)
+        self.scale = nn.Parameter(torch.randn(5) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).pow(2).mean() + self.tiny.pow(2).sum() + self.wide.pow(2).sum() + self.scale.pow(2).sum()
+
+
+def _model(case: Case) -> nn.Module:
+    if case.model == "llama":
+        return build_model(tiny_llama_config(), seed=0, dtype=DTYPE)
+    torch.manual_seed(0)
+    return OddModel().to(DTYPE)
+
+
+def _shapes(case: Case) -> dict:
+    if case.model == "llama":
+        return param_shapes(tiny_llama_config(), DTYPE)
+    return {n: (tuple(p.shape), DTYPE) for n, p in OddModel().named_parameters()}
+
+
+def _step(case: Case, model: nn.Module, optim: torch.optim.Optimizer, version: int) -> None:
+    gen = torch.Generator().manual_seed(version)
+    if case.model == "llama":
+        ids = torch.randint(0, 512, (2, 8), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+    else:
+        model(torch.randn(4, 257, generator=gen).to(DTYPE)).backward()
+    optim.step()
+    optim.zero_grad()
+
+
+def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    for case in cases:
+        names = ("replicate", "shard") if len(case.mesh) == 2 else ("shard",)
+        mesh = init_device_mesh("cpu", case.mesh, mesh_dim_names=names)
+        model = _model(case)
+        if case.model == "llama":
+            apply_fsdp(model, mesh)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(model, mesh=mesh)
+        optim = torch.optim.SGD(model.parameters(), lr=0.1)
+        progress = None
+        if case.kill_sender_at_version is not None and rank == 1:
+            def progress(done: int, total: int, v=case.kill_sender_at_version) -> None:
+                if sender.version == v:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        sender = WeightSender(model, case.config(), progress=progress)
+        for version in range(1, case.versions + 1):
+            _step(case, model, optim, version)
+            outcome = {}
+            try:
+                outcome["result"] = sender.push(version).wait()
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = repr(e)
+            full = {n: p.full_tensor().detach() for n, p in model.named_parameters()} if "error" not in outcome else None
+            results.put(("trainer", rank, case.name, version, pack({"full": full, "plans": sender.num_plans_built, **outcome})))
+            if "error" in outcome:
+                break
+            barrier.wait(timeout=case.timeout_s)
+        if case.extra.get("bad_version"):
+            try:
+                sender.push(1)
+                results.put(("trainer", rank, case.name, "bad_version", pack("no error")))
+            except ValueError as e:
+                results.put(("trainer", rank, case.name, "bad_version", pack(str(e))))
+        if case.extra.get("add_param"):
+            model.register_parameter("extra_bias", nn.Parameter(torch.zeros(4, dtype=DTYPE)))
+            try:
+                sender.push().wait()
+                results.put(("trainer", rank, case.name, "add_param", pack("no error")))
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                results.put(("trainer", rank, case.name, "add_param", pack(f"{type(e).__name__}: {e}")))
+        sender.close()
+
+
+def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) -> None:
+    for case in cases:
+        layout = case.layout(rank)
+        dests = allocate_destinations(_shapes(case), layout=layout, quant=case.quant)
+        recv = WeightReceiver(dests, config=case.config(), layout=layout.name, layout_kwargs=layout.kwargs)
+        for version in range(1, case.versions + 1):
+            try:
+                got = recv.wait_for(version)
+                results.put(("receiver", rank, case.name, version, pack({"version": got, "tensors": recv.tensors})))
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                results.put(("receiver", rank, case.name, version,
+                             pack({"error": f"{type(e).__name__}: {e}", "version": recv.version})))
+                break
+            barrier.wait(timeout=case.timeout_s)
+        if case.extra.get("add_param"):
+            try:
+                recv.wait_for(timeout=case.timeout_s)
+                results.put(("receiver", rank, case.name, "add_param", pack("no error")))
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                results.put(("receiver", rank, case.name, "add_param", pack(f"{type(e).__name__}: {e}")))
+        recv.close()
