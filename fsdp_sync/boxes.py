@@ -109,23 +109,6 @@ class Box:
         return f"Box[{dims}]"
 
 
-def is_contiguous_in(box: Box, shape: Sequence[int]) -> bool:
-    """True when the elements of ``box`` form one contiguous run of a row-major ``shape``.
-
-    That holds when every dim after the first partial one is full and every dim before
-    it has size 1; such boxes can be received straight into the destination.
-    """
-    if box.is_empty():
-        return True
-    partial = [d for d in range(len(shape)) if box.sizes[d] != shape[d]]
-    if not partial:
-        return True
-    first = partial[0]
-    return all(box.sizes[d] == shape[d] for d in range(first + 1, len(shape))) and all(
-        box.sizes[d] == 1 for d in range(first)
-    )
-
-
 def check_exact_cover(boxes: Sequence[Box], shape: Sequence[int]) -> str | None:
     """Why ``boxes`` fail to cover ``shape`` exactly once, or None when they do.
 

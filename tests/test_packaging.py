@@ -1,0 +1,30 @@
+"""kernels/ ships as fsdp_sync.kernels, never as a top-level `kernels` (a different PyPI package)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_installed_package_maps_kernels_inside_the_library(tmp_path):
+    # Run from an empty folder so the checkout itself is not on sys.path.
+    code = ("import importlib.util, fsdp_sync.kernels as k, fsdp_sync.kernels.fp8_quant;"
+            "print(k.__file__); print(importlib.util.find_spec('kernels') is None or "
+            "'fsdp_sync' not in (importlib.util.find_spec('kernels').origin or ''))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    path, top_level_ok = out.stdout.split()
+    assert path.endswith(os.path.join("kernels", "__init__.py"))
+    assert top_level_ok == "True"
+
+
+def test_wheel_contains_fsdp_sync_kernels_and_no_top_level_kernels(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), ROOT], check=True, capture_output=True)
+    (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    assert "fsdp_sync/kernels/fp8_quant.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]

@@ -1,0 +1,189 @@
+"""The planner in one process: at the seed's rank counts, and refusing bad input by name."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.distributed.tensor import Replicate, Shard
+
+from fsdp_sync.boxes import Box
+from fsdp_sync.config import LinkModel
+from fsdp_sync.errors import PlanError
+from fsdp_sync.layouts import make_layout
+from fsdp_sync.meta import DestTensor, LayoutSpec, ReceiverMeta, SourceParam
+from fsdp_sync.planner import build_plan
+from fsdp_sync.quant import get_quant_format, scale_name, should_quantize
+from fsdp_sync.sharding import shard_groups
+
+
+def llama_like_shapes(num_layers: int, hidden: int, inter: int, kv: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                   p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    return shapes
+
+
+def sources_on(shapes: dict, mesh: list, placements: list, dtype=torch.bfloat16) -> list[SourceParam]:
+    return [SourceParam(n, s, dtype, shard_groups(s, mesh, placements, name=n)) for n, s in shapes.items()]
+
+
+def receivers_for(sources: list[SourceParam], *, num_replicas: int, tp: int, quant: str,
+                  host=lambda r: f"infer{r // 8}") -> list[ReceiverMeta]:
+    fmt = get_quant_format(quant)
+    out = []
+    for r in range(num_replicas * tp):
+        spec = LayoutSpec("hf_tp", {"tp_rank": r % tp, "tp_size": tp}) if tp > 1 else LayoutSpec("identity")
+        layout = make_layout(spec)
+        tensors = {}
+        for s in sources:
+            shape = layout.pieces(s)[0].dst_box.sizes
+            if fmt.is_quantized and should_quantize(s.name, s.shape):
+                tensors[s.name] = DestTensor(s.name, shape, torch.float8_e4m3fn)
+                tensors[scale_name(s.name)] = DestTensor(scale_name(s.name), fmt.scale_shape(shape), torch.float32)
+            else:
+                tensors[s.name] = DestTensor(s.name, shape, s.dtype)
+        out.append(ReceiverMeta(r, host(r), tensors, spec, quant))
+    return out
+
+
+def plan(sources, receivers, *, mode="direct", hosts=None):
+    hosts = hosts or [f"train{r // 8}" for r in range(max(max(g.ranks) for s in sources for g in s.groups) + 1)]
+    return build_plan(sources, receivers, sender_hosts=hosts, mode=mode, links=LinkModel(), watermark_bytes=1 << 30)
+
+
+@pytest.mark.parametrize("mode,quant", [("direct", "fp8_block"), ("reconstruct", "none")])
+def test_256_senders_to_128_receivers(mode, quant):
+    """HSDP 16x16 -> 4 replicas of TP 32, > 1,000 params: exact cover, balanced, fast."""
+    shapes = llama_like_shapes(num_layers=112, hidden=4096, inter=12288, kv=4096, vocab=151552)
+    assert len(shapes) >= 1000
+    mesh = [[r * 16 + c for c in range(16)] for r in range(16)]
+    sources = sources_on(shapes, mesh, [Replicate(), Shard(0)])
+    receivers = receivers_for(sources, num_replicas=4, tp=32, quant=quant)
+    started = time.perf_counter()
+    p = plan(sources, receivers, mode=mode)  # validation inside: every element once, in bounds
+    elapsed = time.perf_counter() - started
+    assert elapsed < 60, f"planning took {elapsed:.1f}s"
+    per_sender = [p.stats.bytes_per_sender.get(s, 0) for s in range(256)]
+    ideal = sum(per_sender) / 256
+    assert max(per_sender) <= 1.05 * ideal, f"imbalance {max(per_sender) / ideal - 1:.3%}"
+    want = sum(Box.full(t.shape).numel() * t.dtype.itemsize for r in receivers for t in r.tensors.values())
+    assert p.stats.bytes_total == want
+
+
+def test_prefers_same_host_and_spreads_over_replicas():
+    shapes = {"w": (512, 64)}
+    sources = sources_on(shapes, [[0, 1], [2, 3]], [Replicate(), Shard(0)])
+    receivers = receivers_for(sources, num_replicas=2, tp=1, quant="none", host=lambda r: f"h{r}")
+    # Ranks 0,1 live with receiver 0, ranks 2,3 with receiver 1: each receiver is fed locally.
+    p = plan(sources, receivers, hosts=["h0", "h0", "h1", "h1"])
+    assert {t.sender for t in p.arrivals[0]} == {0, 1}
+    assert {t.sender for t in p.arrivals[1]} == {2, 3}
+
+
+def test_floor_is_the_busiest_link():
+    sources = sources_on({"w": (1000, 1000)}, [0], [Shard(0)], dtype=torch.float32)
+    receivers = receivers_for(sources, num_replicas=1, tp=1, quant="none")
+    p = build_plan(sources, receivers, sender_hosts=["a"], mode="direct",
+                   links=LinkModel(inter_host_gbps=1.0, intra_host_gbps=10.0, hbm_gbps=100.0), watermark_bytes=1 << 30)
+    assert p.stats.floor_s == pytest.approx(4e6 / 1e9)
+
+
+# --- bad input: refused before anything moves, naming the tensor or rank ---------------------
+
+def _small(quant="none", tp=1):
+    sources = sources_on({"a.q_proj.weight": (256, 256), "b.weight": (64,)}, [0, 1], [Shard(0)])
+    return sources, receivers_for(sources, num_replicas=1, tp=tp, quant=quant)
+
+
+def _edit(receiver: ReceiverMeta, **tensors) -> ReceiverMeta:
+    new = dict(receiver.tensors)
+    for name, t in tensors.items():
+        if t is None:
+            new.pop(name.replace("__", "."))
+        else:
+            new[t.name] = t
+    return ReceiverMeta(receiver.rank, receiver.host, new, receiver.layout, receiver.quant)
+
+
+def test_refuses_name_missing_on_receiver():
+    sources, (recv,) = _small()
+    with pytest.raises(PlanError, match="receiver 0 has no tensor 'b.weight'"):
+        plan(sources, [_edit(recv, b__weight=None)])
+
+
+def test_refuses_name_missing_on_trainer():
+    sources, (recv,) = _small()
+    extra = DestTensor("c.weight", (4,), torch.bfloat16)
+    with pytest.raises(PlanError, match="'c.weight' has no source parameter"):
+        plan(sources, [_edit(recv, c=extra)])
+
+
+def test_refuses_shape_mismatch_and_too_small():
+    sources, (recv,) = _small()
+    with pytest.raises(PlanError, match="'b.weight': destination too small"):
+        plan(sources, [_edit(recv, b=DestTensor("b.weight", (32,), torch.bfloat16))])
+    with pytest.raises(PlanError, match="'b.weight'.*cover 64 of 100"):
+        plan(sources, [_edit(recv, b=DestTensor("b.weight", (100,), torch.bfloat16))])
+    with pytest.raises(PlanError, match="'b.weight': shape"):
+        plan(sources, [_edit(recv, b=DestTensor("b.weight", (8, 8), torch.bfloat16))])
+
+
+def test_refuses_unsupported_and_mismatched_dtypes():
+    sources, (recv,) = _small()
+    bad = [SourceParam("b.weight", (64,), torch.int64, sources[1].groups), sources[0]]
+    with pytest.raises(PlanError, match="'b.weight' has unsupported dtype torch.int64"):
+        plan(bad, [recv])
+    with pytest.raises(PlanError, match="'b.weight': dtype torch.float32 does not match"):
+        plan(sources, [_edit(recv, b=DestTensor("b.weight", (64,), torch.float32))])
+
+
+def test_refuses_fp8_block_misaligned_with_tp_slice():
+    sources = sources_on({"l.q_proj.weight": (384, 256)}, [0, 1], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")  # 192-row slices
+    with pytest.raises(PlanError, match=r"'l.q_proj.weight': FP8 block of 128 misaligned .*\[192:384\)"):
+        plan(sources, receivers)
+
+
+def test_refuses_missing_scale_tensor():
+    sources, (recv,) = _small(quant="fp8_block")
+    with pytest.raises(PlanError, match="scale tensor 'a.q_proj.weight_scale_inv'"):
+        plan(sources, [_edit(recv, a__q_proj__weight_scale_inv=None)])
+
+
+def test_every_problem_is_listed_at_once():
+    sources, (recv,) = _small()
+    broken = _edit(recv, b__weight=None, c=DestTensor("c.weight", (4,), torch.bfloat16))
+    with pytest.raises(PlanError) as info:
+        plan(sources, [broken])
+    assert "'b.weight'" in str(info.value) and "'c.weight'" in str(info.value)
+
+
+def test_tp_slice_must_divide():
+    with pytest.raises(ValueError, match="'x.q_proj.weight': dim 0 of size 10 does not divide by tp_size 4"):
+        make_layout(LayoutSpec("hf_tp", {"tp_rank": 0, "tp_size": 4})).pieces(
+            SourceParam("x.q_proj.weight", (10, 4), torch.bfloat16, ()))
+
+
+def test_fingerprint_is_stable_and_input_sensitive():
+    sources, receivers = _small()
+    assert plan(sources, receivers).fingerprint == plan(sources, receivers).fingerprint
+    other = sources_on({"a.q_proj.weight": (256, 256), "b.weight": (64,)}, [1, 0], [Shard(0)])
+    assert plan(other, receivers).fingerprint != plan(sources, receivers).fingerprint
+
+
+def test_plan_tasks_stay_inside_sender_boxes():
+    sources, receivers = _small(quant="fp8_block")
+    p = plan(sources, receivers)
+    held = {(s.name, r): g.box_of(r) for s in sources for g in s.groups for r in g.ranks}
+    for tasks in p.tasks.values():
+        for t in tasks:
+            if t.kind == "data":
+                assert held[(t.src, t.sender)].contains(t.src_box)
