@@ -20,7 +20,7 @@ import torch
 from .boxes import Box, check_exact_cover
 from .config import LinkModel
 from .errors import PlanError
-from .layouts import Piece, make_layout
+from .layouts import Layout, Piece, make_layout
 from .meta import SUPPORTED_DTYPES, ReceiverMeta, SourceParam
 from .plan import DATA, SCALE, Bucket, Plan, PlanStats, Task, fingerprint
 from .quant import QuantFormat, get_quant_format, scale_name
@@ -44,7 +44,7 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
                mode: str, links: LinkModel, watermark_bytes: int) -> Plan:
     """Check all metadata, assign every destination box to senders, validate, fingerprint."""
     started = time.perf_counter()
-    jobs = _check_and_map(sources, receivers)
+    jobs, layouts = _check_and_map(sources, receivers)
     by_name = {s.name: s for s in sources}
     recv_host = {r.rank: r.host for r in receivers}
     assigner = _Assigner(sender_hosts, recv_host, links)
@@ -56,7 +56,7 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
         raise ValueError(f"unknown mode {mode!r}; valid: ['direct', 'reconstruct']")
     buckets, bucket_of = _make_buckets(raw, by_name, mode, watermark_bytes)
     tasks, arrivals = _order(raw, bucket_of)
-    _validate_cover(arrivals, receivers)
+    _validate_cover(arrivals, receivers, layouts)
     fmt_of = {s.name: "none" for s in sources}
     for job in jobs:
         if job.fmt.is_quantized:
@@ -69,7 +69,7 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
     return plan
 
 
-def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) -> list[_Job]:
+def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) -> tuple[list[_Job], dict[int, Layout]]:
     errors: list[str] = []
     for s in sources:
         if s.dtype not in SUPPORTED_DTYPES:
@@ -79,18 +79,20 @@ def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) ->
     if ranks != list(range(len(receivers))):
         errors.append(f"receiver ranks must be 0..{len(receivers) - 1}, got {ranks}")
     jobs: list[_Job] = []
+    layouts: dict[int, Layout] = {}
     for recv in receivers:
-        jobs.extend(_map_receiver(recv, sources, errors))
+        jobs.extend(_map_receiver(recv, sources, errors, layouts))
     if errors:
         more = f"\n... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
         raise PlanError("plan refused before any byte moved:\n  " + "\n  ".join(errors[:_MAX_LISTED_ERRORS]) + more)
-    return jobs
+    return jobs, layouts
 
 
-def _map_receiver(recv: ReceiverMeta, sources: list[SourceParam], errors: list[str]) -> list[_Job]:
+def _map_receiver(recv: ReceiverMeta, sources: list[SourceParam], errors: list[str],
+                  layouts: dict[int, Layout]) -> list[_Job]:
     r = recv.rank
     try:
-        layout = make_layout(recv.layout)
+        layout = layouts[r] = make_layout(recv.layout)
         fmt = get_quant_format(recv.quant)
     except (ValueError, TypeError) as e:
         errors.append(f"receiver {r}: {e}")
@@ -122,7 +124,7 @@ def _map_receiver(recv: ReceiverMeta, sources: list[SourceParam], errors: list[s
                 jobs.append(job)
                 if job.scale_dst:
                     targeted.add(job.scale_dst)
-    for name in sorted(set(recv.tensors) - targeted):
+    for name in sorted(set(recv.tensors) - targeted - set(getattr(layout, "unwritten", lambda: {})())):
         errors.append(f"receiver {r} tensor {name!r} has no source parameter on the trainer")
     return jobs
 
@@ -331,11 +333,18 @@ def _order(raw: list[tuple[tuple, Task]], bucket_of: dict[tuple, int]
     return tasks, dict(arrivals)
 
 
-def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta]) -> None:
-    """Prove that every destination element is written exactly once and inside its bounds."""
+def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta], layouts: dict[int, Layout]) -> None:
+    """Prove that every destination element is written exactly once and inside its bounds.
+
+    A layout may declare boxes that no source fills (vocab padding rows); they count as
+    covered, and nothing may write them.
+    """
     problems = []
     for recv in receivers:
         boxes: dict[str, list[Box]] = defaultdict(list)
+        unwritten = getattr(layouts[recv.rank], "unwritten", None)
+        for name, extra in (unwritten() if unwritten else {}).items():
+            boxes[name].extend(extra)
         for t in arrivals.get(recv.rank, []):
             boxes[t.dst].append(t.dst_box)
         for name, dest in recv.tensors.items():

@@ -115,7 +115,9 @@ def block_amax(x: torch.Tensor, box: Box, block: Sequence[int]) -> torch.Tensor:
 
 def scales_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """``weight_scale_inv`` from block amax: amax/448, and 1 for all-zero blocks."""
-    return torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+    # Tensor-by-tensor division is correctly rounded on every device; ATen's CUDA division
+    # by a Python scalar multiplies by its float32 reciprocal instead, which differs.
+    return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, FP8_MAX))
 
 
 def expand_scales(scales: torch.Tensor, scale_box: Box, box: Box, block: Sequence[int]) -> torch.Tensor:

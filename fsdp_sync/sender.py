@@ -96,6 +96,8 @@ class WeightSender:
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
         self._progress = progress
+        self._hooks: list = []
+        self.stall_s: list[float] = []  # per attached optimizer step: time step() waited for pushes
 
     @property
     def num_plans_built(self) -> int:
@@ -120,7 +122,43 @@ class WeightSender:
         self._inflight = handle
         return handle
 
+    def attach(self, optimizer: torch.optim.Optimizer, *, overlap: bool = False) -> None:
+        """Push after every ``optimizer.step()``.
+
+        With ``overlap``, the push runs while the next forward and backward proceed, and
+        the next ``step()`` first waits for it: shards change only inside ``step()``, so
+        reading them meanwhile is safe. ``stall_s`` records how long each step waited.
+        """
+        if self._hooks:
+            raise RuntimeError("WeightSender.attach: already attached; call detach() first")
+
+        def before_step(_opt, _args, _kwargs) -> None:
+            started = time.perf_counter()
+            if self._inflight is not None:
+                self._inflight.wait()
+            self.stall_s.append(time.perf_counter() - started)
+
+        def after_step(_opt, _args, _kwargs) -> None:
+            handle = self.push()
+            if not overlap:
+                started = time.perf_counter()
+                handle.wait()
+                self.stall_s[-1] += time.perf_counter() - started
+
+        self._hooks = [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)]
+
+    def detach(self) -> None:
+        """Remove the hooks and finish the push in flight."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._inflight is not None:
+            self._inflight.wait()
+
     def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if self._inflight is not None:
             try:
                 self._inflight.wait()

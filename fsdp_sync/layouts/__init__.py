@@ -16,6 +16,13 @@ from .tp import TensorParallelLayout
 
 
 class Layout(Protocol):
+    """Maps a source parameter to the pieces this receiver holds.
+
+    A layout may also define ``unwritten() -> dict[str, list[Box]]``: destination boxes
+    that no source fills (e.g. vocab padding), which the planner's exact-cover proof
+    then treats as covered and which no task may write.
+    """
+
     def pieces(self, src: SourceParam) -> list[Piece]: ...
 
 

@@ -1,0 +1,146 @@
+"""Bandwidth of the FP8 quantization kernels against a device-to-device copy.
+
+    python -m recipes.bench_kernels [--sizes-mib 64 256 1024 2048] [--cols 8192]
+
+For bf16 tensors of each size: check the kernel's values and scales against the
+reference bit for bit, then time it with ``triton.testing.do_bench`` (warm-up, L2 flushed
+between runs) and report (bytes read + written) / median time, the spread, and the ratio
+to a torch copy of the same input, which is the ceiling a memory-bound kernel can reach.
+Results go to ``bench_results/kernels-<gpu>-<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+FORMATS = ("fp8_block", "fp8_rowwise", "fp8_tensor")
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    view = {1: torch.uint8, 4: torch.int32}[a.element_size()]
+    return a.shape == b.shape and torch.equal(a.view(view), b.view(view))
+
+
+def _time(fn: Callable[[], object]) -> dict[str, float]:
+    """Milliseconds per call: median, min and max over the repetitions after warm-up."""
+    import triton.testing
+
+    times = triton.testing.do_bench(fn, warmup=50, rep=400, return_mode="all")
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
+
+
+def _row(
+    name: str, size_mib: int, shape: tuple[int, ...], num_bytes: int, timing: dict, ceiling_gbps: float | None
+) -> dict:
+    """One result line, printed and returned; the ratio is to the copy's GB/s at this size."""
+    gbps = num_bytes / (timing["median_ms"] * 1e-3) / 1e9
+    row = {"kernel": name, "size_mib": size_mib, "shape": list(shape), "bytes": num_bytes, "gbps": gbps, **timing}
+    if ceiling_gbps is not None:
+        row["ratio_to_copy"] = gbps / ceiling_gbps
+    ratio = f"{row['ratio_to_copy']:6.1%}" if ceiling_gbps is not None else "   --"
+    print(
+        f"{name:>22} {size_mib:>6} MiB {gbps:>9.1f} GB/s {ratio}  "
+        f"median {timing['median_ms']:.3f} ms [{timing['min_ms']:.3f}, {timing['max_ms']:.3f}]",
+        flush=True,
+    )
+    return row
+
+
+def bench_size(size_mib: int, cols: int) -> list[dict]:
+    """Copy ceiling, then each format checked against the reference and timed, on one bf16 input."""
+    from fsdp_sync.boxes import Box
+    from fsdp_sync.kernels import fp8_quant as K
+    from fsdp_sync.quant import get_quant_format
+
+    rows = size_mib * 2**20 // (2 * cols)
+    shape = (rows, cols)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    x_bytes = x.numel() * x.element_size()
+
+    copy_dst = torch.empty_like(x)
+    copy = _row("copy (ceiling)", size_mib, shape, 2 * x_bytes, _time(lambda: copy_dst.copy_(x)), None)
+    del copy_dst
+    results = [copy]
+
+    for fmt in FORMATS:
+        q, scales = K.quantize_full(x, fmt)
+        ref_q, ref_scales = K.reference_quantize(x, fmt)
+        if not (_same_bits(q, ref_q) and _same_bits(scales, ref_scales)):
+            raise SystemExit(f"{fmt} at {shape}: kernel differs from the reference; not timing it")
+        del ref_q, ref_scales
+        moved = x_bytes + q.numel() + scales.numel() * 4
+        results.append(_row(fmt, size_mib, shape, moved, _time(lambda: K.quantize_full(x, fmt)), copy["gbps"]))
+
+        if fmt == "fp8_block":
+            # Direct mode's write: given scales, quantize straight into (a view of) the destination.
+            box, block = Box.full(shape), get_quant_format(fmt).block_shape(shape)
+            grid = box.to_blocks(block)
+            out = torch.empty_like(q)
+            K.quantize_box(x, box, scales, grid, block, out=out)
+            if not _same_bits(out, q):
+                raise SystemExit(f"quantize_box at {shape}: differs from quantize_full; not timing it")
+            moved = x_bytes + q.numel() + scales.numel() * 4
+            timing = _time(lambda: K.quantize_box(x, box, scales, grid, block, out=out))
+            results.append(_row("fp8_block quantize_box", size_mib, shape, moved, timing, copy["gbps"]))
+        del q, scales
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 256, 1024, 2048], help="bf16 input sizes")
+    parser.add_argument("--cols", type=int, default=8192, help="columns of every input (rows follow from the size)")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA GPU and none is visible; nothing was measured")
+    import triton  # only now: without a GPU the message above beats an import error
+
+
+    gpu = torch.cuda.get_device_name()
+    env = {
+        "gpu": gpu,
+        "num_sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "num_gpus": torch.cuda.device_count(),  # the kernels run on cuda:0 only
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "git_sha": _git_sha(),
+        "timestamp": time.strftime("%Y%m%dT%H%M%S"),
+        "metric": "(bytes read + bytes written, each tensor counted once) / median time",
+    }
+    print(" ".join(f"{k}={v}" for k, v in env.items() if k != "metric"), flush=True)
+
+    results = []
+    for size_mib in args.sizes_mib:
+        results += bench_size(size_mib, args.cols)
+        torch.cuda.empty_cache()
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-')}-{env['timestamp']}.json"
+    path.write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
