@@ -122,5 +122,9 @@ def sender_error_key(seq: int, sender: int) -> str:
     return f"push/{seq}/error/{sender}"
 
 
+def ready_key(seq: int, receiver: int) -> str:
+    return f"push/{seq}/ready/{receiver}"
+
+
 def ack_key(seq: int, receiver: int) -> str:
     return f"push/{seq}/ack/{receiver}"

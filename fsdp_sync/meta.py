@@ -61,6 +61,7 @@ class ReceiverMeta:
     layout: LayoutSpec
     quant: str
     transport_info: dict[str, Any] = field(default_factory=dict)
+    gated: bool = False  # senders must wait for this receiver's ready key before writing
 
 
 def clean_name(name: str) -> str:

@@ -70,11 +70,15 @@ class Plan:
     stats: PlanStats
     fingerprint: str = ""
     groups: list[tuple[int, ...]] = field(default_factory=list)  # distinct shard groups, sorted
+    gated: frozenset[int] = frozenset()  # receivers that must say "ready" before a push writes
+
 
     def for_sender(self, rank: int) -> "SenderPlan":
         mine = [b for b in self.buckets if rank in b.group]
+        tasks = self.tasks.get(rank, [])
+        gated = sorted(self.gated & {t.receiver for t in tasks})
         return SenderPlan(self.fingerprint, self.mode, rank, self.num_senders, self.num_receivers,
-                          self.tasks.get(rank, []), mine, self.groups, self.fmt_of)
+                          tasks, mine, self.groups, self.fmt_of, gated)
 
     def for_receiver(self, rank: int) -> "ReceiverPlan":
         arrivals = self.arrivals.get(rank, [])
@@ -95,6 +99,7 @@ class SenderPlan:
     buckets: list[Bucket]
     groups: list[tuple[int, ...]]
     fmt_of: dict[str, str]
+    gated: list[int]  # of this sender's receivers, those to wait for before writing
 
     @property
     def receivers(self) -> list[int]:

@@ -64,7 +64,7 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
     stats = _stats(tasks, arrivals, buckets, by_name, sender_hosts, recv_host, links, mode)
     stats.plan_s = time.perf_counter() - started
     plan = Plan(mode, len(sender_hosts), len(receivers), tasks, arrivals, buckets, fmt_of, stats,
-                groups=sorted({b.group for b in buckets}))
+                groups=sorted({b.group for b in buckets}), gated=frozenset(r.rank for r in receivers if r.gated))
     plan.fingerprint = fingerprint(sources, receivers, sender_hosts, mode, links, watermark_bytes)
     return plan
 

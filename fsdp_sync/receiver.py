@@ -1,9 +1,18 @@
 """The engine's side: ``WeightReceiver`` registers destination tensors and lands versions.
 
 A background thread follows the pushes the trainer announces. For each one it waits
-until every expected arrival landed, then commits: only then does ``version`` move.
-A failed or timed-out push leaves the version where it was and is raised by the next
-``wait_for``.
+until every expected arrival landed; only then does the version count as landed. A
+failed or timed-out push leaves the version where it was and is raised by the next
+``wait_for``. Two commit modes decide when the engine sees a landed version:
+
+* ``in_place``: pushes write the live tensors. If ``pause``/``resume`` callbacks are
+  given, the engine is paused from before the first byte of a push until it landed.
+* ``staged``: pushes write a shadow copy; ``commit()``, called where the engine chooses
+  (between forward passes), copies the newest landed version into the live tensors.
+  A failed or partial push never touches the live tensors.
+
+In both gated cases (staged, or paused) senders write only after the receiver says
+"ready" for that push, so no byte lands while the engine reads or commits.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,7 +29,7 @@ from torch import nn
 
 from .config import SyncConfig
 from .control import (PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
-                      push_key, recv_meta_key)
+                      push_key, ready_key, recv_meta_key)
 from .errors import PlanError, SyncError, SyncTimeout
 from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors
 from .plan import ReceiverPlan
@@ -27,6 +37,7 @@ from .transport import get_transport
 
 log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.02
+COMMIT_MODES = ("in_place", "staged")
 
 
 class WeightReceiver:
@@ -34,20 +45,34 @@ class WeightReceiver:
 
     def __init__(self, module_or_tensors: nn.Module | dict[str, torch.Tensor], *, config: SyncConfig,
                  layout: str = "identity", layout_kwargs: dict | None = None, rank: int | None = None,
-                 world_size: int | None = None, host: str | None = None):
+                 world_size: int | None = None, host: str | None = None, commit: str = "in_place",
+                 pause: Callable[[], None] | None = None, resume: Callable[[], None] | None = None):
+        if commit not in COMMIT_MODES:
+            raise ValueError(f"WeightReceiver commit={commit!r} is not one of {list(COMMIT_MODES)}")
+        if (pause is None) != (resume is None):
+            raise ValueError("WeightReceiver needs both pause and resume, or neither")
         self.config = config
+        self.commit_mode = commit
+        self._pause, self._resume = pause, resume
         self.rank, self.world_size = _rank_and_size(rank, world_size)
         self.host = host or socket.gethostname()
-        tensors = _named_tensors(module_or_tensors)
+        live = _named_tensors(module_or_tensors)
         _, recv_cls = get_transport(config.transport)
         self._recv_cls = recv_cls
-        shared, info = recv_cls.prepare(tensors, job=config.job, rank=self.rank)
-        if shared is not tensors and isinstance(module_or_tensors, nn.Module):
-            _rebind(module_or_tensors, shared)
-        self.tensors = shared
+        if commit == "staged":
+            # Pushes land in a shadow copy; only commit() touches the live tensors.
+            staging, info = recv_cls.prepare({n: t.clone() for n, t in live.items()}, job=config.job, rank=self.rank)
+        else:
+            staging, info = recv_cls.prepare(live, job=config.job, rank=self.rank)
+            if staging is not live and isinstance(module_or_tensors, nn.Module):
+                _rebind(module_or_tensors, staging)
+            live = staging
+        self.tensors = live  # what the engine reads
+        self._staging = staging  # what transports write
         self._transport_info = info
-        self.meta = ReceiverMeta(self.rank, self.host, dest_tensors(shared.items()),
-                                 LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info)
+        gated = commit == "staged" or pause is not None
+        self.meta = ReceiverMeta(self.rank, self.host, dest_tensors(staging.items()),
+                                 LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info, gated)
         self.control = ControlPlane.connect(config, serve=False)
         self._seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
         # Epoch first: once the controller sees every meta, every epoch bump is counted.
@@ -55,7 +80,10 @@ class WeightReceiver:
         self.control.set(recv_meta_key(self.rank), self.meta)
         if self.rank == 0:
             self.control.set(RECV_COUNT, self.world_size)
-        self.version: int | None = None
+        self.version: int | None = None  # the version the engine sees in self.tensors
+        self.landed_version: int | None = None  # the newest version whose every byte landed
+        self._staging_lock = threading.Lock()  # held while a push writes or commit() reads staging
+        self._staging_valid = True  # staging holds a whole landed version
         self._plan: ReceiverPlan | None = None
         self._transport = None
         self._error: BaseException | None = None
@@ -65,19 +93,21 @@ class WeightReceiver:
         self._thread.start()
 
     def wait_for(self, version: int | None = None, timeout: float | None = None) -> int:
-        """Block until ``version`` (default: any newer version than now) is committed; return it.
+        """Block until ``version`` (default: any version newer than now) has landed; return it.
 
-        Raises the error of a failed push (the version did not move), or SyncTimeout.
+        In ``in_place`` mode a landed version is the one the engine sees; in ``staged``
+        mode call ``commit()`` to make it so. Raises the error of a failed push (the
+        version did not move), or SyncTimeout.
         """
         timeout = self.config.timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._cond:
-            start = self.version
+            start = self.landed_version
             while True:
                 if self._error is not None:
                     error, self._error = self._error, None
                     raise error
-                current = self.version
+                current = self.landed_version
                 if current is not None:
                     if version is not None and current >= version:
                         return current
@@ -88,6 +118,23 @@ class WeightReceiver:
                     want = "a new version" if version is None else f"version {version}"
                     raise SyncTimeout(f"receiver {self.rank}: no {want} within {timeout:.1f}s (have {current})")
                 self._cond.wait(min(left, 0.1))
+
+    def commit(self) -> int | None:
+        """Staged mode: make the newest landed version the live one; returns the live version.
+
+        Waits while a push is writing the shadow copy, since what it holds is then partial.
+        """
+        if self.commit_mode != "staged":
+            raise RuntimeError("commit() is for commit='staged'; in_place versions are live once landed")
+        with self._staging_lock:
+            landed = self.landed_version
+            if self._staging_valid and landed is not None and (self.version is None or landed > self.version):
+                for name, live in self.tensors.items():
+                    live.copy_(self._staging[name])
+                with self._cond:
+                    self.version = landed
+                    self._cond.notify_all()
+        return self.version
 
     def close(self) -> None:
         self._stop.set()
@@ -138,15 +185,36 @@ class WeightReceiver:
             self._plan = self.control.get(plan_receiver_key(fp, self.rank))
             if self._transport is not None:
                 self._transport.close()
-            self._transport = self._recv_cls(self.control, self._plan, self.tensors, self.config)
-        if self.version is not None and version <= self.version:
+            self._transport = self._recv_cls(self.control, self._plan, self._staging, self.config)
+        if self.landed_version is not None and version <= self.landed_version:
             raise SyncError(f"receiver {self.rank}: push {seq} announces version {version}, "
-                            f"not newer than committed version {self.version}")
-        self._transport.receive(seq, self.config.timeout_s)
-        with self._cond:
-            self.version = version
-            self._cond.notify_all()
+                            f"not newer than landed version {self.landed_version}")
+        if not self.meta.gated:
+            self._transport.receive(seq, self.config.timeout_s)
+            self._landed(version, live=True)
+        elif self.commit_mode == "staged":
+            with self._staging_lock:
+                self._staging_valid = False  # partial until this push lands; a failure leaves it so
+                self.control.set(ready_key(seq, self.rank), True)
+                self._transport.receive(seq, self.config.timeout_s)
+                self._landed(version, live=False)
+                self._staging_valid = True
+        else:
+            self._pause()
+            try:
+                self.control.set(ready_key(seq, self.rank), True)
+                self._transport.receive(seq, self.config.timeout_s)
+                self._landed(version, live=True)
+            finally:
+                self._resume()
         self.control.set(ack_key(seq, self.rank), "ok")
+
+    def _landed(self, version: int, *, live: bool) -> None:
+        with self._cond:
+            self.landed_version = version
+            if live:
+                self.version = version
+            self._cond.notify_all()
 
 
 def _rank_and_size(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key,
+from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
                       recv_meta_key, sender_error_key, sender_host_key)
 from .controller import Controller
 from .errors import PlanError, SyncError
@@ -227,6 +227,12 @@ class WeightSender:
         started = time.perf_counter()
         try:
             local = self._local_params()
+            if plan.gated:
+                # Staged or paused receivers open their buffers to this push explicitly.
+                self.control.wait([ready_key(seq, r) for r in plan.gated],
+                                  describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
+                                  f"to open their buffers for push {seq}",
+                                  abort=lambda: self.control.first_error([ack_key(seq, r) for r in plan.gated]))
             sent = 0
 
             def transfer(items: list) -> None:

@@ -1,0 +1,69 @@
+"""Processes for the staged-commit tests: every version fills every weight with its own number."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import torch
+from torch import nn
+
+from fsdp_sync import SyncConfig, WeightReceiver, WeightSender
+from recipes.jobs import pack
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64)).to(torch.bfloat16)
+
+
+def trainer(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_at: int | None) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(_model(), mesh=init_device_mesh("cpu", (world_size,)))
+
+    def die_mid_push(done: int, total: int) -> None:
+        if rank == 1 and sender.version == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sender = WeightSender(model, cfg, progress=die_mid_push)
+    for v in range(1, num_versions + (1 if kill_at else 0) + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().fill_(v)
+        sender.push(v).wait()
+    sender.close()
+
+
+def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_at: int | None) -> bytes:
+    """Reads its live weights in a loop, committing between reads, as an engine between steps."""
+    model = _model()
+    recv = WeightReceiver(model, config=cfg, commit="staged")
+    seen, reads, torn = set(), 0, []
+    writes_during_reads = threading.Event()
+    while recv.version != num_versions:
+        recv.commit()
+        values = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+        reads += 1
+        if recv.version is None:
+            continue
+        if not bool((values == recv.version).all()):
+            torn.append((recv.version, sorted(set(values.tolist()))[:5]))
+        seen.add(recv.version)
+        if recv.landed_version != recv.version:
+            writes_during_reads.set()
+    outcome = {"seen": sorted(seen), "reads": reads, "torn": torn}
+    if kill_at:
+        try:
+            recv.wait_for(kill_at, timeout=cfg.timeout_s * 3)
+            outcome["after_kill"] = "no error"
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome["after_kill"] = f"{type(e).__name__}: {e}"
+        time.sleep(0.2)
+        recv.commit()
+        outcome["live_after_kill"] = sorted({float(x) for p in model.parameters() for x in p.detach().float().reshape(-1)})
+        outcome["version_after_kill"] = recv.version
+    recv.close()
+    return pack(outcome)
