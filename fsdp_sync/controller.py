@@ -35,9 +35,10 @@ class Controller:
             return self.plan
         receivers = self._receivers()
         key = (sources_key, self.control.add(RECV_EPOCH, 0))
-        hosts = self._sender_hosts()
-        plan = build_plan(sources(), receivers, sender_hosts=hosts, mode=self.config.mode,
-                          links=self.config.links, watermark_bytes=self.config.watermark_bytes)
+        places = self._sender_places()
+        plan = build_plan(sources(), receivers, sender_hosts=[h for h, _ in places], mode=self.config.mode,
+                          links=self.config.links, watermark_bytes=self.config.watermark_bytes,
+                          sender_devices=[d for _, d in places])
         self.num_plans_built += 1
         log.info("fsdp_sync: planned %d tasks, %.1f MB, floor %.3f s, in %.2f s", plan.stats.num_tasks,
                  plan.stats.bytes_total / 1e6, plan.stats.floor_s, plan.stats.plan_s)
@@ -59,7 +60,8 @@ class Controller:
                           describe=lambda keys: f"receiver ranks {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to register")
         return [self.control.get(recv_meta_key(r)) for r in range(count)]
 
-    def _sender_hosts(self) -> list[str]:
+    def _sender_places(self) -> list[tuple[str, str]]:
+        """(host, device id) of every sender rank."""
         keys = [sender_host_key(s) for s in range(self.num_senders)]
         self.control.wait(keys, describe=lambda ks: f"sender ranks {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} to start")
         return [self.control.get(k) for k in keys]

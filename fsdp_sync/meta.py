@@ -62,6 +62,12 @@ class ReceiverMeta:
     quant: str
     transport_info: dict[str, Any] = field(default_factory=dict)
     gated: bool = False  # senders must wait for this receiver's ready key before writing
+    device: str = ""  # GPU UUID (or "" on CPU): tells the planner which pairs share a device
+
+
+def device_id(device: torch.device) -> str:
+    """A process-independent name of a device: the GPU's UUID ("" for CPU memory)."""
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else ""
 
 
 def clean_name(name: str) -> str:

@@ -12,6 +12,7 @@ Both compute the same scale grids (MAX is exact), so they give identical bytes.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,27 +20,44 @@ import torch.distributed as dist
 from .boxes import Box
 from .meta import SourceParam
 from .plan import DATA, Bucket, SenderPlan, Task
-from .quant import block_amax, get_quant_format, quantize_box, scales_from_amax
+from . import quant
+from .quant import get_quant_format, scales_from_amax
 from .trace import Trace
 
 # torch 2.13 renamed all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _kernels_for(device: torch.device):
+    """The Triton kernels on GPU, the plain-torch reference on CPU: same signatures, same bits."""
+    if device.type == "cuda":
+        from .kernels import fp8_quant
+
+        return fp8_quant
+    return quant
+
+
 class BucketPacker:
-    """Packs this rank's tasks bucket by bucket, running the bucket's collectives."""
+    """Packs this rank's tasks bucket by bucket, running the bucket's collectives.
+
+    ``destination(task)`` may return a tensor the packer can write straight into (a
+    peer GPU's buffer opened over CUDA IPC, a shared-memory file): the quantize kernel
+    then stores there, no staging and no separate transfer, and the payload is None.
+    """
 
     def __init__(self, plan: SenderPlan, sources: dict[str, SourceParam], groups: dict[tuple[int, ...], object],
-                 device: torch.device):
+                 device: torch.device, destination: Callable[[Task], torch.Tensor | None] | None = None):
         self.plan = plan
         self.sources = sources
         self.groups = groups
         self.device = device
+        self.ops = _kernels_for(device)
+        self.destination = destination or (lambda task: None)
         self.tasks_of: dict[int, list[Task]] = defaultdict(list)
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
 
-    def pack(self, bucket: Bucket, local: dict[str, torch.Tensor], trace: Trace) -> list[tuple[Task, torch.Tensor]]:
+    def pack(self, bucket: Bucket, local: dict[str, torch.Tensor], trace: Trace) -> list[tuple[Task, torch.Tensor | None]]:
         shards = {name: self._on_device(local[name], trace) for name in bucket.params}
         boxes = {name: self._box(name, bucket.group) for name in bucket.params}
         if self.plan.mode == "reconstruct":
@@ -105,7 +123,7 @@ class BucketPacker:
             grid = torch.zeros(fmt.scale_shape(src.shape), dtype=torch.float32, device=self.device)
             box = held_boxes[name]
             if box.numel():
-                box.to_blocks(block).view(grid).copy_(block_amax(held[name], box, block))
+                box.to_blocks(block).view(grid).copy_(self.ops.block_amax(held[name], box, block))
             grids[name] = grid
         if self.plan.mode == "direct" and len(bucket.group) > 1 and grids:
             flat = torch.cat([g.reshape(-1) for g in grids.values()])
@@ -116,13 +134,23 @@ class BucketPacker:
                 offset += g.numel()
         return {name: scales_from_amax(g) for name, g in grids.items()}
 
-    def _payload(self, task: Task, held: torch.Tensor, held_box: Box, scales: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _payload(self, task: Task, held: torch.Tensor, held_box: Box,
+                 scales: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        out = self.destination(task)
         if task.kind != DATA:
-            return task.src_box.view(scales[task.src])
-        part = task.src_box.relative_to(held_box).view(held)
-        if task.fmt == "none":
-            return part
-        fmt = get_quant_format(task.fmt)
-        block = fmt.block_shape(self.sources[task.src].shape)
-        grid = scales[task.src]
-        return quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
+            data = task.src_box.view(scales[task.src])
+        else:
+            part = task.src_box.relative_to(held_box).view(held)
+            if task.fmt == "none":
+                data = part
+            else:
+                block = get_quant_format(task.fmt).block_shape(self.sources[task.src].shape)
+                grid = scales[task.src]
+                if out is not None and self.device.type == "cuda":
+                    self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
+                    return None
+                data = self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
+        if out is None:
+            return data
+        out.copy_(data, non_blocking=True)
+        return None

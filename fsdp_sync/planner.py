@@ -41,13 +41,17 @@ class _Job:
 
 
 def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sender_hosts: list[str],
-               mode: str, links: LinkModel, watermark_bytes: int) -> Plan:
-    """Check all metadata, assign every destination box to senders, validate, fingerprint."""
+               mode: str, links: LinkModel, watermark_bytes: int, sender_devices: list[str] | None = None) -> Plan:
+    """Check all metadata, assign every destination box to senders, validate, fingerprint.
+
+    ``sender_devices`` (e.g. GPU UUIDs) lets the planner see colocated pairs: bytes between
+    a sender and a receiver on one device move at memory speed, not over a link.
+    """
     started = time.perf_counter()
     jobs, layouts = _check_and_map(sources, receivers)
     by_name = {s.name: s for s in sources}
-    recv_host = {r.rank: r.host for r in receivers}
-    assigner = _Assigner(sender_hosts, recv_host, links)
+    places = _Places(sender_hosts, sender_devices, receivers)
+    assigner = _Assigner(places, links)
     if mode == "direct":
         raw = assigner.direct(jobs, by_name)
     elif mode == "reconstruct":
@@ -61,11 +65,11 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
     for job in jobs:
         if job.fmt.is_quantized:
             fmt_of[job.piece.src] = job.fmt.name
-    stats = _stats(tasks, arrivals, buckets, by_name, sender_hosts, recv_host, links, mode)
+    stats = _stats(tasks, arrivals, buckets, by_name, places, links, mode)
     stats.plan_s = time.perf_counter() - started
     plan = Plan(mode, len(sender_hosts), len(receivers), tasks, arrivals, buckets, fmt_of, stats,
                 groups=sorted({b.group for b in buckets}), gated=frozenset(r.rank for r in receivers if r.gated))
-    plan.fingerprint = fingerprint(sources, receivers, sender_hosts, mode, links, watermark_bytes)
+    plan.fingerprint = fingerprint(sources, receivers, sender_hosts, sender_devices, mode, links, watermark_bytes)
     return plan
 
 
@@ -168,20 +172,42 @@ def _quant_job(r: int, piece: Piece, src: SourceParam, dst_dtype: torch.dtype, f
     return _Job(r, piece, fmt, block, sname)
 
 
+class _Places:
+    """Where each rank is: host ids and device ids, so a pair is same-device, same-host or remote."""
+
+    def __init__(self, sender_hosts: list[str], sender_devices: list[str] | None, receivers: list[ReceiverMeta]):
+        hosts = {h: i for i, h in enumerate(sorted(set(sender_hosts) | {r.host for r in receivers}))}
+        self.sender_host = np.array([hosts[h] for h in sender_hosts])
+        self.recv_host = {r.rank: hosts[r.host] for r in receivers}
+        # A rank without a known device is alone on its device.
+        devs = [f"{h}/{d}" if d else f"sender{i}" for i, (h, d) in
+                enumerate(zip(sender_hosts, sender_devices or [""] * len(sender_hosts)))]
+        rdevs = {r.rank: f"{r.host}/{r.device}" if r.device else f"receiver{r.rank}" for r in receivers}
+        ids = {d: i for i, d in enumerate(sorted(set(devs) | set(rdevs.values())))}
+        self.sender_dev = np.array([ids[d] for d in devs])
+        self.recv_dev = {r: ids[d] for r, d in rdevs.items()}
+
+    def kind(self, sender: int, receiver: int) -> str:
+        if self.sender_dev[sender] == self.recv_dev[receiver]:
+            return "device"
+        return "host" if self.sender_host[sender] == self.recv_host[receiver] else "remote"
+
+
 class _Assigner:
     """Greedy sender choice: the candidate whose link would finish earliest."""
 
-    def __init__(self, sender_hosts: list[str], recv_host: dict[int, str], links: LinkModel):
-        host_ids = {h: i for i, h in enumerate(sorted(set(sender_hosts) | set(recv_host.values())))}
-        self.sender_host = np.array([host_ids[h] for h in sender_hosts])
-        self.recv_host = {r: host_ids[h] for r, h in recv_host.items()}
-        self.load_s = np.zeros(len(sender_hosts))
+    def __init__(self, places: _Places, links: LinkModel):
+        self.places = places
+        self.load_s = np.zeros(len(places.sender_host))
         self.intra = links.intra_host_gbps * 1e9
         self.inter = links.inter_host_gbps * 1e9
+        self.local = links.hbm_gbps * 1e9 / 2  # a copy within one device reads and writes
 
     def _seconds(self, senders: np.ndarray, receiver: int, nbytes: np.ndarray) -> np.ndarray:
-        same = self.sender_host[senders] == self.recv_host[receiver]
-        return nbytes / np.where(same, self.intra, self.inter)
+        p = self.places
+        same_host = p.sender_host[senders] == p.recv_host[receiver]
+        same_dev = p.sender_dev[senders] == p.recv_dev[receiver]
+        return nbytes / np.where(same_dev, self.local, np.where(same_host, self.intra, self.inter))
 
     def direct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[tuple[tuple, Task]]:
         """Each piece goes to one shard group, split along the boxes its ranks hold.
@@ -356,28 +382,38 @@ def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMet
 
 
 def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], buckets: list[Bucket],
-           by_name: dict[str, SourceParam], sender_hosts: list[str], recv_host: dict[int, str],
-           links: LinkModel, mode: str) -> PlanStats:
-    """Bytes per rank and the plan's floor: the busiest link or memory, at its bandwidth."""
+           by_name: dict[str, SourceParam], places: _Places, links: LinkModel, mode: str) -> PlanStats:
+    """Bytes per rank and the plan's floor: the busiest link or device memory, at its bandwidth.
+
+    Per device: NVLink out and in, NIC out and in, and HBM (sources read, packed bytes
+    written, received bytes written; a same-device write counts once).
+    """
     intra, inter, hbm = links.intra_host_gbps * 1e9, links.inter_host_gbps * 1e9, links.hbm_gbps * 1e9
     per_sender = {s: sum(t.nbytes for t in ts) for s, ts in tasks.items()}
     per_recv = {r: sum(t.nbytes for t in ts) for r, ts in arrivals.items()}
-    times = [0.0]
+    load: dict[tuple[str, int], float] = defaultdict(float)
     for s, ts in tasks.items():
-        same = sum(t.nbytes for t in ts if sender_hosts[s] == recv_host[t.receiver])
-        read = sum(t.src_box.numel() * by_name[t.src].dtype.itemsize for t in ts if t.kind == DATA)
-        times += [same / intra, (per_sender[s] - same) / inter, (read + per_sender[s]) / hbm]
-    for r, ts in arrivals.items():
-        same = sum(t.nbytes for t in ts if sender_hosts[t.sender] == recv_host[r])
-        times += [same / intra, (per_recv[r] - same) / inter, per_recv[r] / hbm]
+        sdev = int(places.sender_dev[s])
+        for t in ts:
+            rdev = places.recv_dev[t.receiver]
+            kind = places.kind(s, t.receiver)
+            if t.kind == DATA:
+                load[("hbm", sdev)] += t.src_box.numel() * by_name[t.src].dtype.itemsize
+            load[("hbm", sdev)] += t.nbytes
+            if kind != "device":
+                load[("hbm", rdev)] += t.nbytes
+                link = "nvlink" if kind == "host" else "nic"
+                load[(link + "_out", sdev)] += t.nbytes
+                load[(link + "_in", rdev)] += t.nbytes
     if mode == "reconstruct":
-        gathered: dict[int, float] = defaultdict(float)
         for b in buckets:
             if len(b.group) > 1:
-                one_host = len({sender_hosts[r] for r in b.group}) == 1
+                one_host = len({int(places.sender_host[r]) for r in b.group}) == 1
                 nbytes = sum(by_name[n].nbytes for n in b.params) * (len(b.group) - 1) / len(b.group)
                 for r in b.group:
-                    gathered[r] += nbytes / (intra if one_host else inter)
-        times += list(gathered.values())
-    return PlanStats(max(times), sum(per_sender.values()), per_sender, per_recv, 0.0,
+                    load[("nvlink_in" if one_host else "nic_in", int(places.sender_dev[r]))] += nbytes
+                    load[("hbm", int(places.sender_dev[r]))] += nbytes
+    speed = {"hbm": hbm, "nvlink_out": intra, "nvlink_in": intra, "nic_out": inter, "nic_in": inter}
+    floor = max((v / speed[k] for (k, _), v in load.items()), default=0.0)
+    return PlanStats(floor, sum(per_sender.values()), per_sender, per_recv, 0.0,
                      sum(len(ts) for ts in tasks.values()))

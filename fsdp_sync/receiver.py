@@ -31,7 +31,7 @@ from .config import SyncConfig
 from .control import (PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
                       push_key, ready_key, recv_meta_key)
 from .errors import PlanError, SyncError, SyncTimeout
-from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors
+from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors, device_id
 from .plan import ReceiverPlan
 from .transport import get_transport
 
@@ -71,8 +71,10 @@ class WeightReceiver:
         self._staging = staging  # what transports write
         self._transport_info = info
         gated = commit == "staged" or pause is not None
+        devices = {t.device for t in staging.values()}
         self.meta = ReceiverMeta(self.rank, self.host, dest_tensors(staging.items()),
-                                 LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info, gated)
+                                 LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info, gated,
+                                 device_id(next(iter(devices))) if len(devices) == 1 else "")
         self.control = ControlPlane.connect(config, serve=False)
         self._seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
         # Epoch first: once the controller sees every meta, every epoch bump is counted.

@@ -7,6 +7,7 @@ pipeline on a background thread and returns a handle at once.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_
                       recv_meta_key, sender_error_key, sender_host_key)
 from .controller import Controller
 from .errors import PlanError, SyncError
-from .meta import SourceParam, clean_name, source_params
+from .meta import SourceParam, clean_name, device_id, source_params
 from .packing import BucketPacker
 from .pipeline import ByteBudget, run_pipeline
 from .plan import SenderPlan
@@ -52,6 +53,7 @@ class PushHandle:
     seq: int
     _thread: threading.Thread | None = None
     _outcome: dict = field(default_factory=dict)
+    _weights_ready: object = None  # a CUDA event after the step that produced these weights
     _after: Callable[[], None] | None = None
 
     def done(self) -> bool:
@@ -84,7 +86,7 @@ class WeightSender:
         self.host = host or socket.gethostname()
         self.device = device or _model_device(model)
         self.control = ControlPlane.connect(config, serve=self.rank == 0)
-        self.control.set(sender_host_key(self.rank), self.host)
+        self.control.set(sender_host_key(self.rank), (self.host, device_id(self.device)))
         self.controller = Controller(self.control, config, self.world_size) if self.rank == 0 else None
         self.version: int | None = None
         self.seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
@@ -96,6 +98,7 @@ class WeightSender:
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
         self._progress = progress
+        self._pack_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._hooks: list = []
         self.stall_s: list[float] = []  # per attached optimizer step: time step() waited for pushes
 
@@ -115,6 +118,9 @@ class WeightSender:
         self._publish(seq, version)
         self.seq, self.version = seq, version
         handle = PushHandle(version, seq)
+        if self._pack_stream is not None:
+            handle._weights_ready = torch.cuda.Event()
+            handle._weights_ready.record(torch.cuda.current_stream(self.device))
         handle._thread = threading.Thread(target=self._run, args=(handle,), name=f"fsdp_sync-push-{seq}", daemon=True)
         if self.config.wait_for_receivers:
             handle._after = lambda: self._wait_for_acks(seq, version)
@@ -217,7 +223,8 @@ class WeightSender:
             self._transport.close()
         send_cls, _ = get_transport(self.config.transport)
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host)
-        self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device)
+        self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
+                                    destination=self._transport.destination)
 
     # -- the push itself -----------------------------------------------------------------
     def _run(self, handle: PushHandle) -> None:
@@ -234,17 +241,33 @@ class WeightSender:
                                   f"to open their buffers for push {seq}",
                                   abort=lambda: self.control.first_error([ack_key(seq, r) for r in plan.gated]))
             sent = 0
+            stream = self._pack_stream
+            if stream is not None:
+                stream.wait_event(handle._weights_ready)  # the optimizer step's writes, not later work
 
-            def transfer(items: list) -> None:
+            def produce(bucket) -> tuple:
+                # Packing runs on its own stream; the event tells the transfer thread when
+                # the bucket's bytes (or its direct writes into peer buffers) are complete.
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    items = self._packer.pack(bucket, local, trace)
+                    event = torch.cuda.Event() if stream is not None else None
+                    if event is not None:
+                        event.record(stream)
+                return items, event
+
+            def transfer(packed: tuple) -> None:
                 nonlocal sent
+                items, event = packed
+                if event is not None:
+                    event.synchronize()
                 self._transport.send(items)
                 sent += 1
                 if self._progress is not None:
                     self._progress(sent, len(plan.buckets))
 
-            run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes,
-                         produce=lambda b: self._packer.pack(b, local, trace),
-                         transfer=transfer, budget=budget, trace=trace)
+            run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes, produce=produce, transfer=transfer,
+                         budget=budget, trace=trace)
+            self._transport.finish()
             self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
             self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")

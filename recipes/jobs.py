@@ -24,11 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, gpu_offset: int | None,
+           args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    backend = "gloo"
+    if gpu_offset is not None:
+        torch.cuda.set_device((rank + gpu_offset) % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=120))
         out = fn(rank, world_size, *args)
         results.put((fn.__name__, rank, "ok", out))
@@ -39,10 +44,14 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, ar
             dist.destroy_process_group()
 
 
-def start_job(ctx: Any, fn: Callable, world_size: int, results: Any, *args: Any) -> list:
-    """Start ``world_size`` processes running ``fn(rank, world_size, *args)`` in one fresh world."""
+def start_job(ctx: Any, fn: Callable, world_size: int, results: Any, *args: Any, gpu_offset: int | None = None) -> list:
+    """Start ``world_size`` processes running ``fn(rank, world_size, *args)`` in one fresh world.
+
+    With ``gpu_offset``, rank r runs on GPU (r + gpu_offset) % num_gpus and the world
+    gets NCCL for CUDA tensors beside gloo for CPU ones.
+    """
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, gpu_offset, args), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -37,6 +37,7 @@ class Case:
     kill_sender_at_version: int | None = None  # SIGKILL trainer rank 1 mid-push of this version
     timeout_s: float = 60.0
     extra: dict = field(default_factory=dict)
+    device: str = "cpu"  # "cuda": each process on its own GPU (see recipes.jobs.start_job)
 
     def config(self) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port}", job=self.name, quant=self.quant, mode=self.mode,
@@ -69,6 +70,10 @@ def _model(case: Case) -> nn.Module:
     return OddModel().to(DTYPE)
 
 
+def _device(case: Case) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if case.device == "cuda" else torch.device("cpu")
+
+
 def _shapes(case: Case) -> dict:
     if case.model == "llama":
         return param_shapes(tiny_llama_config(), DTYPE)
@@ -77,11 +82,12 @@ def _shapes(case: Case) -> dict:
 
 def _step(case: Case, model: nn.Module, optim: torch.optim.Optimizer, version: int) -> None:
     gen = torch.Generator().manual_seed(version)
+    device = _device(case)
     if case.model == "llama":
-        ids = torch.randint(0, 512, (2, 8), generator=gen)
+        ids = torch.randint(0, 512, (2, 8), generator=gen).to(device)
         model(input_ids=ids, labels=ids).loss.backward()
     else:
-        model(torch.randn(4, 257, generator=gen).to(DTYPE)).backward()
+        model(torch.randn(4, 257, generator=gen).to(DTYPE).to(device)).backward()
     optim.step()
     optim.zero_grad()
 
@@ -91,8 +97,8 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
 
     for case in cases:
         names = ("replicate", "shard") if len(case.mesh) == 2 else ("shard",)
-        mesh = init_device_mesh("cpu", case.mesh, mesh_dim_names=names)
-        model = _model(case)
+        mesh = init_device_mesh(case.device, case.mesh, mesh_dim_names=names)
+        model = _model(case).to(_device(case))
         if case.model == "llama":
             apply_fsdp(model, mesh)
         else:
@@ -112,7 +118,8 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
                 outcome["result"] = sender.push(version).wait()
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 outcome["error"] = repr(e)
-            full = {n: p.full_tensor().detach() for n, p in model.named_parameters()} if "error" not in outcome else None
+            full = ({n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
+                    if "error" not in outcome else None)
             results.put(("trainer", rank, case.name, version, pack({"full": full, "plans": sender.num_plans_built, **outcome})))
             if "error" in outcome:
                 break
@@ -136,12 +143,13 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
 def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) -> None:
     for case in cases:
         layout = case.layout(rank)
-        dests = allocate_destinations(_shapes(case), layout=layout, quant=case.quant)
+        dests = allocate_destinations(_shapes(case), layout=layout, quant=case.quant, device=_device(case))
         recv = WeightReceiver(dests, config=case.config(), layout=layout.name, layout_kwargs=layout.kwargs)
         for version in range(1, case.versions + 1):
             try:
                 got = recv.wait_for(version)
-                results.put(("receiver", rank, case.name, version, pack({"version": got, "tensors": recv.tensors})))
+                tensors = {n: t.cpu() for n, t in recv.tensors.items()}
+                results.put(("receiver", rank, case.name, version, pack({"version": got, "tensors": tensors})))
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("receiver", rank, case.name, version,
                              pack({"error": f"{type(e).__name__}: {e}", "version": recv.version})))

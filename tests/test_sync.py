@@ -7,50 +7,16 @@ bytes must equal reconstruct mode's.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from fsdp_sync import expected_destinations, mismatches
-from tests.harness import new_port, run_cases
+from tests.harness import all_cases, check_cases, new_port, run_cases
 from tests.sync_workers import Case
 
-QUANTS = ("none", "fp8_block", "fp8_rowwise", "fp8_tensor")
-MODES = ("direct", "reconstruct")
-
-
-def _cases(prefix: str, **kw) -> list[Case]:
-    return [Case(name=f"{prefix}-{q}-{m}", quant=q, mode=m, port=new_port(), **kw)
-            for q, m in itertools.product(QUANTS, MODES)]
-
-
-def _check(out: dict, cases: list[Case], num_receivers: int) -> None:
-    assert not [k for k in out if k[2] == "process"], {k: v for k, v in out.items() if k[2] == "process"}
-    for case in cases:
-        for version in range(1, case.versions + 1):
-            trained = out[("trainer", 0, case.name, version)]
-            assert "error" not in trained, trained["error"]
-            for r in range(num_receivers):
-                got = out[("receiver", r, case.name, version)]
-                assert "error" not in got, f"{case.name} v{version} receiver {r}: {got['error']}"
-                assert got["version"] == version
-                want = expected_destinations(trained["full"], layout=case.layout(r), quant=case.quant)
-                assert mismatches(got["tensors"], want) == [], f"{case.name} v{version} receiver {r}"
-    # Direct and reconstruct modes must give the same bytes and scales.
-    for q in QUANTS:
-        pair = [c for c in cases if c.quant == q]
-        if len(pair) == 2:
-            for r in range(num_receivers):
-                a = out[("receiver", r, pair[0].name, pair[0].versions)]["tensors"]
-                b = out[("receiver", r, pair[1].name, pair[1].versions)]["tensors"]
-                assert mismatches(a, b) == [], f"{q}: direct and reconstruct differ on receiver {r}"
-
-
 def test_fsdp2_to_tp1_gloo_and_plan_cache():
-    cases = _cases("f2t1", model="llama", mesh=(2,), num_receivers=1, tp=1)
+    cases = all_cases("f2t1", model="llama", mesh=(2,), num_receivers=1, tp=1)
     cases[0].extra = {"bad_version": True}
     out = run_cases(cases, num_senders=2, num_receivers=1)
-    _check(out, cases, 1)
+    check_cases(out, cases, 1)
     # The second push replayed the cached plan: rank 0 planned exactly once per case.
     for case in cases:
         assert out[("trainer", 0, case.name, 2)]["plans"] == 1
@@ -59,26 +25,26 @@ def test_fsdp2_to_tp1_gloo_and_plan_cache():
 
 
 def test_fsdp4_to_tp2():
-    cases = _cases("f4t2", model="llama", mesh=(4,), num_receivers=2, tp=2)
-    _check(run_cases(cases, num_senders=4, num_receivers=2), cases, 2)
+    cases = all_cases("f4t2", model="llama", mesh=(4,), num_receivers=2, tp=2)
+    check_cases(run_cases(cases, num_senders=4, num_receivers=2), cases, 2)
 
 
 def test_hsdp_2x2_to_two_replicas_shm():
-    cases = _cases("hsdp", model="llama", mesh=(2, 2), num_receivers=2, tp=1, transport="shm")
-    _check(run_cases(cases, num_senders=4, num_receivers=2), cases, 2)
+    cases = all_cases("hsdp", model="llama", mesh=(2, 2), num_receivers=2, tp=1, transport="shm")
+    check_cases(run_cases(cases, num_senders=4, num_receivers=2), cases, 2)
 
 
 def test_uneven_rows_and_fewer_rows_than_ranks_small_buckets():
     # A small watermark forces many buckets, so the pipeline overlaps and bounds memory.
-    cases = _cases("odd", model="odd", mesh=(4,), num_receivers=1, tp=1, watermark_mb=0.05)
-    _check(run_cases(cases, num_senders=4, num_receivers=1), cases, 1)
+    cases = all_cases("odd", model="odd", mesh=(4,), num_receivers=1, tp=1, watermark_mb=0.05)
+    check_cases(run_cases(cases, num_senders=4, num_receivers=1), cases, 1)
 
 
 def test_changed_model_replans_and_refuses_missing_name():
     case = Case(name="changed", model="llama", mesh=(2,), num_receivers=1, tp=1, quant="none", mode="direct",
                 port=new_port(), extra={"add_param": True})
     out = run_cases([case], num_senders=2, num_receivers=1)
-    _check(out, [case], 1)
+    check_cases(out, [case], 1)
     for rank in (0, 1):
         msg = out[("trainer", rank, "changed", "add_param")]
         assert msg.startswith("PlanError") and "extra_bias" in msg, msg

@@ -13,6 +13,7 @@ from ..meta import LayoutSpec, SourceParam
 from .base import Piece
 from .identity import IdentityLayout
 from .tp import TensorParallelLayout
+from .vllm import SGLangLayout, VllmLayout
 
 
 class Layout(Protocol):
@@ -29,6 +30,8 @@ class Layout(Protocol):
 LAYOUTS: dict[str, Callable[..., Layout]] = {
     "identity": IdentityLayout,
     "hf_tp": TensorParallelLayout,
+    "vllm": VllmLayout,
+    "sglang": SGLangLayout,
 }
 
 
@@ -40,4 +43,5 @@ def make_layout(spec: LayoutSpec) -> Layout:
     return factory(**spec.kwargs)
 
 
-__all__ = ["Layout", "LAYOUTS", "Piece", "make_layout", "IdentityLayout", "TensorParallelLayout"]
+__all__ = ["Layout", "LAYOUTS", "Piece", "make_layout", "IdentityLayout", "SGLangLayout", "TensorParallelLayout",
+           "VllmLayout"]

@@ -15,7 +15,17 @@ def _shm():
     return ShmSend, ShmRecv
 
 
-TRANSPORTS = {"gloo": _gloo, "shm": _shm}
+def _cuda_ipc():
+    from .cuda_ipc import CudaIpcRecv, CudaIpcSend
+    return CudaIpcSend, CudaIpcRecv
+
+
+def _nccl():
+    from .nccl import NcclRecv, NcclSend
+    return NcclSend, NcclRecv
+
+
+TRANSPORTS = {"gloo": _gloo, "shm": _shm, "cuda_ipc": _cuda_ipc, "nccl": _nccl}
 
 
 def get_transport(name: str) -> tuple[type[SendTransport], type[RecvTransport]]:

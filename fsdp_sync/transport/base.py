@@ -30,8 +30,19 @@ class SendTransport(ABC):
         self.host = host
 
     @abstractmethod
-    def send(self, items: list[tuple[Task, torch.Tensor]]) -> None:
-        """Deliver every (task, packed data) of one bucket; return once the data may be freed."""
+    def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
+        """Deliver every (task, packed data) of one bucket; return once the data may be freed.
+
+        A None payload was already written through ``destination``.
+        """
+
+    def destination(self, task: Task) -> torch.Tensor | None:
+        """A tensor that the packer may write ``task``'s bytes into directly, if this transport
+        is one-sided; then no staging copy and no transfer step is needed."""
+        return None
+
+    def finish(self) -> None:
+        """Called once per push after the last bucket: wait for writes still in flight."""
 
     def close(self) -> None:
         """Release connections and mappings."""

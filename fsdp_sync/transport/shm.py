@@ -46,9 +46,13 @@ class ShmSend(SendTransport):
                                     "(did the receiver exit?)")
                 self.mapped[(r, name)] = _map(path, dtype, shape)
 
-    def send(self, items: list[tuple[Task, torch.Tensor]]) -> None:
+    def destination(self, task: Task) -> torch.Tensor:
+        return task.dst_box.view(self.mapped[(task.receiver, task.dst)])
+
+    def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
         for task, data in items:
-            task.dst_box.view(self.mapped[(task.receiver, task.dst)]).copy_(data)
+            if data is not None:
+                self.destination(task).copy_(data)
 
     def close(self) -> None:
         self.mapped.clear()

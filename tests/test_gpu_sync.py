@@ -1,0 +1,36 @@
+"""GPU sync over CUDA IPC and NCCL: the same bit-exactness as on CPU, trainer and engine in separate processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.harness import all_cases, check_cases, run_cases
+
+pytestmark = pytest.mark.gpu
+needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@needs_two
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl"])
+def test_disaggregated_1_to_1(transport):
+    """Trainer on GPU0, receiver on GPU1: IPC writes straight into the other process's buffers."""
+    cases = all_cases(f"g11-{transport}", model="llama", mesh=(1,), num_receivers=1, tp=1, transport=transport,
+                      device="cuda")
+    check_cases(run_cases(cases, num_senders=1, num_receivers=1, receiver_gpu_offset=1), cases, 1)
+
+
+@needs_two
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl"])
+def test_colocated_fsdp2_to_tp2(transport):
+    """FSDP over both GPUs, TP=2 receivers on the same GPUs, in the engine's own processes."""
+    cases = all_cases(f"g22-{transport}", model="llama", mesh=(2,), num_receivers=2, tp=2, transport=transport,
+                      device="cuda")
+    check_cases(run_cases(cases, num_senders=2, num_receivers=2, receiver_gpu_offset=0), cases, 2)
+
+
+@needs_two
+def test_odd_shapes_small_buckets_ipc():
+    cases = all_cases("godd", model="odd", mesh=(2,), num_receivers=1, tp=1, transport="cuda_ipc", device="cuda",
+                      watermark_mb=0.05)
+    check_cases(run_cases(cases, num_senders=2, num_receivers=1, receiver_gpu_offset=1), cases, 1)
