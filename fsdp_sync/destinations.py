@@ -47,7 +47,8 @@ def expected_destinations(full: Mapping[str, torch.Tensor], *, layout: LayoutSpe
     """What a receiver must hold after a push of the full tensors ``full``: the reference, sliced."""
     fmt = get_quant_format(quant)
     shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
-    out = allocate_destinations(shapes, layout=layout, quant=quant, quant_skip=quant_skip)
+    device = next(iter(full.values())).device if full else "cpu"
+    out = allocate_destinations(shapes, layout=layout, quant=quant, quant_skip=quant_skip, device=device)
     for name, tensor in full.items():
         quantized = fmt.is_quantized and should_quantize(name, tensor.shape, quant_skip)
         values, scales = reference_quantize(tensor, fmt) if quantized else (tensor, None)
@@ -74,4 +75,11 @@ def mismatches(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
     return bad
 
 
-__all__ = ["allocate_destinations", "expected_destinations", "mismatches"]
+def checksum(t: torch.Tensor) -> int:
+    """A position-weighted sum of a tensor's bytes: equal bytes, equal sums; computed where it lives."""
+    b = t.reshape(-1).view(torch.uint8).to(torch.int64)
+    weights = torch.arange(b.numel(), device=b.device, dtype=torch.int64) % 65521 + 1
+    return int((b * weights).sum())
+
+
+__all__ = ["checksum", "allocate_destinations", "expected_destinations", "mismatches"]

@@ -1,0 +1,372 @@
+"""Benchmark: fsdp_sync pushes against the measured floor and two baselines, on 1-2 GPUs.
+
+    python -m recipes.bench [--cases a,b] [--repeats 10] [--nccl-tests DIR]
+
+Cases (each in both modes, for quant none and fp8_block, over cuda_ipc and nccl):
+  a: disaggregated 1 -> 1, trainer on GPU0, receiver on GPU1 (Qwen3-8B-like by default);
+  b: colocated 2 -> 2, FSDP over both GPUs, TP=2 receivers on the same GPUs (Qwen3-32B-like).
+The same run measures the link ceilings (peer copy, NCCL send/recv, device copy), checks
+every receiver's bytes against the reference before timing, times >= 10 pushes after
+warm-up, times the rank-0 funnel and bucketed all-gather + broadcast baselines, and
+writes one JSON file under bench_results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from fsdp_sync import LayoutSpec, LinkModel, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
+from fsdp_sync.destinations import checksum, expected_destinations
+from recipes import baselines
+from recipes.jobs import free_port, spawn_context, start_job
+from recipes.models import param_shapes, qwen3_config, sharded_random_model
+
+GiB = 1 << 30
+CASES = {
+    "a": dict(senders=1, receivers=1, tp=1, receiver_gpu_offset=1, model="qwen3_8b",
+              about="disaggregated 1->1: trainer GPU0, receiver GPU1"),
+    "b": dict(senders=2, receivers=2, tp=2, receiver_gpu_offset=0, model="qwen3_32b",
+              about="colocated 2->2: FSDP over both GPUs, TP=2 receivers on the same GPUs"),
+}
+
+
+@dataclass
+class Spec:
+    case: str
+    model: str
+    senders: int
+    receivers: int
+    tp: int
+    store_port: int
+    configs: list[tuple[str, str, str, int]]  # (quant, mode, transport, control port)
+    repeats: int
+    warmup: int
+    baseline_repeats: int
+    watermark_mb: float
+    probe_receiver: int = 0  # a receiver on another GPU than trainer rank 0
+    links: dict = field(default_factory=dict)
+
+    def layout(self, r: int) -> LayoutSpec:
+        return LayoutSpec("hf_tp", {"tp_rank": r, "tp_size": self.tp}) if self.tp > 1 else LayoutSpec("identity")
+
+    def job(self, quant: str, mode: str, transport: str) -> str:
+        return f"bench-{self.case}-{quant}-{mode}-{transport}"
+
+
+def _store(port: int) -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=600))
+
+
+def _probe_group(store, rank: int):
+    """Trainer rank 0 and one receiver on another GPU, for the NCCL ceiling."""
+    pg = dist.ProcessGroupNCCL(dist.PrefixStore("probe/", store), rank, 2, datetime.timedelta(seconds=600))
+    pg.allreduce([torch.zeros(1, device="cuda")]).wait()
+    return pg
+
+
+def _cuda_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _ceilings(group) -> dict:
+    """GB/s of a 1 GiB peer copy, device copy (read + write bytes) and NCCL send to a receiver."""
+    here = torch.device("cuda", torch.cuda.current_device())
+    other = torch.device("cuda", (here.index + 1) % torch.cuda.device_count())
+    src = torch.empty(GiB, dtype=torch.uint8, device=here)
+    out = {}
+    if other != here:
+        dst = torch.empty(GiB, dtype=torch.uint8, device=other)
+        out["peer_copy_gbps"] = GiB / _cuda_seconds(lambda: dst.copy_(src, non_blocking=True)) / 1e9
+        del dst
+    dst = torch.empty_like(src)
+    out["device_copy_gbps"] = 2 * GiB / _cuda_seconds(lambda: dst.copy_(src)) / 1e9
+    del dst
+    times = []
+    for _ in range(4):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        group.send([src], 1, 0).wait()
+        torch.cuda.synchronize()
+        group.recv([src[:1]], 1, 0).wait()  # the receiver's ack: it has the bytes
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out["nccl_sendrecv_gbps"] = GiB / statistics.median(times[1:]) / 1e9
+    return out
+
+
+def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = _store(spec.store_port)
+    device = torch.device("cuda", torch.cuda.current_device())
+    config = qwen3_config(spec.model)
+    model = sharded_random_model(config, init_device_mesh("cuda", (world_size,)), seed=0)
+    shapes = param_shapes(config)
+    if rank == 0:
+        store.set("links", json.dumps(_ceilings(_probe_group(store, 0))))
+    ceilings = json.loads(store.get("links"))
+    links = LinkModel(intra_host_gbps=ceilings.get("peer_copy_gbps", ceilings["device_copy_gbps"]),
+                      inter_host_gbps=ceilings["nccl_sendrecv_gbps"], hbm_gbps=ceilings["device_copy_gbps"])
+    rows = []
+    for quant, mode, transport, port in spec.configs:
+        cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
+                         transport=transport, timeout_s=300, watermark_mb=spec.watermark_mb, links=links)
+        sender = WeightSender(model, cfg)
+        sender.push(1).wait()
+        _verify(model, spec, store, cfg, rank)
+        for _ in range(spec.warmup):
+            sender.push().wait()
+        times, peaks, stages = [], [], []
+        for _ in range(spec.repeats):
+            dist.barrier()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            result = sender.push().wait()
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+            stages.append(result.stage_seconds)
+        peak = torch.tensor([max(peaks)], device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            plan = sender.controller.plan
+            rows.append(dict(quant=quant, mode=mode, transport=transport, bytes=plan.stats.bytes_total,
+                             floor_s=plan.stats.floor_s, times_s=times, peak_extra_bytes=int(peak.item()),
+                             watermark_bytes=cfg.watermark_bytes, plan_s=plan.stats.plan_s,
+                             num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2]))
+        sender.close()
+        torch.cuda.empty_cache()
+    base_rows, run_id = {}, 0
+    outbox = baselines.Outbox(store, spec.receivers) if rank == 0 else None
+    for quant in sorted({c[0] for c in spec.configs}):
+        for name, run in (("funnel", lambda: baselines.funnel_trainer(model, outbox, quant)),
+                          ("allgather_broadcast", lambda: baselines.broadcast_trainer(
+                              model, outbox, shapes, quant, GiB, spec.receivers))):
+            times = []
+            for _ in range(spec.baseline_repeats + 1):
+                run_id += 1
+                dist.barrier()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run()
+                if outbox is not None:
+                    outbox.wait_finished(run_id)
+                times.append(time.perf_counter() - t0)
+            base_rows[(quant, name)] = times[1:]
+    if rank == 0:
+        results.put(("bench", pickle.dumps(dict(ceilings=ceilings, rows=rows,
+                                                baselines={f"{q}/{n}": t for (q, n), t in base_rows.items()}))))
+
+
+def _verify(model, spec: Spec, store, cfg: SyncConfig, rank: int) -> None:
+    """Every receiver's bytes equal the reference, checked by position-weighted checksums."""
+    expected: dict[int, dict[str, int]] = {r: {} for r in range(spec.receivers)}
+    for name, p in model.named_parameters():
+        full = p.full_tensor()
+        if rank == 0:
+            for r in range(spec.receivers):
+                for dst, t in expected_destinations({name: full}, layout=spec.layout(r), quant=cfg.quant).items():
+                    expected[r][dst] = checksum(t)
+        del full
+    if rank != 0:
+        return
+    for r in range(spec.receivers):
+        got = pickle.loads(store.get(f"sum/{cfg.job}/{r}"))
+        bad = [n for n in expected[r] if got.get(n) != expected[r][n]]
+        if bad or set(got) != set(expected[r]):
+            raise AssertionError(f"{cfg.job}: receiver {r} differs from the reference in {bad[:5]}")
+
+
+def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
+    store = _store(spec.store_port)
+    device = torch.device("cuda", torch.cuda.current_device())
+    shapes = param_shapes(qwen3_config(spec.model))
+    if rank == spec.probe_receiver:
+        group = _probe_group(store, 1)
+        buf = torch.empty(GiB, dtype=torch.uint8, device=device)
+        for _ in range(4):
+            group.recv([buf], 0, 0).wait()
+            torch.cuda.synchronize()
+            group.send([buf[:1]], 0, 0).wait()
+        del buf
+    store.wait(["links"])
+    last = 1 + spec.warmup + spec.repeats
+    sums: dict[str, dict[str, int]] = {}
+    for quant, mode, transport, port in spec.configs:
+        cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
+                         transport=transport, timeout_s=300)
+        layout = spec.layout(rank)
+        dests = allocate_destinations(shapes, layout=layout, quant=quant, device=device)
+        recv = WeightReceiver(dests, config=cfg, layout=layout.name, layout_kwargs=layout.kwargs, rank=rank,
+                              world_size=world_size)
+        recv.wait_for(1)
+        sums[quant] = {n: checksum(t) for n, t in recv.tensors.items()}
+        store.set(f"sum/{cfg.job}/{rank}", pickle.dumps(sums[quant]))
+        recv.wait_for(last)
+        recv.close()
+        del dests, recv
+        torch.cuda.empty_cache()
+    quants = sorted({c[0] for c in spec.configs})
+    inbox = baselines.Inbox(store, rank, max(baselines.capacity(shapes, q, GiB) for q in quants), device)
+    layouts = [spec.layout(r) for r in range(spec.receivers)]
+    run_id = 0
+    for quant in quants:
+        dests = allocate_destinations(shapes, layout=spec.layout(rank), quant=quant, device=device)
+        for name, run in (("funnel", lambda: baselines.funnel_receiver(rank, shapes, layouts, quant, dests, inbox)),
+                          ("allgather_broadcast", lambda: baselines.broadcast_receiver(
+                              shapes, spec.layout(rank), quant, dests, inbox, GiB))):
+            for i in range(spec.baseline_repeats + 1):
+                run_id += 1
+                run()
+                inbox.finished(run_id)
+                if i == 0 and {n: checksum(t) for n, t in dests.items()} != sums[quant]:
+                    raise AssertionError(f"baseline {name} ({quant}) delivered other bytes than fsdp_sync")
+        del dests
+        torch.cuda.empty_cache()
+
+
+def _environment(git_sha: str) -> dict:
+    topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(0), num_gpus=torch.cuda.device_count(), topology=topo,
+                torch=torch.__version__, cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())),
+                triton=triton.__version__, python=platform.python_version(), git_sha=git_sha,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _nccl_tests(folder: str) -> dict:
+    """Bus bandwidth lines of NVIDIA's nccl-tests at 1-2 GiB, to print beside our own probe."""
+    out = {}
+    for binary in ("sendrecv_perf", "all_gather_perf"):
+        run = subprocess.run([os.path.join(folder, binary), "-b", "1G", "-e", "2G", "-f", "2", "-g", "2"],
+                             capture_output=True, text=True)
+        out[binary] = [line for line in run.stdout.splitlines() if line.strip() and not line.startswith("#")
+                       or "Avg bus bandwidth" in line]
+    return out
+
+
+def run_case(name: str, args, ctx) -> dict:
+    case = CASES[name]
+    model = args.model or case["model"]
+    store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=600))
+    # NCCL refuses two ranks of one communicator on one GPU: colocated cases use IPC only.
+    transports = [t for t in args.transports if not (t == "nccl" and case["receiver_gpu_offset"] == 0)]
+    configs = [(q, m, t, free_port()) for t in transports for q in args.quants for m in args.modes]
+    spec = Spec(name, model, case["senders"], case["receivers"], case["tp"], store.port, configs, args.repeats,
+                args.warmup, args.baseline_repeats, args.watermark_mb,
+                probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1)
+    results = ctx.Queue()
+    procs = start_job(ctx, trainer, spec.senders, results, spec, results, gpu_offset=0)
+    procs += start_job(ctx, receiver, spec.receivers, results, spec, results, gpu_offset=case["receiver_gpu_offset"])
+    report = None
+    finished = 0
+    try:
+        while finished < len(procs):
+            item = results.get(timeout=args.timeout)
+            if item[0] == "bench":
+                report = pickle.loads(item[1])
+            elif item[2] == "error":
+                raise RuntimeError(f"case {name}: {item[0]} rank {item[1]} failed:\n{item[3]}")
+            else:
+                finished += 1
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    report.update(case=name, model=model, about=case["about"])
+    _print_case(report)
+    return report
+
+
+def _print_case(report: dict) -> None:
+    c = report["ceilings"]
+    print(f"\ncase {report['case']}: {report['about']}, model {report['model']}")
+    print("  ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
+    head = (f"  {'quant':<10}{'mode':<12}{'transport':<10}{'MB':>8}{'floor_ms':>10}{'median_ms':>10}"
+            f"{'min':>8}{'max':>8}{'ratio':>7}{'GB/s':>7}{'funnel_ms':>10}{'x':>6}{'ag+bc_ms':>10}{'x':>6}"
+            f"{'peak_MB':>9}{'wm_MB':>7}")
+    print(head)
+    for row in report["rows"]:
+        med = statistics.median(row["times_s"])
+        funnel = statistics.median(report["baselines"][f"{row['quant']}/funnel"])
+        agbc = statistics.median(report["baselines"][f"{row['quant']}/allgather_broadcast"])
+        row.update(median_s=med, ratio=med / row["floor_s"], gbps=row["bytes"] / med / 1e9, funnel_s=funnel,
+                   allgather_broadcast_s=agbc, speedup_funnel=funnel / med, speedup_allgather_broadcast=agbc / med)
+        print(f"  {row['quant']:<10}{row['mode']:<12}{row['transport']:<10}{row['bytes'] / 1e6:8.0f}"
+              f"{row['floor_s'] * 1e3:10.2f}{med * 1e3:10.2f}{min(row['times_s']) * 1e3:8.2f}"
+              f"{max(row['times_s']) * 1e3:8.2f}{row['ratio']:7.2f}{row['gbps']:7.0f}{funnel * 1e3:10.1f}"
+              f"{row['speedup_funnel']:6.1f}{agbc * 1e3:10.1f}{row['speedup_allgather_broadcast']:6.1f}"
+              f"{row['peak_extra_bytes'] / 2**20:9.0f}{row['watermark_bytes'] / 2**20:7.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="a,b")
+    ap.add_argument("--model", default=None, help="override the model of every case (e.g. qwen3_tiny)")
+    ap.add_argument("--quants", default="none,fp8_block")
+    ap.add_argument("--modes", default="direct,reconstruct")
+    ap.add_argument("--transports", default="cuda_ipc,nccl")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--baseline-repeats", type=int, default=3)
+    ap.add_argument("--watermark-mb", type=float, default=2048)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--nccl-tests", default=None, help="folder with nccl-tests binaries (sendrecv_perf, ...)")
+    ap.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
+    ap.add_argument("--out", default="bench_results")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        print("recipes.bench needs 2 CUDA GPUs (cases a and b put trainer and engine on different GPUs)")
+        return 2
+    for name in ("quants", "modes", "transports", "cases"):
+        setattr(args, name, [x for x in getattr(args, name).split(",") if x])
+    env = _environment(args.git_sha)
+    print(f"fsdp_sync bench on {env['num_gpus']}x {env['gpu']}; torch {env['torch']}, CUDA {env['cuda']}, "
+          f"NCCL {env['nccl']}, Triton {env['triton']}, git {env['git_sha']}")
+    print(env["topology"])
+    report = dict(environment=env, cases=[])
+    if args.nccl_tests:
+        report["nccl_tests"] = _nccl_tests(args.nccl_tests)
+        for binary, lines in report["nccl_tests"].items():
+            print(f"nccl-tests {binary}:\n  " + "\n  ".join(lines[-4:]))
+    ctx = spawn_context()
+    for name in args.cases:
+        report["cases"].append(run_case(name, args, ctx))
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    path = os.path.join(args.out, f"bench-{env['gpu'].replace(' ', '-')}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
