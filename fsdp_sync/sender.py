@@ -107,6 +107,11 @@ class WeightSender:
         """How many times this rank planned (only the controller plans)."""
         return self.controller.num_plans_built if self.controller else 0
 
+    @property
+    def last_push(self) -> PushHandle | None:
+        """The newest push, also when attach() started it: its ``wait()`` gives the PushResult."""
+        return self._inflight
+
     def push(self, version: int | None = None) -> PushHandle:
         """Start pushing the current weights as ``version`` (default: last + 1)."""
         if self._inflight is not None and not self._inflight.done():

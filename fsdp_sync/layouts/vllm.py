@@ -148,6 +148,33 @@ class Experts:
                 for local, first, count in expert_runs(experts) for half in halves]
 
 
+# The name tables, first match wins. Vocab rows and the fused MLA name depend on keywords.
+MOE_RULES = (
+    (r"\.experts\.\d+\.(gate|up|down)_proj\.weight$",
+     Refuse("per-expert 2-D weights cannot land in stacked w13/w2 experts; use a model with stacked experts "
+            "(transformers >= 5: experts.gate_up_proj, experts.down_proj)")),
+    (r"^(?P<p>.+)\.experts\.gate_up_proj$", Experts(r"\g<p>.experts.w13_weight", gate_up=True)),
+    (r"^(?P<p>.+)\.experts\.down_proj$", Experts(r"\g<p>.experts.w2_weight", gate_up=False)),
+    (r"\.mlp\.gate\.weight$", Keep()),  # the router: replicated, never fused
+)
+GQA_RULES = (
+    (r"^(?P<p>.+)\.(?P<part>[qkv])_proj\.(?P<kind>weight|bias)$", QKV(r"\g<p>.qkv_proj.\g<kind>")),
+    (r"\.o_proj\.weight$", Split(1)),
+    (r"\.o_proj\.bias$", Keep()),
+)
+MLA_NO_Q_LORA_RULES = ((r"\.q_proj\.weight$", Split(0)), (r"\.kv_a_proj_with_mqa\.weight$", Keep()))
+MLA_RULES = (
+    (r"\.(q_b_proj|kv_b_proj)\.weight$", Split(0)),
+    (r"\.o_proj\.weight$", Split(1)),
+)
+MLP_RULES = (  # dense MLPs and shared experts alike
+    (r"^(?P<p>.+)\.(?P<part>gate|up)_proj\.(?P<kind>weight|bias)$", GateUp(r"\g<p>.gate_up_proj.\g<kind>")),
+    (r"\.down_proj\.weight$", Split(1)),
+    (r"\.down_proj\.bias$", Keep()),
+    (r"norm\.weight$", Keep()),
+)
+
+
 class FusedLayout:
     """Shared by the engine layouts: the rule table, vocab padding and the parallel coordinates.
 
@@ -175,27 +202,14 @@ class FusedLayout:
         head = (Refuse("the engine ties lm_head to embed_tokens, but the trainer has its own lm_head; "
                        "tie them on both sides or neither") if self.tie_word_embeddings else VocabParallel())
         vocab = [(f"^{re.escape(self.embed_name)}$", VocabParallel()), (f"^{re.escape(self.lm_head_name)}$", head)]
-        moe = [
-            (r"\.experts\.\d+\.(gate|up|down)_proj\.weight$",
-             Refuse("per-expert 2-D weights cannot land in stacked w13/w2 experts; use a model with stacked "
-                    "experts (transformers >= 5: experts.gate_up_proj, experts.down_proj)")),
-            (r"^(?P<p>.+)\.experts\.gate_up_proj$", Experts(r"\g<p>.experts.w13_weight", gate_up=True)),
-            (r"^(?P<p>.+)\.experts\.down_proj$", Experts(r"\g<p>.experts.w2_weight", gate_up=False)),
-            (r"\.mlp\.gate\.weight$", Keep()),  # the router: replicated, never fused
-        ]
         if not mla:
-            attention = [(r"^(?P<p>.+)\.(?P<part>[qkv])_proj\.(?P<kind>weight|bias)$",
-                          QKV(r"\g<p>.qkv_proj.\g<kind>"))]
+            attention = GQA_RULES
         elif self.q_lora_rank is not None:
-            attention = [(r"^(?P<p>.+)\.(?P<part>q_a_proj|kv_a_proj_with_mqa)\.weight$",
-                          QKVA(rf"\g<p>.{self.fused_qkv_a}.weight"))]
+            attention = ((r"^(?P<p>.+)\.(?P<part>q_a_proj|kv_a_proj_with_mqa)\.weight$",
+                          QKVA(rf"\g<p>.{self.fused_qkv_a}.weight")),) + MLA_RULES
         else:
-            attention = [(r"\.q_proj\.weight$", Split(0)), (r"\.kv_a_proj_with_mqa\.weight$", Keep())]
-        attention += [(r"\.(q_b_proj|kv_b_proj)\.weight$", Split(0)), (r"\.o_proj\.weight$", Split(1)),
-                      (r"\.o_proj\.bias$", Keep())]
-        mlp = [(r"^(?P<p>.+)\.(?P<part>gate|up)_proj\.(?P<kind>weight|bias)$", GateUp(r"\g<p>.gate_up_proj.\g<kind>")),
-               (r"\.down_proj\.weight$", Split(1)), (r"\.down_proj\.bias$", Keep())]
-        return vocab + moe + attention + mlp + [(r"norm\.weight$", Keep())]
+            attention = MLA_NO_Q_LORA_RULES + MLA_RULES
+        return vocab + list(MOE_RULES + attention + MLP_RULES)
 
     def pieces(self, src: SourceParam) -> list[Piece]:
         return self.table.pieces(self, src)

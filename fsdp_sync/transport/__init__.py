@@ -25,7 +25,19 @@ def _nccl():
     return NcclSend, NcclRecv
 
 
-TRANSPORTS = {"gloo": _gloo, "shm": _shm, "cuda_ipc": _cuda_ipc, "nccl": _nccl}
+def _rdma():
+    try:
+        from .rdma import RdmaRecv, RdmaSend
+    except ImportError as e:
+        if not (e.name or "").startswith("pyverbs"):
+            raise
+        from ..errors import SyncError
+        raise SyncError(f"transport='rdma' needs pyverbs ({e}): pip install 'fsdp_sync[rdma]', "
+                        "or use transport='nccl' or 'gloo'") from e
+    return RdmaSend, RdmaRecv
+
+
+TRANSPORTS = {"gloo": _gloo, "shm": _shm, "cuda_ipc": _cuda_ipc, "nccl": _nccl, "rdma": _rdma}
 
 
 def get_transport(name: str) -> tuple[type[SendTransport], type[RecvTransport]]:

@@ -37,6 +37,19 @@ def _local_device_of(uuid: str) -> int | None:
     return None
 
 
+def _enable_peer_access(tensor: torch.Tensor) -> None:
+    """Let kernels on this process's device store into ``tensor`` on another GPU.
+
+    Triton refuses pointers its device cannot reach; torch turns peer access on at the
+    first copy between two devices, so one element's copy does it.
+    """
+    here = torch.device("cuda", torch.cuda.current_device())
+    if tensor.device != here and tensor.numel():
+        if not torch.cuda.can_device_access_peer(here, tensor.device):
+            raise SyncError(f"cuda_ipc: GPU {here} cannot access peer GPU {tensor.device}; use transport='nccl'")
+        torch.empty(1, dtype=tensor.dtype, device=here).copy_(tensor.reshape(-1)[:1])
+
+
 class CudaIpcSend(SendTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -55,7 +68,8 @@ class CudaIpcSend(SendTransport):
                                     "(check CUDA_VISIBLE_DEVICES); use transport='nccl'")
                 args = list(args)
                 args[6] = index  # the storage device, as this process numbers it
-                self.mapped[(r, name)] = rebuild(*args)
+                self.mapped[(r, name)] = tensor = rebuild(*args)
+                _enable_peer_access(tensor)
 
     def destination(self, task: Task) -> torch.Tensor:
         return task.dst_box.view(self.mapped[(task.receiver, task.dst)])

@@ -17,6 +17,7 @@ from .rdma_wr import Region, RemoteTensor
 
 SEND = "send"
 RECV = "recv"
+_WHO = {SEND: "sender", RECV: "receiver"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def publish(control: ControlPlane, fp: str, role: str, endpoint: Endpoint) -> No
 
 def report_setup_error(control: ControlPlane, fp: str, role: str, rank: int, message: str) -> None:
     """Tell the peers why this rank will not connect, so they stop waiting."""
-    control.set(setup_error_key(fp, role, rank), f"rdma {role}er {rank}: {message}")
+    control.set(setup_error_key(fp, role, rank), f"rdma {_WHO[role]} {rank}: {message}")
 
 
 def peer_errors(control: ControlPlane, fp: str, peer_role: str, peers: list[int]) -> str | None:
@@ -72,7 +73,7 @@ def wait_endpoints(control: ControlPlane, fp: str, peer_role: str, peers: list[i
                    timeout_s: float) -> dict[int, Endpoint]:
     """The endpoints of ``peers`` (of ``peer_role``), once all are published."""
     control.wait([endpoint_key(fp, peer_role, p) for p in peers], timeout_s=timeout_s,
-                 describe=lambda keys: f"rdma {peer_role}ers {_ranks(keys)} to publish their connection data",
+                 describe=lambda keys: f"rdma {_WHO[peer_role]}s {_ranks(keys)} to publish their connection data",
                  abort=lambda: peer_errors(control, fp, peer_role, peers))
     return {p: control.get(endpoint_key(fp, peer_role, p)) for p in peers}
 

@@ -7,6 +7,7 @@ whole life; plans come and go with their own CQs, QPs and regions on that PD.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -29,6 +30,7 @@ from .rdma_exchange import QpEndpoint
 from .rdma_memory import Segment, dmabuf_fd, peermem_loaded
 from .rdma_wr import Batch, Region
 
+log = logging.getLogger(__name__)
 REMOTE_WRITE = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
 _MIN_RNR_TIMER = 12  # 0.64 ms before a sender retries a WRITE WITH IMM that found no receive posted
 _RNR_RETRY_FOREVER = 7  # a receiver that is slow to repost is back-pressure, not an error
@@ -88,7 +90,10 @@ class Nic:
         with cls._lock:
             key = (port.device, port.port)
             if key not in cls._opened:
-                cls._opened[key] = cls(port)
+                try:
+                    cls._opened[key] = cls(port)
+                except PyverbsError as exc:
+                    raise SyncError(f"rdma: opening {port.device} failed: {exc}") from exc
             return cls._opened[key]
 
     def cq(self, depth: int) -> CQ:
@@ -103,27 +108,31 @@ class Nic:
         return QpEndpoint(qpn=qp.qp_num, psn=psn, lid=self.port.lid, gid=self.port.gid, mtu=self.port.mtu)
 
     def register(self, segment: Segment, options: RdmaOptions, *, access: int = REMOTE_WRITE) -> Registration:
-        """Register a whole segment: host memory by address, GPU memory as dma-buf (or via nvidia-peermem)."""
-        where = f"{segment.length} bytes at {segment.base:#x} on {segment.device}"
+        """Register a whole segment: host memory by address, GPU memory as dma-buf or through nvidia-peermem."""
+        where = f"{segment.length} bytes at {segment.base:#x} on {segment.device} with {self.port.device}"
+        if segment.device.type == "cuda" and options.gpu_registration != "peermem":
+            try:
+                return self._register_dmabuf(segment, access)
+            except (SyncError, PyverbsError) as exc:
+                if options.gpu_registration == "dmabuf" or not peermem_loaded():
+                    raise SyncError(f"rdma: registering {where} as dma-buf failed: {exc} (or load nvidia-peermem "
+                                    "and set FSDP_SYNC_RDMA_GPU_REG=peermem)") from exc
+                log.info("fsdp_sync rdma: dma-buf registration failed (%s); using nvidia-peermem", exc)
         try:
-            if segment.device.type == "cuda" and options.gpu_registration != "peermem":
-                try:
-                    fd = dmabuf_fd(segment)
-                except SyncError:
-                    if options.gpu_registration == "dmabuf" or not peermem_loaded():
-                        raise
-                else:
-                    try:
-                        mr = DmaBufMR(self.pd, segment.length, access, dmabuf=fd, offset=0)
-                    except PyverbsError:
-                        os.close(fd)
-                        raise
-                    return Registration(mr, Region(segment.base, segment.length, mr.rkey, 0), fd)  # iova = offset
             mr = MR(self.pd, segment.length, access, address=segment.base)
-            return Registration(mr, Region(segment.base, segment.length, mr.rkey, segment.base))
         except PyverbsError as exc:
             hint = " (is the memlock ulimit high enough? `ulimit -l unlimited`)" if segment.device.type == "cpu" else ""
-            raise SyncError(f"rdma: registering {where} on {self.port.device} failed: {exc}{hint}") from exc
+            raise SyncError(f"rdma: registering {where} failed: {exc}{hint}") from exc
+        return Registration(mr, Region(segment.base, segment.length, mr.rkey, segment.base))
+
+    def _register_dmabuf(self, segment: Segment, access: int) -> Registration:
+        fd = dmabuf_fd(segment)
+        try:
+            mr = DmaBufMR(self.pd, segment.length, access, dmabuf=fd, offset=0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Registration(mr, Region(segment.base, segment.length, mr.rkey, 0), fd)  # iova = dma-buf offset
 
     def buffer(self, length: int) -> MR:
         """A small buffer that pyverbs allocates and registers, for receive requests."""

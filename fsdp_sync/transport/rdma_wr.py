@@ -8,7 +8,8 @@ writes in flight per queue pair. The last write to each receiver is a WRITE WITH
 carrying the push number: an RC queue pair places it after every earlier write, so
 its arrival tells the receiver that all of this sender's bytes landed.
 
-Nothing here touches a device, so the address arithmetic is testable on any CPU.
+Nothing here needs pyverbs or an RDMA device, so the address arithmetic is testable
+on any CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
+
+import torch
 
 from ..boxes import Box
 from ..errors import SyncError
@@ -170,17 +173,15 @@ def build_schedule(tasks: Sequence[Task], bucket_order: Sequence[int], targets: 
         slot = position % NUM_SLOTS
         offsets, cursor = {}, 0
         per_receiver: dict[int, list[Write]] = {}
-        first_seen: dict[int, int] = {}
         for i in by_bucket[b]:
             task = tasks[i]
             offsets[i] = cursor
             writes = _task_writes(i, task, cursor, targets, regions, max_wr_bytes)
             cursor += -(-task.nbytes // STAGING_ALIGN) * STAGING_ALIGN
-            first_seen.setdefault(task.receiver, len(first_seen))
             per_receiver.setdefault(task.receiver, []).extend(writes)
         slot_bytes = max(slot_bytes, cursor)
         # Signal every N writes per receiver, and the last one of the bucket, which frees its slot.
-        pending: list[tuple[int, Batch]] = []
+        pending: list[tuple[int, list[Write]]] = []
         for r, writes in per_receiver.items():
             chain: list[Write] = []
             for k, w in enumerate(writes):
@@ -192,7 +193,8 @@ def build_schedule(tasks: Sequence[Task], bucket_order: Sequence[int], targets: 
                 if signaled:
                     pending.append((chain[0].task, chain))
                     chain = []
-        # Post in plan order: a batch goes when its first task comes up.
+        # Post in plan order: a batch goes when its first task comes up (a stable sort keeps
+        # each receiver's batches in order, which its queue pair completes them in).
         ordered = []
         for _, chain in sorted(pending, key=lambda p: p[0]):
             batch = Batch(len(batches), chain[0].receiver, slot, tuple(chain))
@@ -225,6 +227,19 @@ def _task_writes(index: int, task: Task, offset: int, targets: dict[tuple[int, s
             writes.append(Write(index, task.receiver, offset + k * run_bytes + chunk, length,
                                 region.nic_addr(addr + chunk), region.rkey, False, False))
     return writes
+
+
+def fill_slot(staging: torch.Tensor, schedule: Schedule, bucket: int, payloads: Sequence[tuple[int, torch.Tensor]]) -> None:
+    """Copy each (task index, payload) into ``bucket``'s staging slot, where its writes read it.
+
+    A payload lands dense and row-major, whatever its strides: the writes of a task
+    read consecutive runs of it.
+    """
+    writes = schedule.buckets[bucket]
+    start = writes.slot * schedule.slot_bytes
+    for i, data in payloads:
+        offset = start + writes.offsets[i]
+        staging[offset:offset + data.numel() * data.element_size()].view(data.dtype).view(data.shape).copy_(data)
 
 
 class SendWindow:

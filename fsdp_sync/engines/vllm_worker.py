@@ -1,0 +1,122 @@
+"""A vLLM worker extension: fsdp_sync pushes land in the engine's own weight buffers.
+
+Use::
+
+    llm = LLM(model, worker_extension_cls="fsdp_sync.engines.vllm_worker.FsdpSyncWorkerExtension")
+    llm.collective_rpc("fsdp_sync_register", args=(asdict(sync_config),))
+    ...                                                  # the trainer pushes version v
+    llm.collective_rpc("fsdp_sync_wait_for", args=(v, 60.0))
+    llm.collective_rpc("fsdp_sync_commit")               # between generate() calls
+
+Scale layout targeted: the *runtime* one. Registration runs after vLLM's
+``process_weights_after_loading``, on the parameters its kernels read (the tensors that
+pass replaced are the ones registered). Block-FP8 weights must keep float32
+``weight_scale_inv`` / ``w13_weight_scale_inv`` grids of [ceil(out/128), ceil(in/128)]
+(per expert for w13/w2), in any strides: Hopper DeepGEMM's MN-major, TMA-aligned copy
+of that grid is written through logical-index views. If vLLM re-encoded or requantized
+scales (DeepGEMM UE8M0 on Blackwell, ``is_deep_gemm_e8m0_used``), repacked weights
+(Marlin) or shuffled experts (FlashInfer MoE), registration refuses by tensor name
+instead of writing values the kernels would misread: run vLLM without that
+post-processing. What vLLM derives from weights is re-derived at commit: MLA's
+``W_UK_T`` / ``W_UV`` (from ``kv_b_proj``), copied into their old storage so captured
+CUDA graphs stay valid.
+
+Written against vLLM main as of 2026 (see docs/layouts.md); not run live in this
+repository's CI, where vLLM cannot be installed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import SyncConfig
+from ..layouts.vllm import layout_kwargs
+from ..receiver import WeightReceiver
+from . import Attached, check_block_fp8, copy_into_old, live_tensors
+
+# vLLM switches that re-lay weights or scales in ways no shape check can see.
+RELAYING_ENV = ("VLLM_USE_FLASHINFER_MOE_FP8", "VLLM_USE_FLASHINFER_MOE_FP16", "VLLM_ROCM_USE_AITER")
+
+
+class FsdpSyncWorkerExtension:
+    """Mixed into vLLM's GPU worker; every method runs on every worker through ``collective_rpc``."""
+
+    def fsdp_sync_register(self, config: dict[str, Any], commit: str = "staged", rank: int | None = None,
+                           world_size: int | None = None) -> dict[str, Any]:
+        """Register this worker's live weights as the destinations of rank ``rank`` (default:
+        DP rank x TP size + TP rank) of the inference job; returns what was registered."""
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        pc = self.vllm_config.parallel_config
+        if pc.pipeline_parallel_size > 1:
+            raise ValueError("fsdp_sync's vllm layout covers TP, DP and EP; pipeline_parallel_size must be 1")
+        if getattr(pc, "enable_eplb", False):
+            raise ValueError("fsdp_sync cannot place redundant (EPLB) experts; run vLLM without --enable-eplb")
+        relaying = [v for v in RELAYING_ENV if os.environ.get(v, "0") not in ("", "0")]
+        if relaying:
+            raise ValueError(f"{relaying} make vLLM re-lay weights after loading; unset them to sync in place")
+        _refuse_e8m0()
+        model = self.model_runner.model
+        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        dp_rank, dp_size = pc.data_parallel_rank, pc.data_parallel_size
+        kwargs = layout_kwargs(self.vllm_config.model_config.hf_text_config, tp_rank=tp_rank, tp_size=tp_size,
+                               dp_rank=dp_rank, dp_size=dp_size, expert_parallel=bool(pc.enable_expert_parallel),
+                               expert_placement=_placement(model, pc), vocab_padding=_vocab_padding(model))
+        tensors = live_tensors(model)
+        check_block_fp8(tensors)
+        receiver = WeightReceiver(tensors, config=SyncConfig(**config), layout="vllm", layout_kwargs=kwargs,
+                                  rank=dp_rank * tp_size + tp_rank if rank is None else rank,
+                                  world_size=dp_size * tp_size if world_size is None else world_size, commit=commit)
+        act_dtype = self.vllm_config.model_config.dtype
+        self._fsdp_sync = Attached(receiver, lambda: _rederive_mla(model, act_dtype))
+        return {"rank": receiver.rank, "tensors": len(tensors), "layout": kwargs}
+
+    def fsdp_sync_wait_for(self, version: int | None = None, timeout: float | None = None) -> int:
+        """Block until ``version`` (default: any newer one) has landed in this worker."""
+        return self._fsdp_sync.wait_for(version, timeout)
+
+    def fsdp_sync_commit(self) -> int | None:
+        """Make the newest landed version live; returns it. Call between engine steps."""
+        return self._fsdp_sync.commit()
+
+
+def _refuse_e8m0() -> None:
+    try:
+        from vllm.utils.deep_gemm import is_deep_gemm_e8m0_used
+    except ImportError:  # older vLLM: no E8M0 requantization to refuse
+        return
+    if is_deep_gemm_e8m0_used():
+        raise ValueError("vLLM requantizes FP8 weights to power-of-two (UE8M0) scales for DeepGEMM; pushed "
+                         "amax/448 scales would be misread. Disable it (VLLM_USE_DEEP_GEMM_E8M0=0)")
+
+
+def _placement(model, parallel_config) -> str:
+    """The expert placement the MoE layers actually use (vLLM falls back to linear when it must)."""
+    for module in model.modules():
+        strategy = getattr(module, "expert_placement_strategy", None)
+        if isinstance(strategy, str) and hasattr(module, "local_num_experts"):
+            return strategy
+    return getattr(parallel_config, "expert_placement_strategy", "linear")
+
+
+def _vocab_padding(model) -> int:
+    for module in model.modules():
+        if type(module).__name__ == "VocabParallelEmbedding":
+            return int(module.padding_size)
+    return 64
+
+
+def _rederive_mla(model, act_dtype) -> None:
+    """Recompute MLA's absorbed ``W_UK_T``/``W_UV`` from the new ``kv_b_proj``, in their old storage.
+
+    The owner is the MLA attention layer, or in older vLLM its ``impl``; both compute
+    the pair in ``process_weights_after_loading(act_dtype)``.
+    """
+    seen = set()
+    for module in model.modules():
+        for owner in (module, getattr(module, "impl", None)):
+            if owner is None or id(owner) in seen or not hasattr(owner, "W_UK_T") or not hasattr(owner, "W_UV"):
+                continue
+            seen.add(id(owner))
+            copy_into_old(owner, ("W_UK_T", "W_UV"), lambda o=owner: o.process_weights_after_loading(act_dtype))
