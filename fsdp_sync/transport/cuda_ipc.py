@@ -37,24 +37,12 @@ def _local_device_of(uuid: str) -> int | None:
     return None
 
 
-def _enable_peer_access(tensor: torch.Tensor) -> None:
-    """Let kernels on this process's device store into ``tensor`` on another GPU.
-
-    Triton refuses pointers its device cannot reach; torch turns peer access on at the
-    first copy between two devices, so one element's copy does it.
-    """
-    here = torch.device("cuda", torch.cuda.current_device())
-    if tensor.device != here and tensor.numel():
-        if not torch.cuda.can_device_access_peer(here, tensor.device):
-            raise SyncError(f"cuda_ipc: GPU {here} cannot access peer GPU {tensor.device}; use transport='nccl'")
-        torch.empty(1, dtype=tensor.dtype, device=here).copy_(tensor.reshape(-1)[:1])
-
-
 class CudaIpcSend(SendTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _refuse_expandable_segments()
         self.mapped: dict[tuple[int, str], torch.Tensor] = {}
+        here = torch.device("cuda", torch.cuda.current_device())
         for r in self.plan.receivers:
             meta = self.receivers[r]
             if meta.host != self.host:
@@ -66,10 +54,14 @@ class CudaIpcSend(SendTransport):
                 if index is None:
                     raise SyncError(f"cuda_ipc: receiver {r}'s GPU {uuid} is not visible to sender {self.plan.rank} "
                                     "(check CUDA_VISIBLE_DEVICES); use transport='nccl'")
+                if index != here.index and not torch.cuda.can_device_access_peer(here, index):
+                    raise SyncError(f"cuda_ipc: GPU {here} cannot access peer GPU {index}; use transport='nccl'")
+                # Open the handle in this device's context (with lazy peer access): the
+                # peer's memory then sits in our address space, so our kernels, Triton's
+                # pointer check included, address it like local memory; stores go over NVLink.
                 args = list(args)
-                args[6] = index  # the storage device, as this process numbers it
-                self.mapped[(r, name)] = tensor = rebuild(*args)
-                _enable_peer_access(tensor)
+                args[6] = here.index
+                self.mapped[(r, name)] = rebuild(*args)
 
     def destination(self, task: Task) -> torch.Tensor:
         return task.dst_box.view(self.mapped[(task.receiver, task.dst)])
