@@ -36,13 +36,15 @@ def _group(control: ControlPlane, fingerprint: str, rank: int, size: int, device
 
 
 def _coalesced(pg, device: torch.device, ops: list) -> None:
-    """Issue point-to-point ops as one NCCL group, so their order across peers cannot deadlock."""
-    pg._start_coalescing(device)
-    for op in ops:
-        op()
-    work = pg._end_coalescing(device)
-    if work is not None:
-        work.wait()
+    """Issue point-to-point ops as one NCCL group, so their order across peers cannot deadlock.
+
+    A bare ProcessGroupNCCL is a Backend, whose coalescing calls take no device argument.
+    """
+    pg._start_coalescing()
+    works = [op() for op in ops]
+    work = pg._end_coalescing()
+    for w in [work] if work is not None else works:
+        w.wait()
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
