@@ -154,6 +154,7 @@ def funnel_receiver(rank: int, shapes, layouts: list[LayoutSpec], quant: str, de
             for r in range(1, len(layouts)):
                 dist.send(flat, r)
             _keep_slices(name, _payload_like(name, shape, dtype, quant, flat), layouts[0], quant, dests)
+            torch.cuda.current_stream().synchronize()  # the copies out of the inbox are done
             inbox.release()
         else:
             flat = torch.empty(n, dtype=torch.uint8, device=dests[next(iter(dests))].device)
