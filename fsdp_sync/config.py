@@ -34,6 +34,7 @@ class SyncConfig:
 
     control: str = "127.0.0.1:29600"  # host:port of the control-plane TCPStore
     job: str = "default"  # namespace of every control key: one per trainer/engine pair
+    host_control: bool = True  # trainer rank 0 hosts the store; False: one already runs at `control`
     quant: str = "none"  # none | fp8_block | fp8_rowwise | fp8_tensor
     quant_skip: tuple[str, ...] = DEFAULT_QUANT_SKIP  # names kept in high precision
     mode: str = "direct"  # direct | reconstruct

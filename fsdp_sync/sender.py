@@ -85,7 +85,7 @@ class WeightSender:
         self.world_size = dist.get_world_size()
         self.host = host or socket.gethostname()
         self.device = device or _model_device(model)
-        self.control = ControlPlane.connect(config, serve=self.rank == 0)
+        self.control = ControlPlane.connect(config, serve=self.rank == 0 and config.host_control)
         self.control.set(sender_host_key(self.rank), (self.host, device_id(self.device)))
         self.controller = Controller(self.control, config, self.world_size) if self.rank == 0 else None
         self.version: int | None = None

@@ -51,7 +51,7 @@ class Spec:
     receivers: int
     tp: int
     store_port: int
-    configs: list[tuple[str, str, str, int]]  # (quant, mode, transport, control port)
+    configs: list[tuple[str, str, str, int]]  # (quant, mode, transport, control port: the parent's store)
     repeats: int
     warmup: int
     baseline_repeats: int
@@ -133,7 +133,8 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
     rows = []
     for quant, mode, transport, port in spec.configs:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
-                         transport=transport, timeout_s=300, watermark_mb=spec.watermark_mb, links=links)
+                         transport=transport, timeout_s=300, watermark_mb=spec.watermark_mb, links=links,
+                         host_control=False)  # the bench's own store, hosted by the parent
         sender = WeightSender(model, cfg)
         sender.push(1).wait()
         _verify(model, spec, store, cfg, rank)
@@ -277,7 +278,7 @@ def run_case(name: str, args, ctx) -> dict:
                           timeout=datetime.timedelta(seconds=600))
     # NCCL refuses two ranks of one communicator on one GPU: colocated cases use IPC only.
     transports = [t for t in args.transports if not (t == "nccl" and case["receiver_gpu_offset"] == 0)]
-    configs = [(q, m, t, free_port()) for t in transports for q in args.quants for m in args.modes]
+    configs = [(q, m, t, store.port) for t in transports for q in args.quants for m in args.modes]
     spec = Spec(name, model, case["senders"], case["receivers"], case["tp"], store.port, configs, args.repeats,
                 args.warmup, args.baseline_repeats, args.watermark_mb,
                 probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1)
