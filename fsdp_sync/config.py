@@ -43,6 +43,7 @@ class SyncConfig:
     timeout_s: float = 120.0  # any wait on a peer longer than this is an error
     wait_for_receivers: bool = True  # push().wait() returns once every receiver committed
     trace_dir: str | None = None  # write a Chrome trace of each push per rank here
+    fused_writes: bool = True  # one-sided transports: kernels store straight into the destination
     links: LinkModel = field(default_factory=LinkModel)
 
     def __post_init__(self) -> None:

@@ -18,8 +18,10 @@ import torch.distributed as dist
 from .config import SyncConfig
 from .errors import SyncError, SyncTimeout
 
-_POLL_MIN_S = 0.002
-_POLL_MAX_S = 0.05
+# Waits poll with check(): a timed-out TCPStore.wait() can leave its late reply on the
+# socket. A few ms between checks keeps a push's handshakes well under its transfer time.
+_POLL_MIN_S = 0.0005
+_POLL_MAX_S = 0.005
 
 
 class ControlPlane:

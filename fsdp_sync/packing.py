@@ -90,6 +90,8 @@ class BucketPacker:
         by_dtype: dict[torch.dtype, list[str]] = defaultdict(list)
         for name in bucket.params:
             by_dtype[self.sources[name].dtype].append(name)
+        if len(ranks) == 1:  # this rank holds the whole tensors already
+            return dict(shards)
         for dtype, names in by_dtype.items():
             groups = {n: next(g for g in self.sources[n].groups if g.ranks == ranks) for n in names}
             slot = {n: max(b.numel() for b in groups[n].boxes) for n in names}
@@ -100,11 +102,8 @@ class BucketPacker:
             for n in names:
                 shard = shards[n]
                 send[offsets[n]:offsets[n] + shard.numel()].copy_(shard.reshape(-1))
-            if len(ranks) > 1:
-                recv = torch.empty(total * len(ranks), dtype=dtype, device=self.device)
-                _all_gather_flat(recv, send, group=self.groups[ranks])
-            else:
-                recv = send
+            recv = torch.empty(total * len(ranks), dtype=dtype, device=self.device)
+            _all_gather_flat(recv, send, group=self.groups[ranks])
             for n in names:
                 out = torch.empty(self.sources[n].shape, dtype=dtype, device=self.device)
                 for i, box in enumerate(groups[n].boxes):

@@ -36,7 +36,7 @@ from .plan import ReceiverPlan
 from .transport import get_transport
 
 log = logging.getLogger(__name__)
-_IDLE_POLL_S = 0.02
+_IDLE_POLL_S = 0.005  # how late an idle receiver may notice a push
 COMMIT_MODES = ("in_place", "staged")
 
 

@@ -133,8 +133,9 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
     rows = []
     for quant, mode, transport, port in spec.configs:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
-                         transport=transport, timeout_s=300, watermark_mb=spec.watermark_mb, links=links,
-                         host_control=False)  # the bench's own store, hosted by the parent
+                         transport=transport.removesuffix("-staged"), timeout_s=300, watermark_mb=spec.watermark_mb,
+                         links=links, host_control=False,  # the bench's own store, hosted by the parent
+                         fused_writes=not transport.endswith("-staged"))
         sender = WeightSender(model, cfg)
         sender.push(1).wait()
         _verify(model, spec, store, cfg, rank)
@@ -219,7 +220,7 @@ def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
     sums: dict[str, dict[str, int]] = {}
     for quant, mode, transport, port in spec.configs:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
-                         transport=transport, timeout_s=300)
+                         transport=transport.removesuffix("-staged"), timeout_s=300, host_control=False)
         layout = spec.layout(rank)
         dests = allocate_destinations(shapes, layout=layout, quant=quant, device=device)
         recv = WeightReceiver(dests, config=cfg, layout=layout.name, layout_kwargs=layout.kwargs, rank=rank,
@@ -333,11 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="override the model of every case (e.g. qwen3_tiny)")
     ap.add_argument("--quants", default="none,fp8_block")
     ap.add_argument("--modes", default="direct,reconstruct")
-    ap.add_argument("--transports", default="cuda_ipc,nccl")
+    ap.add_argument("--transports", default="cuda_ipc,nccl",
+                    help="cuda_ipc, nccl; 'cuda_ipc-staged' quantizes locally, then copies (fused_writes=False)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--baseline-repeats", type=int, default=3)
-    ap.add_argument("--watermark-mb", type=float, default=2048)
+    ap.add_argument("--watermark-mb", type=float, default=4096)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--nccl-tests", default=None, help="folder with nccl-tests binaries (sendrecv_perf, ...)")
     ap.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
