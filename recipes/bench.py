@@ -162,6 +162,8 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
                              num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2]))
         sender.close()
         torch.cuda.empty_cache()
+        if rank == 0:
+            store.set(f"closed/{cfg.job}", b"1")  # receivers may free buffers we mapped
     base_rows, run_id = {}, 0
     outbox = baselines.Outbox(store, spec.receivers) if rank == 0 else None
     for quant in sorted({c[0] for c in spec.configs}):
@@ -229,9 +231,11 @@ def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
         sums[quant] = {n: checksum(t) for n, t in recv.tensors.items()}
         store.set(f"sum/{cfg.job}/{rank}", pickle.dumps(sums[quant]))
         recv.wait_for(last)
+        store.wait([f"closed/{cfg.job}"])
         recv.close()
         del dests, recv
         torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()  # exported blocks return to the allocator once the sender unmapped them
     quants = sorted({c[0] for c in spec.configs})
     inbox = baselines.Inbox(store, rank, max(baselines.capacity(shapes, q, GiB) for q in quants), device)
     layouts = [spec.layout(r) for r in range(spec.receivers)]
