@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .quant import DEFAULT_QUANT_SKIP, QUANT_FORMATS
 
 MODES = ("direct", "reconstruct")
-TRANSPORTS = ("gloo", "shm", "cuda_ipc", "nccl", "rdma")  # grows as transports land; see fsdp_sync.transport
+TRANSPORTS = ("auto", "gloo", "shm", "cuda_ipc", "nccl", "rdma")  # see fsdp_sync.transport
 
 
 @dataclass(kw_only=True)

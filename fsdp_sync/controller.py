@@ -16,6 +16,7 @@ from .control import (RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, p
 from .meta import ReceiverMeta, SourceParam
 from .plan import Plan
 from .planner import build_plan
+from .transport.auto import resolve as resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Controller:
         plan = build_plan(sources(), receivers, sender_hosts=[h for h, _ in places], mode=self.config.mode,
                           links=self.config.links, watermark_bytes=self.config.watermark_bytes,
                           sender_devices=[d for _, d in places])
+        plan.transport = self.config.transport if self.config.transport != "auto" else resolve_auto(
+            [h for h, _ in places], receivers)
         self.num_plans_built += 1
         log.info("fsdp_sync: planned %d tasks, %.1f MB, floor %.3f s, in %.2f s", plan.stats.num_tasks,
                  plan.stats.bytes_total / 1e6, plan.stats.floor_s, plan.stats.plan_s)

@@ -71,6 +71,7 @@ class Plan:
     fingerprint: str = ""
     groups: list[tuple[int, ...]] = field(default_factory=list)  # distinct shard groups, sorted
     gated: frozenset[int] = frozenset()  # receivers that must say "ready" before a push writes
+    transport: str = ""  # the transport every rank uses for this plan (resolves "auto")
 
 
     def for_sender(self, rank: int) -> "SenderPlan":
@@ -78,12 +79,13 @@ class Plan:
         tasks = self.tasks.get(rank, [])
         gated = sorted(self.gated & {t.receiver for t in tasks})
         return SenderPlan(self.fingerprint, self.mode, rank, self.num_senders, self.num_receivers,
-                          tasks, mine, self.groups, self.fmt_of, gated)
+                          tasks, mine, self.groups, self.fmt_of, gated, self.transport)
 
     def for_receiver(self, rank: int) -> "ReceiverPlan":
         arrivals = self.arrivals.get(rank, [])
         senders = sorted({t.sender for t in arrivals})
-        return ReceiverPlan(self.fingerprint, rank, self.num_senders, self.num_receivers, arrivals, senders)
+        return ReceiverPlan(self.fingerprint, rank, self.num_senders, self.num_receivers, arrivals, senders,
+                            self.transport)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class SenderPlan:
     groups: list[tuple[int, ...]]
     fmt_of: dict[str, str]
     gated: list[int]  # of this sender's receivers, those to wait for before writing
+    transport: str
 
     @property
     def receivers(self) -> list[int]:
@@ -116,6 +119,7 @@ class ReceiverPlan:
     num_receivers: int
     arrivals: list[Task]
     senders: list[int]
+    transport: str
 
 
 def fingerprint(*parts: object) -> str:

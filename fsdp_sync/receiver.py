@@ -57,13 +57,17 @@ class WeightReceiver:
         self.rank, self.world_size = _rank_and_size(rank, world_size)
         self.host = host or socket.gethostname()
         live = _named_tensors(module_or_tensors)
-        _, recv_cls = get_transport(config.transport)
-        self._recv_cls = recv_cls
+        if config.transport == "auto":
+            from .transport import auto
+
+            prepare = auto.prepare
+        else:
+            prepare = get_transport(config.transport)[1].prepare
         if commit == "staged":
             # Pushes land in a shadow copy; only commit() touches the live tensors.
-            staging, info = recv_cls.prepare({n: t.clone() for n, t in live.items()}, job=config.job, rank=self.rank)
+            staging, info = prepare({n: t.clone() for n, t in live.items()}, job=config.job, rank=self.rank)
         else:
-            staging, info = recv_cls.prepare(live, job=config.job, rank=self.rank)
+            staging, info = prepare(live, job=config.job, rank=self.rank)
             if staging is not live and isinstance(module_or_tensors, nn.Module):
                 _rebind(module_or_tensors, staging)
             live = staging
@@ -187,7 +191,8 @@ class WeightReceiver:
             self._plan = self.control.get(plan_receiver_key(fp, self.rank))
             if self._transport is not None:
                 self._transport.close()
-            self._transport = self._recv_cls(self.control, self._plan, self._staging, self.config)
+            self._transport = get_transport(self._plan.transport)[1](self.control, self._plan, self._staging,
+                                                                     self.config)
         if self.landed_version is not None and version <= self.landed_version:
             raise SyncError(f"receiver {self.rank}: push {seq} announces version {version}, "
                             f"not newer than landed version {self.landed_version}")

@@ -226,7 +226,7 @@ class WeightSender:
         receivers = {r: self.control.get(recv_meta_key(r)) for r in range(self._plan.num_receivers)}
         if self._transport is not None:
             self._transport.close()
-        send_cls, _ = get_transport(self.config.transport)
+        send_cls, _ = get_transport(self._plan.transport)
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host)
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
                                     destination=self._transport.destination if self.config.fused_writes else None)
