@@ -110,7 +110,7 @@ def choose_gid(entries: Sequence[tuple[int, str, str]], link_layer: str, forced:
     """Pick a GID index from (index, gid, type) entries, where type is "IB", "RoCE v1" or "RoCE v2".
 
     RoCE needs a routable GID that both ends agree on: RoCE v2 with an IPv4-mapped
-    address first, then any RoCE v2, then anything valid. InfiniBand uses index 0.
+    address first, then any RoCE v2, then anything valid. InfiniBand takes the first valid one.
     """
     valid = [(i, g, t) for i, g, t in entries if g.replace(":", "").strip("0")]
     if forced is not None:

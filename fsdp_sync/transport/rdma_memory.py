@@ -96,7 +96,7 @@ def dmabuf_fd(segment: Segment) -> int:
            "cuDeviceGetAttribute")
     if not supported.value:
         raise SyncError(f"rdma: GPU {index} cannot export dma-buf (needs an NVIDIA driver >= 515 with the open "
-                        "kernel modules); load nvidia-peermem and set FSDP_SYNC_RDMA_GPU_REG=peermem instead")
+                        "kernel modules)")
     with torch.cuda.device(index):
         torch.cuda.synchronize()  # binds the primary context to this thread for the driver call
         fd = ctypes.c_int(-1)
