@@ -1,0 +1,122 @@
+"""GRPO whose rollouts come from an inference job that runs on weights fsdp_sync pushed to it.
+
+    python -m recipes.grpo [quant=fp8_block] [transport=shm] [topology=cpu_2x2] [recipe.steps=50] ...
+
+A trainer job (FSDP2, 2 CPU processes over gloo) warms a tiny Llama up on 2-digit
+addition, pushes it as version 0, then runs GRPO: each optimizer step pushes the next
+version through ``sender.attach(optimizer, overlap=True)``. An inference job (its own
+world) commits the newest landed version between batches, samples ``group_size``
+answers per prompt and tags each rollout with the version it used. This process carries
+rollouts to the trainer ranks, prints a line per step and writes ``steps.jsonl`` and
+``grpo.png`` to Hydra's run directory (or ``recipe.out_dir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from recipes.config_store import GRPOJob, register_configs, to_job
+from recipes.grpo_report import StepLog, summary
+from recipes.grpo_workers import Rollouts, engine, trainer
+from recipes.jobs import free_port, pack, spawn_context, start_job, unpack
+
+
+def run(job: GRPOJob, out_dir: Path) -> list[dict]:
+    """Start both jobs, route rollouts until the trainer is done; returns the per-step records."""
+    if job.sync.control_port == 0:
+        control = f"{job.sync.control_host}:{free_port()}"
+        job = dataclasses.replace(job, sync=dataclasses.replace(job.sync, control=control))
+    topo, rc = job.topology, job.recipe
+    ctx = spawn_context()
+    results, engines_done = ctx.Queue(), ctx.Event()
+    inboxes = [ctx.Queue() for _ in range(topo.num_trainers)]
+    log = StepLog(out_dir, rc.steps)
+    log.note(f"GRPO: {topo.num_trainers} FSDP2 trainers -> {topo.num_engines} engine(s) on {topo.device}, "
+             f"quant={job.sync.quant}, mode={job.sync.mode}, transport={job.sync.transport}, "
+             f"max_staleness={rc.max_staleness}; writing to {out_dir}")
+    started = time.perf_counter()
+    # On GPUs, trainer rank r takes GPU r and engine e GPU num_trainers + e, modulo the GPU count.
+    gpu = topo.device == "cuda"
+    procs = start_job(ctx, trainer, topo.num_trainers, results, job, results, inboxes, engines_done,
+                      gpu_offset=0 if gpu else None)
+    procs += start_job(ctx, engine, topo.num_engines, results, job, results,
+                       gpu_offset=topo.num_trainers if gpu else None)
+    pending: dict[int, dict[int, bytes]] = {}
+    finished: Counter = Counter()
+    try:
+        while finished["trainer"] < topo.num_trainers:
+            name, rank, kind, payload = _next(results, procs, rc.timeout_s)
+            if kind == "ok":
+                finished[name] += 1
+                if name == "engine" and finished[name] == topo.num_engines:
+                    engines_done.set()
+            elif kind == "rollouts":
+                step, data = payload
+                pending.setdefault(step, {})[rank] = data
+                if len(pending[step]) == topo.num_engines:
+                    parts = [unpack(data) for _, data in sorted(pending.pop(step).items())]
+                    for inbox, part in zip(inboxes, Rollouts.cat(parts).split(topo.num_trainers)):
+                        inbox.put(pack(part))
+            elif kind == "warmup":
+                log.note(_warmup_line(payload))
+            elif kind == "step":
+                log.step(payload)
+            elif kind == "last_push":
+                log.note(f"push v{payload['version']}: {payload['push_s'] * 1e3:.1f} ms (after the last step)")
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        log.close()
+    log.note(summary(log.records, time.perf_counter() - started))
+    log.note(f"wrote {out_dir / 'steps.jsonl'} and {out_dir / 'grpo.png'}")
+    return log.records
+
+
+def _warmup_line(info: dict) -> str:
+    losses = f", loss {info['loss_first']:.3f} -> {info['loss_last']:.3f}" if info["steps"] else ""
+    return (f"warm-up: {info['steps']} supervised steps in {info['seconds']:.1f} s{losses}; "
+            f"push v0: {info['push_bytes'] / 2**20:.2f} MiB in {info['push_s'] * 1e3:.1f} ms")
+
+
+def _next(results: Any, procs: list, timeout: float) -> tuple:
+    """The next message from a job; a job's error or death, or silence, ends the run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            item = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a job process exited with code {dead[0].exitcode}")
+            continue
+        if item[2] == "error":
+            raise RuntimeError(f"{item[0]} rank {item[1]} failed: {item[3]}")
+        return item
+    raise TimeoutError(f"no message from the jobs within {timeout:.0f}s")
+
+
+@hydra.main(config_path="../conf", config_name="grpo", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    job = to_job(cfg)
+    run(job, Path(job.recipe.out_dir or HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()

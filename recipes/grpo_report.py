@@ -1,0 +1,92 @@
+"""What the GRPO recipe shows and writes: a progress bar, a line per step, ``steps.jsonl``, ``grpo.png``.
+
+The bar goes to stderr and the lines to stdout, so a log of stdout holds only lines.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def step_line(rec: dict, total: int) -> str:
+    """One step: its reward, the version(s) its rollouts were sampled with, and the push it overlapped."""
+    low, high = rec["version_min"], rec["version_max"]
+    versions = f"v{low}" if low == high else f"v{low}-v{high}"
+    return (f"step {rec['step']:>4}/{total} | reward {rec['reward']:.3f} | sampled with {versions} | "
+            f"push v{rec['push_version']} {rec['push_s'] * 1e3:7.1f} ms | stall {rec['stall_s'] * 1e3:6.2f} ms | "
+            f"step {rec['step_s']:.2f} s")
+
+
+class StepLog:
+    """Per-step output: appends to ``steps.jsonl`` as steps arrive, plots at the end."""
+
+    def __init__(self, out_dir: Path, total: int):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.total = total
+        self.records: list[dict] = []
+        self._jsonl = open(out_dir / "steps.jsonl", "w")
+        self._bar = tqdm(total=total, unit="step", desc="GRPO", dynamic_ncols=True)
+
+    def note(self, text: str) -> None:
+        self._bar.write(text)
+
+    def step(self, rec: dict) -> None:
+        self.records.append(rec)
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+        self._bar.write(step_line(rec, self.total))
+        self._bar.set_postfix(reward=f"{rec['reward']:.2f}")
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._jsonl.close()
+        if self.records:
+            plot(self.records, self.out_dir / "grpo.png")
+
+
+def summary(records: list[dict], wall_s: float) -> str:
+    """Reward at the start and the end, and how much of the push time the trainer waited for."""
+    window = max(1, min(10, len(records) // 4))
+    first = statistics.fmean(r["reward"] for r in records[:window])
+    last = statistics.fmean(r["reward"] for r in records[-window:])
+    push = [r["push_s"] for r in records]
+    stall = [r["stall_s"] for r in records]
+    steps_s = sum(r["step_s"] for r in records)
+    return (f"GRPO: {len(records)} steps in {steps_s:.0f} s ({wall_s:.0f} s in all) | "
+            f"reward {first:.3f} (first {window} steps) -> {last:.3f} (last {window}) | "
+            f"push median {statistics.median(push) * 1e3:.1f} ms, "
+            f"stall median {statistics.median(stall) * 1e3:.2f} ms, "
+            f"stall/push {sum(stall) / sum(push) if sum(push) else 0.0:.1%}")
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Reward (and its moving mean) and push/stall milliseconds per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    rewards = [r["reward"] for r in records]
+    span = 10
+    mean = [statistics.fmean(rewards[max(0, i - span + 1):i + 1]) for i in range(len(rewards))]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(steps, rewards, ".", alpha=0.4, label="mean reward of the step")
+    top.plot(steps, mean, "-", label=f"over the last {span} steps")
+    top.set_ylabel("exact-match reward")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left")
+    bottom.plot(steps, [r["push_s"] * 1e3 for r in records], label="push (overlapped with the step)")
+    bottom.plot(steps, [r["stall_s"] * 1e3 for r in records], label="stall (optimizer.step waited)")
+    bottom.set_xlabel("GRPO step")
+    bottom.set_ylabel("ms")
+    bottom.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
