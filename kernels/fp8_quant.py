@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fsdp_sync.boxes import Box
-from fsdp_sync.quant import FP8_DTYPE, FP8_MAX, QuantFormat, get_quant_format
+from fsdp_sync.quant import FP8_DTYPE, QuantFormat, get_quant_format
 
 # ---------------------------------------------------------------------------------------
 # Configs. Fixed rather than autotuned: the kernels are memory-bound, one tile shape per

@@ -12,15 +12,13 @@ through the reference quantizer.
 from __future__ import annotations
 
 import argparse
-import queue
 import sys
-import time
 
 import torch
 
 from fsdp_sync import LayoutSpec, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
 from fsdp_sync import expected_destinations, mismatches
-from recipes.jobs import free_port, pack, spawn_context, start_job, unpack
+from recipes.jobs import free_port, next_message, pack, spawn_context, start_job, unpack
 from recipes.tiny_llama import apply_fsdp, build_model, param_shapes, tiny_llama_config
 
 DTYPE = torch.bfloat16
@@ -81,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         for step in range(1, args.steps + 1):
             pushes, snaps, full = {}, {}, None
             while len(pushes) < args.senders or len(snaps) < args.receivers:
-                item = _next(results, procs, args.timeout)
+                item = next_message(results, procs, args.timeout)
+                if item[2] == "ok":
+                    continue  # a process finished cleanly
                 kind, rank, value, payload, extra = item
                 if kind == "push":
                     pushes[rank], full = payload, unpack(extra) if extra is not None else full
@@ -107,25 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
     print(f"demo OK: {verified} versions verified on {args.receivers} receivers", flush=True)
     return 0
-
-
-def _next(results, procs, timeout: float):
-    """The next message from a job; a job's error or death ends the demo."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            item = results.get(timeout=0.5)
-        except queue.Empty:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a job process exited with code {dead[0].exitcode}")
-            continue
-        if item[2] == "error":
-            raise RuntimeError(f"{item[0]} rank {item[1]} failed: {item[3]}")
-        if item[2] == "ok":
-            continue  # a process finished cleanly
-        return item
-    raise TimeoutError(f"no progress from the jobs within {timeout:.0f}s")
 
 
 def _print_table(step: int, pushes: dict) -> None:

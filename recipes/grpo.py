@@ -14,11 +14,9 @@ rollouts to the trainer ranks, prints a line per step and writes ``steps.jsonl``
 from __future__ import annotations
 
 import dataclasses
-import queue
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -26,7 +24,7 @@ from omegaconf import DictConfig
 from recipes.config_store import GRPOJob, register_configs, to_job
 from recipes.grpo_report import StepLog, summary
 from recipes.grpo_workers import Rollouts, engine, trainer
-from recipes.jobs import free_port, pack, spawn_context, start_job, unpack
+from recipes.jobs import free_port, next_message, pack, spawn_context, start_job, unpack
 
 
 def run(job: GRPOJob, out_dir: Path) -> list[dict]:
@@ -53,7 +51,7 @@ def run(job: GRPOJob, out_dir: Path) -> list[dict]:
     finished: Counter = Counter()
     try:
         while finished["trainer"] < topo.num_trainers:
-            name, rank, kind, payload = _next(results, procs, rc.timeout_s)
+            name, rank, kind, payload = next_message(results, procs, rc.timeout_s)
             if kind == "ok":
                 finished[name] += 1
                 if name == "engine" and finished[name] == topo.num_engines:
@@ -90,23 +88,6 @@ def _warmup_line(info: dict) -> str:
     losses = f", loss {info['loss_first']:.3f} -> {info['loss_last']:.3f}" if info["steps"] else ""
     return (f"warm-up: {info['steps']} supervised steps in {info['seconds']:.1f} s{losses}; "
             f"push v0: {info['push_bytes'] / 2**20:.2f} MiB in {info['push_s'] * 1e3:.1f} ms")
-
-
-def _next(results: Any, procs: list, timeout: float) -> tuple:
-    """The next message from a job; a job's error or death, or silence, ends the run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            item = results.get(timeout=0.5)
-        except queue.Empty:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a job process exited with code {dead[0].exitcode}")
-            continue
-        if item[2] == "error":
-            raise RuntimeError(f"{item[0]} rank {item[1]} failed: {item[3]}")
-        return item
-    raise TimeoutError(f"no message from the jobs within {timeout:.0f}s")
 
 
 @hydra.main(config_path="../conf", config_name="grpo", version_base="1.3")

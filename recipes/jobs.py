@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -68,6 +70,26 @@ def pack(obj: Any) -> bytes:
 
 def unpack(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def next_message(results: Any, procs: list, timeout: float) -> tuple:
+    """The next message a job process sent; a process's error or death, or silence, raises.
+
+    Processes started by ``start_job`` end with an ("ok" | "error") message of their own.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            item = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a job process exited with code {dead[0].exitcode}")
+            continue
+        if item[2] == "error":
+            raise RuntimeError(f"{item[0]} rank {item[1]} failed: {item[3]}")
+        return item
+    raise TimeoutError(f"no message from the jobs within {timeout:.0f}s")
 
 
 def spawn_context() -> Any:

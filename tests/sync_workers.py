@@ -105,12 +105,12 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
             from torch.distributed.fsdp import fully_shard
             fully_shard(model, mesh=mesh)
         optim = torch.optim.SGD(model.parameters(), lr=0.1)
-        progress = None
-        if case.kill_sender_at_version is not None and rank == 1:
-            def progress(done: int, total: int, v=case.kill_sender_at_version) -> None:
-                if sender.version == v:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        sender = WeightSender(model, case.config(), progress=progress)
+        def die_mid_push(done: int, total: int, v=case.kill_sender_at_version) -> None:
+            if sender.version == v:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        doomed = case.kill_sender_at_version is not None and rank == 1
+        sender = WeightSender(model, case.config(), progress=die_mid_push if doomed else None)
         for version in range(1, case.versions + 1):
             _step(case, model, optim, version)
             outcome = {}

@@ -23,11 +23,8 @@ from torch.distributed.tensor import Shard
 from fsdp_sync.config import LinkModel, SyncConfig
 from fsdp_sync.control import PUSH_LATEST, ControlPlane, done_key, push_key, sender_error_key
 from fsdp_sync.errors import SyncError, SyncTimeout
-from fsdp_sync.layouts import make_layout
-from fsdp_sync.meta import DestTensor, LayoutSpec, ReceiverMeta, SourceParam
+from fsdp_sync.meta import ReceiverMeta
 from fsdp_sync.planner import build_plan
-from fsdp_sync.quant import get_quant_format, scale_name, should_quantize
-from fsdp_sync.sharding import shard_groups
 from fsdp_sync.transport import get_transport
 from fsdp_sync.transport.rdma_discovery import (NicPort, RdmaOptions, choose_gid, nearest_nic, parse_device,
                                                 rdma_available)
@@ -38,6 +35,7 @@ from fsdp_sync.transport.rdma_memory import check_destinations, containing, segm
 from fsdp_sync.transport.rdma_wr import (NUM_SLOTS, Arrivals, Region, RegionTable, RemoteTensor, SendWindow,
                                          build_schedule, contiguous_runs, fill_slot, imm_of, unwrap_imm)
 from fsdp_sync.boxes import Box
+from tests.planner_fixtures import receivers_for, sources_on
 
 WHEEL_PLATFORM = platform.machine() == "x86_64" and sys.version_info < (3, 13)  # where pyverbs 56.0rc1 has wheels
 
@@ -49,22 +47,8 @@ SHAPES = {"model.layers.0.self_attn.q_proj.weight": (256, 384), "model.layers.0.
 
 
 def make_plan(placements: list, *, tp: int, quant: str, num_senders: int = 2):
-    sources = [SourceParam(n, s, torch.bfloat16, shard_groups(s, list(range(num_senders)), placements, name=n))
-               for n, s in SHAPES.items()]
-    fmt = get_quant_format(quant)
-    receivers = []
-    for r in range(tp):
-        spec = LayoutSpec("hf_tp", {"tp_rank": r, "tp_size": tp}) if tp > 1 else LayoutSpec("identity")
-        layout = make_layout(spec)
-        tensors = {}
-        for s in sources:
-            shape = layout.pieces(s)[0].dst_box.sizes
-            if fmt.is_quantized and should_quantize(s.name, s.shape):
-                tensors[s.name] = DestTensor(s.name, shape, torch.float8_e4m3fn)
-                tensors[scale_name(s.name)] = DestTensor(scale_name(s.name), fmt.scale_shape(shape), torch.float32)
-            else:
-                tensors[s.name] = DestTensor(s.name, shape, s.dtype)
-        receivers.append(ReceiverMeta(r, "infer0", tensors, spec, quant))
+    sources = sources_on(SHAPES, list(range(num_senders)), placements)
+    receivers = receivers_for(sources, num_replicas=1, tp=tp, quant=quant, host=lambda r: "infer0")
     plan = build_plan(sources, receivers, sender_hosts=["train0"] * num_senders, mode="direct", links=LinkModel(),
                       watermark_bytes=60_000)  # small buckets: several per sender, both staging slots in use
     return plan, receivers

@@ -19,7 +19,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 from ..errors import SyncError
 from ..meta import device_id
 from ..plan import Task
-from .base import RecvTransport, SendTransport
+from .base import SendTransport
 from .shm import ShmRecv
 
 
