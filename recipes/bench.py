@@ -4,7 +4,9 @@
 
 Cases (each in both modes, for quant none and fp8_block, over cuda_ipc and nccl):
   a: disaggregated 1 -> 1, trainer on GPU0, receiver on GPU1 (Qwen3-8B-like by default);
-  b: colocated 2 -> 2, FSDP over both GPUs, TP=2 receivers on the same GPUs (Qwen3-32B-like).
+  b: colocated 2 -> 2, FSDP over both GPUs, TP=2 receivers on the same GPUs (Qwen3-32B-like);
+  c, d, e: disjoint trainer and inference GPUs on 4 or 8 GPUs (FSDP 2 -> TP 2, FSDP 4 -> TP 4,
+  HSDP 2x2 -> 2 replicas of TP 2); a case needing more GPUs than present is skipped.
 The same run measures the link ceilings (peer copy, NCCL send/recv, device copy), checks
 every receiver's bytes against the reference before timing, times >= 10 pushes after
 warm-up, times the rank-0 funnel and bucketed all-gather + broadcast baselines, and
@@ -23,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -40,7 +42,18 @@ CASES = {
               about="disaggregated 1->1: trainer GPU0, receiver GPU1"),
     "b": dict(senders=2, receivers=2, tp=2, receiver_gpu_offset=0, model="qwen3_32b",
               about="colocated 2->2: FSDP over both GPUs, TP=2 receivers on the same GPUs"),
+    # Disjoint trainer and inference GPUs (4 and 8 GPUs):
+    "c": dict(senders=2, receivers=2, tp=2, receiver_gpu_offset=2, model="qwen3_8b",
+              about="disaggregated FSDP 2 -> TP 2: trainer GPU0-1, receivers GPU2-3"),
+    "d": dict(senders=4, receivers=4, tp=4, receiver_gpu_offset=4, model="qwen3_32b",
+              about="disaggregated FSDP 4 -> TP 4: trainer GPU0-3, receivers GPU4-7"),
+    "e": dict(senders=4, receivers=4, tp=2, receiver_gpu_offset=4, model="qwen3_32b", mesh=(2, 2),
+              about="HSDP 2x2 -> 2 replicas of TP 2: trainer GPU0-3, receivers GPU4-7"),
 }
+
+
+def gpus_needed(case: dict) -> int:
+    return max(case["senders"], case["receiver_gpu_offset"] + case["receivers"])
 
 
 @dataclass
@@ -57,10 +70,10 @@ class Spec:
     baseline_repeats: int
     watermark_mb: float
     probe_receiver: int = 0  # a receiver on another GPU than trainer rank 0
-    links: dict = field(default_factory=dict)
+    mesh: tuple[int, ...] = ()  # trainer mesh: (shard,) for FSDP, (replicate, shard) for HSDP
 
     def layout(self, r: int) -> LayoutSpec:
-        return LayoutSpec("hf_tp", {"tp_rank": r, "tp_size": self.tp}) if self.tp > 1 else LayoutSpec("identity")
+        return LayoutSpec("hf_tp", {"tp_rank": r % self.tp, "tp_size": self.tp}) if self.tp > 1 else LayoutSpec("identity")
 
     def job(self, quant: str, mode: str, transport: str) -> str:
         return f"bench-{self.case}-{quant}-{mode}-{transport}"
@@ -123,7 +136,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
     store = _store(spec.store_port)
     device = torch.device("cuda", torch.cuda.current_device())
     config = qwen3_config(spec.model)
-    model = sharded_random_model(config, init_device_mesh("cuda", (world_size,)), seed=0)
+    model = sharded_random_model(config, init_device_mesh("cuda", spec.mesh or (world_size,)), seed=0)
     shapes = param_shapes(config)
     if rank == 0:
         store.set("links", json.dumps(_ceilings(_probe_group(store, 0))))
@@ -286,7 +299,7 @@ def run_case(name: str, args, ctx) -> dict:
     configs = [(q, m, t, store.port) for t in transports for q in args.quants for m in args.modes]
     spec = Spec(name, model, case["senders"], case["receivers"], case["tp"], store.port, configs, args.repeats,
                 args.warmup, args.baseline_repeats, args.watermark_mb,
-                probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1)
+                probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1, mesh=case.get("mesh", ()))
     results = ctx.Queue()
     procs = start_job(ctx, trainer, spec.senders, results, spec, results, gpu_offset=0)
     procs += start_job(ctx, receiver, spec.receivers, results, spec, results, gpu_offset=case["receiver_gpu_offset"])
@@ -350,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench_results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        print("recipes.bench needs 2 CUDA GPUs (cases a and b put trainer and engine on different GPUs)")
+        print("recipes.bench needs at least 2 CUDA GPUs (every case puts trainer and engine on different GPUs)")
         return 2
     for name in ("quants", "modes", "transports", "cases"):
         setattr(args, name, [x for x in getattr(args, name).split(",") if x])
@@ -365,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nccl-tests {binary}:\n  " + "\n  ".join(lines[-4:]))
     ctx = spawn_context()
     for name in args.cases:
+        if gpus_needed(CASES[name]) > torch.cuda.device_count():
+            print(f"\ncase {name} skipped: needs {gpus_needed(CASES[name])} GPUs, this machine has "
+                  f"{torch.cuda.device_count()}")
+            continue
         report["cases"].append(run_case(name, args, ctx))
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
