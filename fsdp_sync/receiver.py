@@ -239,13 +239,18 @@ def _rank_and_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def _named_tensors(module_or_tensors: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(module_or_tensors, nn.Module):
         # Parameters only: engine buffers (rotary tables, caches) are derived, not synced.
-        return {clean_name(n): p.data for n, p in module_or_tensors.named_parameters()}
-    if isinstance(module_or_tensors, dict):
+        named = {clean_name(n): p.data for n, p in module_or_tensors.named_parameters()}
+    elif isinstance(module_or_tensors, dict):
         for name, t in module_or_tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"destination {name!r} is a {type(t).__name__}, not a tensor")
-        return {clean_name(n): t for n, t in module_or_tensors.items()}
-    raise TypeError(f"WeightReceiver takes an nn.Module or a dict of tensors, got {type(module_or_tensors).__name__}")
+        named = {clean_name(n): t for n, t in module_or_tensors.items()}
+    else:
+        raise TypeError(f"WeightReceiver takes an nn.Module or a dict of tensors, got {type(module_or_tensors).__name__}")
+    for name, t in named.items():
+        if t.is_meta:
+            raise ValueError(f"destination {name!r} is on the meta device; materialize it first (e.g. to_empty)")
+    return named
 
 
 def _rebind(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

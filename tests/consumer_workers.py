@@ -9,10 +9,21 @@ from recipes.jobs import pack
 from recipes.tiny_llama import apply_fsdp, build_model, tiny_llama_config
 
 DTYPE = torch.bfloat16
-PROMPTS = torch.tensor([[1, 5, 9, 200, 31, 7, 64, 2], [3, 3, 17, 400, 12, 99, 8, 1]])
+PROMPTS = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(42))  # a fixed batch
 
 
 def trainer(rank: int, world_size: int, cfg: SyncConfig) -> bytes | None:
+    out = _train_and_push(rank, world_size, cfg)
+    return pack(out["logits"]) if rank == 0 else None
+
+
+def trainer_with_weights(rank: int, world_size: int, cfg: SyncConfig) -> bytes | None:
+    out = _train_and_push(rank, world_size, cfg)
+    return pack(out) if rank == 0 else None
+
+
+def _train_and_push(rank: int, world_size: int, cfg: SyncConfig) -> dict:
+    """One optimizer step of an FSDP2 tiny Llama, one push; its logits and full weights afterwards."""
     from torch.distributed.device_mesh import init_device_mesh
 
     model = apply_fsdp(build_model(tiny_llama_config(), seed=0, dtype=DTYPE), init_device_mesh("cpu", (world_size,)))
@@ -22,10 +33,12 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig) -> bytes | None:
     model(input_ids=ids, labels=ids).loss.backward()
     optim.step()
     sender.push(1).wait()
+    # Full tensors first: after a forward, FSDP2 leaves the root's parameters unsharded.
+    full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
     with torch.no_grad():
         logits = model(input_ids=PROMPTS).logits
     sender.close()
-    return pack(logits) if rank == 0 else None
+    return {"logits": logits, "full": full}
 
 
 def engine(rank: int, world_size: int, cfg: SyncConfig) -> bytes:
@@ -38,3 +51,34 @@ def engine(rank: int, world_size: int, cfg: SyncConfig) -> bytes:
         logits = model(input_ids=PROMPTS).logits
     recv.close()
     return pack(logits)
+
+
+def fp8_engine(rank: int, world_size: int, cfg: SyncConfig) -> bytes:
+    """transformers' own fine-grained FP8 Llama (FP8Linear: e4m3 weight + weight_scale_inv) as the receiver.
+
+    Its FP8 matmul needs GPU kernels, so on CPU the logits come from a bf16 copy of the
+    model with every FP8 weight dequantized: the numbers an FP8 engine computes with.
+    """
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+
+    from fsdp_sync.quant import dequantize, get_quant_format
+
+    # Like published FP8 checkpoints (Qwen3-FP8, DeepSeek-V3), the LM head stays in bf16.
+    model = replace_with_fp8_linear(build_model(tiny_llama_config(), seed=123, dtype=DTYPE),
+                                    modules_to_not_convert=["lm_head"],
+                                    quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128]))
+    model.to_empty(device="cpu")  # FP8Linear is created on the meta device; every byte comes from the push
+    recv = WeightReceiver(model, config=cfg, commit="staged")
+    recv.wait_for(1)
+    recv.commit()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = build_model(tiny_llama_config(), seed=7, dtype=DTYPE).eval()
+    block = get_quant_format("fp8_block").block_shape((128, 128))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            q = params[name]
+            p.copy_(dequantize(q, params[name + "_scale_inv"], block) if q.dtype == torch.float8_e4m3fn else q)
+        logits = plain(input_ids=PROMPTS).logits
+    recv.close()
+    return pack({"params": params, "logits": logits})
