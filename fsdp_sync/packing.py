@@ -113,25 +113,28 @@ class BucketPacker:
         return full
 
     def _scales(self, bucket: Bucket, held: dict[str, torch.Tensor], held_boxes: dict[str, Box]) -> dict[str, torch.Tensor]:
-        """Scale grid of every quantized param of the bucket; direct mode reduces amax over the group."""
-        grids = {}
+        """Scale grid of every quantized param of the bucket; direct mode reduces amax over the group.
+
+        All grids of the bucket live in one flat buffer, so the all-reduce and the
+        amax -> scale arithmetic are one call each per bucket, not per parameter.
+        """
+        shapes, blocks = {}, {}
         for name in bucket.quantized:
             src = self.sources[name]
             fmt = get_quant_format(self.plan.fmt_of[name])
-            block = fmt.block_shape(src.shape)
-            grid = torch.zeros(fmt.scale_shape(src.shape), dtype=torch.float32, device=self.device)
+            blocks[name] = fmt.block_shape(src.shape)
+            shapes[name] = fmt.scale_shape(src.shape)
+        sizes = [Box.full(shape).numel() for shape in shapes.values()]
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
+        grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(flat.split(sizes), shapes.values()))))
+        for name, grid in grids.items():
             box = held_boxes[name]
             if box.numel():
-                box.to_blocks(block).view(grid).copy_(self.ops.block_amax(held[name], box, block))
-            grids[name] = grid
+                box.to_blocks(blocks[name]).view(grid).copy_(self.ops.block_amax(held[name], box, blocks[name]))
         if self.plan.mode == "direct" and len(bucket.group) > 1 and grids:
-            flat = torch.cat([g.reshape(-1) for g in grids.values()])
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.groups[bucket.group])
-            offset = 0
-            for name, g in grids.items():
-                g.copy_(flat[offset:offset + g.numel()].view(g.shape))
-                offset += g.numel()
-        return {name: scales_from_amax(g) for name, g in grids.items()}
+        scales = scales_from_amax(flat)
+        return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
 
     def _payload(self, task: Task, held: torch.Tensor, held_box: Box,
                  scales: dict[str, torch.Tensor]) -> torch.Tensor | None:
