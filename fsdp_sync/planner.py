@@ -215,32 +215,35 @@ class _Assigner:
         The group is the one whose busiest involved rank would finish first.
         """
         out = []
-        splits: dict[tuple[str, Box], list[tuple[int, Box]]] = {}
+        splits: dict[tuple, list[tuple[int, Box, tuple | None]]] = {}
         rank_matrix: dict[str, np.ndarray | None] = {}
         for job in sorted(jobs, key=lambda j: -j.piece.src_box.numel()):
             src = by_name[job.piece.src]
             if src.name not in rank_matrix:
                 same_boxes = all(g.boxes == src.groups[0].boxes for g in src.groups)
                 rank_matrix[src.name] = np.array([g.ranks for g in src.groups]) if same_boxes else None
-            key = (src.name, job.piece.src_box)
+            key = (src.name, job.piece.src_box, job.piece.dst_box, job.block)
             parts = splits.get(key)
             if parts is None:
-                parts = [(i, inter) for i, box in enumerate(src.groups[0].boxes)
+                # With each part's box arithmetic: replicas repeat the same pieces at scale.
+                parts = [(i, inter, _geometry(job.piece, inter, job.block))
+                         for i, box in enumerate(src.groups[0].boxes)
                          if (inter := box.intersect(job.piece.src_box)) is not None]
                 splits[key] = parts
             elem = 1 if job.fmt.is_quantized else src.dtype.itemsize
             matrix = rank_matrix[src.name]
             if matrix is not None:
-                ranks = matrix[:, [i for i, _ in parts]]
-                nbytes = np.array([inter.numel() * elem for _, inter in parts], dtype=np.float64)
+                ranks = matrix[:, [i for i, _, _ in parts]]
+                nbytes = np.array([inter.numel() * elem for _, inter, _ in parts], dtype=np.float64)
                 seconds = self._seconds(ranks, job.receiver, nbytes[None, :])
                 best = int(np.argmin((self.load_s[ranks] + seconds).max(axis=1)))
                 self.load_s[ranks[best]] += seconds[best]
                 chosen, chosen_parts = src.groups[best], parts
             else:
-                chosen, chosen_parts = self._best_irregular(src, job, elem)
-            for i, inter in chosen_parts:
-                out.extend(_tasks_for(chosen.ranks[i], chosen.ranks, job, inter, elem))
+                chosen, irregular = self._best_irregular(src, job, elem)
+                chosen_parts = [(i, inter, None) for i, inter in irregular]
+            for i, inter, geometry in chosen_parts:
+                out.extend(_tasks_for(chosen.ranks[i], chosen.ranks, job, inter, elem, geometry))
         return out
 
     def _best_irregular(self, src: SourceParam, job: _Job, elem: int) -> tuple[ShardGroup, list[tuple[int, Box]]]:
@@ -278,21 +281,34 @@ class _Assigner:
         return out
 
 
-def _tasks_for(rank: int, group: tuple[int, ...], job: _Job, part: Box, elem: int) -> list[tuple[tuple, Task]]:
-    """(group, task) for ``part`` of a piece: its data and its share of the scales."""
+def _tasks_for(rank: int, group: tuple[int, ...], job: _Job, part: Box, elem: int,
+               geometry: tuple | None = None) -> list[tuple[tuple, Task]]:
+    """(group, task) for ``part`` of a piece: its data and its share of the scales.
+
+    ``geometry`` is ``_geometry(job.piece, part, job.block)``, if the caller has it already.
+    """
     piece = job.piece
-    delta = tuple(d - s for d, s in zip(piece.dst_box.offsets, piece.src_box.offsets))
-    out = [(group, Task(rank, job.receiver, piece.src, part, piece.dst, part.shift(delta), DATA,
+    dst_part, owned, owned_dst = geometry or _geometry(piece, part, job.block)
+    out = [(group, Task(rank, job.receiver, piece.src, part, piece.dst, dst_part, DATA,
                         job.fmt.name, part.numel() * elem))]
-    if job.block is not None:
-        owned = part.owned_blocks(piece.src_box, job.block)
-        if not owned.is_empty():
-            s_grid = piece.src_box.to_blocks(job.block)
-            d_grid = piece.dst_box.to_blocks(job.block)
-            shift = tuple(d - s for d, s in zip(d_grid.offsets, s_grid.offsets))
-            out.append((group, Task(rank, job.receiver, piece.src, owned, job.scale_dst, owned.shift(shift), SCALE,
-                                    job.fmt.name, owned.numel() * 4)))
+    if owned is not None:
+        out.append((group, Task(rank, job.receiver, piece.src, owned, job.scale_dst, owned_dst, SCALE,
+                                job.fmt.name, owned.numel() * 4)))
     return out
+
+
+def _geometry(piece: Piece, part: Box, block: tuple[int, ...] | None) -> tuple[Box, Box | None, Box | None]:
+    """Where ``part`` of a piece lands, and the scale blocks it owns (source and destination grid boxes)."""
+    delta = tuple(d - s for d, s in zip(piece.dst_box.offsets, piece.src_box.offsets))
+    if block is None:
+        return part.shift(delta), None, None
+    owned = part.owned_blocks(piece.src_box, block)
+    if owned.is_empty():
+        return part.shift(delta), None, None
+    s_grid = piece.src_box.to_blocks(block)
+    d_grid = piece.dst_box.to_blocks(block)
+    shift = tuple(d - s for d, s in zip(d_grid.offsets, s_grid.offsets))
+    return part.shift(delta), owned, owned.shift(shift)
 
 
 def _make_buckets(raw: list[tuple[tuple, Task]], by_name: dict[str, SourceParam], mode: str,
@@ -396,9 +412,10 @@ def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], bucket
     load: dict[tuple[str, int], float] = defaultdict(float)
     for s, ts in tasks.items():
         sdev = int(places.sender_dev[s])
+        kinds: dict[int, str] = {}  # per receiver of this sender: a million tasks share a few pairs
         for t in ts:
             rdev = places.recv_dev[t.receiver]
-            kind = places.kind(s, t.receiver)
+            kind = kinds.get(t.receiver) or kinds.setdefault(t.receiver, places.kind(s, t.receiver))
             if t.kind == DATA:
                 load[("hbm", sdev)] += t.src_box.numel() * by_name[t.src].dtype.itemsize
             load[("hbm", sdev)] += t.nbytes
