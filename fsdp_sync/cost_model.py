@@ -1,0 +1,331 @@
+"""A small cost model of one push: each sender's pipeline stages and how they overlap.
+
+Pure arithmetic on a plan. Per sender and bucket it counts the work (copies and
+quantize calls launched from Python, bytes through HBM, NVLink, all-gathers and the NIC,
+RDMA work requests), turns the counts into seconds with a handful of constants, and
+replays the sender's pipeline: the producer thread packs bucket after bucket under the
+byte watermark, the GPU runs each bucket's kernels in launch order on one stream, the
+transfer thread stages and posts, the NIC sends. The push ends when the slowest sender
+is done or the busiest receive link has taken its bytes, whichever is later, plus a
+fixed cost for the control plane's handshakes. ``docs/simulate.md`` says which measured
+run each constant comes from and what the model leaves out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+from .boxes import Box
+from .config import LinkModel
+from .meta import ReceiverMeta, SourceParam
+from .plan import DATA, Plan, Task
+
+_NUM_SLOTS = 2  # the rdma transport's staging slots (fsdp_sync.transport.rdma_wr.NUM_SLOTS)
+_CPU = ("launch", "quantize", "amax", "collective")
+_GPU = ("hbm", "quant", "gather", "peer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """Link, memory and kernel speeds: GB/s, except the NIC's line rate in Gb/s."""
+
+    nic_gbit: float = 400.0  # one NIC's line rate
+    nics_per_gpu: int = 1
+    nic_efficiency: float = 0.97  # RDMA WRITE goodput over line rate, MB-sized writes (assumed)
+    nvlink_gbps: float = 394.0  # one GPU storing into a peer GPU's memory
+    hbm_gbps: float = 4212.0  # read + written bytes of a device-to-device copy
+    quant_gbps: float = 4100.0  # read + written bytes of the FP8 quantize kernel
+    allgather_gbps: float = 283.0  # bytes a rank receives per second in an all-gather inside a host
+
+    @property
+    def nic_gbps(self) -> float:
+        """Goodput of one GPU's NICs, GB/s."""
+        return self.nic_gbit / 8 * self.nics_per_gpu * self.nic_efficiency
+
+    @property
+    def nic_line_gbps(self) -> float:
+        return self.nic_gbit / 8 * self.nics_per_gpu
+
+    def links(self) -> LinkModel:
+        """What the planner balances with, at line rate, so the plan's floor is the ideal."""
+        return LinkModel(intra_host_gbps=self.nvlink_gbps, inter_host_gbps=self.nic_line_gbps,
+                         hbm_gbps=self.hbm_gbps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overheads:
+    """Seconds per unit of work that is not bytes."""
+
+    launch_s: float  # one copy launched from Python: an unquantized or scale task, a gather copy
+    quant_task_s: float  # one quantize_box call: checks, cell plan, Triton launch
+    amax_param_s: float  # one quantized parameter's amax grid and scales, per bucket
+    push_s: float  # per push: the control plane's go, done and ack handshakes
+    write_s: float = 1e-6  # posting one RDMA WRITE (assumed)
+    collective_s: float = 50e-6  # latency of one bucket's all-reduce or all-gather (assumed)
+    funnel_param_s: float = 0.0  # the funnel baseline's handshakes per parameter
+
+
+@dataclass
+class BucketWork:
+    """What one sender does for one bucket, as counts."""
+
+    budget_bytes: int  # what the watermark charges (the plan's Bucket.nbytes)
+    launches: int = 0
+    quant_tasks: int = 0
+    amax_params: int = 0
+    collectives: int = 0
+    hbm_bytes: float = 0.0  # read + written by copies on this GPU (amax reads, gather buffers, local copies)
+    quant_bytes: float = 0.0  # read + written by quantize kernels whose output stays on this GPU
+    gather_bytes: float = 0.0  # received by all-gathers inside the host
+    gather_nic_bytes: float = 0.0  # received by all-gathers across hosts
+    peer_read_bytes: float = 0.0  # read here by kernels that store into peers (overlaps their stores)
+    nvlink_bytes: float = 0.0  # stored into peer GPUs of this host
+    nic_bytes: float = 0.0  # sent through the NIC, after the transfer thread copies it into a staging slot
+    writes: int = 0  # RDMA work requests
+
+
+@dataclass
+class Stages:
+    """Seconds per stage: CPU (producer thread), GPU (pack stream), staging, posting, NIC."""
+
+    launch: float = 0.0
+    quantize: float = 0.0
+    amax: float = 0.0
+    collective: float = 0.0
+    hbm: float = 0.0
+    quant: float = 0.0
+    gather: float = 0.0
+    peer: float = 0.0
+    fill: float = 0.0
+    post: float = 0.0
+    nic: float = 0.0
+
+    @property
+    def cpu(self) -> float:
+        return sum(getattr(self, k) for k in _CPU)
+
+    @property
+    def gpu(self) -> float:
+        return sum(getattr(self, k) for k in _GPU)
+
+    def add(self, other: "Stages") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class SenderTimeline:
+    """One sender's replayed pipeline."""
+
+    busy: Stages = field(default_factory=Stages)  # summed over buckets
+    first_out_s: float = 0.0  # when its first bytes leave for a receiver
+    end_s: float = 0.0  # when its last byte has left
+
+
+@dataclass
+class Prediction:
+    """A push's predicted seconds, what bound it, and the slowest sender's stages."""
+
+    seconds: float
+    floor_s: float
+    senders_s: float  # the slowest sender's pipeline
+    receive_bound_s: float  # busiest receive link at goodput, after the first bytes leave
+    push_s: float
+    slowest: Stages  # the slowest sender's busy seconds per stage
+    receive_utilization: float  # busiest receive link: its bytes over (line rate x seconds)
+    binding: str
+
+
+def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[ReceiverMeta], *,
+               sender_hosts: Sequence[str], sender_devices: Sequence[str] | None = None,
+               max_write_bytes: int = 1 << 30, copy_single_rank_gathers: bool = False
+               ) -> dict[int, list[BucketWork]]:
+    """Per sender, the work of every bucket it takes part in, in pipeline order.
+
+    This restates what ``fsdp_sync.packing`` and the transports do per bucket and task.
+    ``copy_single_rank_gathers`` reproduces code before 1a58172, whose reconstruct mode
+    copied through the flat gather buffers even for shard groups of one rank.
+    """
+    devices = sender_devices or [""] * len(sender_hosts)
+    by_name = {s.name: s for s in sources}
+    recv = {r.rank: r for r in receivers}
+    held = {(s.name, g.ranks): dict(zip(g.ranks, g.boxes)) for s in sources for g in s.groups}
+    tasks_of: dict[tuple[int, int], list[Task]] = defaultdict(list)
+    for s, tasks in plan.tasks.items():
+        for t in tasks:
+            tasks_of[(s, t.bucket)].append(t)
+    out: dict[int, list[BucketWork]] = defaultdict(list)
+    for b in plan.buckets:
+        size = len(b.group)
+        spans_hosts = len({sender_hosts[r] for r in b.group}) > 1
+        for s in b.group:
+            w = BucketWork(b.nbytes)
+            for name in b.params:
+                src = by_name[name]
+                mine = held[(name, b.group)][s].numel() * src.dtype.itemsize
+                read = src.nbytes if plan.mode == "reconstruct" else mine
+                if plan.mode == "reconstruct" and (size > 1 or copy_single_rank_gathers):
+                    # Zero the flat send buffer, copy the shard in, all-gather, copy each box out.
+                    w.launches += 1 + size
+                    w.hbm_bytes += 3 * mine + 2 * src.nbytes
+                    if spans_hosts:
+                        w.gather_nic_bytes += src.nbytes - mine
+                    else:
+                        w.gather_bytes += src.nbytes - mine
+                if name in b.quantized:
+                    w.amax_params += 1
+                    w.hbm_bytes += read
+            if size > 1 and (plan.mode == "reconstruct" or b.quantized):
+                w.collectives += 1
+            for t in tasks_of.get((s, b.index), ()):
+                _count_task(w, t, by_name, recv[t.receiver], sender_hosts[s], devices[s], max_write_bytes)
+            out[s].append(w)
+    return dict(out)
+
+
+def _count_task(w: BucketWork, t: Task, by_name: dict[str, SourceParam], receiver: ReceiverMeta, host: str,
+                device: str, max_write_bytes: int) -> None:
+    quantized = t.kind == DATA and t.fmt != "none"
+    read = t.src_box.numel() * by_name[t.src].dtype.itemsize if t.kind == DATA else t.nbytes
+    if quantized:
+        w.quant_tasks += 1
+    else:
+        w.launches += 1
+    if receiver.host == host and device and receiver.device == device:
+        if quantized:
+            w.quant_bytes += read + t.nbytes
+        else:
+            w.hbm_bytes += read + t.nbytes
+    elif receiver.host == host:  # one kernel reads here and stores into the peer over NVLink
+        w.peer_read_bytes += read
+        w.nvlink_bytes += t.nbytes
+    else:  # a payload (quantized, or a view), which the transfer thread copies into a staging slot
+        if quantized:
+            w.quant_bytes += read + t.nbytes
+        w.nic_bytes += t.nbytes
+        w.writes += num_writes(t.dst_box, receiver.tensors[t.dst].shape, t.nbytes, max_write_bytes)
+
+
+def num_writes(box: Box, shape: Sequence[int], nbytes: int, max_write_bytes: int) -> int:
+    """RDMA WRITEs for ``box`` of a row-major tensor: one per contiguous run, split at ``max_write_bytes``.
+
+    The rule of ``fsdp_sync.transport.rdma_wr.contiguous_runs``, counted instead of listed.
+    """
+    if box.is_empty():
+        return 0
+    split = len(shape) - 1
+    while split > 0 and box.sizes[split] == shape[split]:
+        split -= 1
+    runs = math.prod(box.sizes[:split])
+    return runs * -(-(nbytes // runs) // max_write_bytes)
+
+
+def bucket_stages(w: BucketWork, hw: Hardware, ov: Overheads) -> Stages:
+    """One bucket's counts in seconds per stage."""
+    gb = 1e9
+    return Stages(
+        launch=w.launches * ov.launch_s, quantize=w.quant_tasks * ov.quant_task_s,
+        amax=w.amax_params * ov.amax_param_s, collective=w.collectives * ov.collective_s,
+        hbm=w.hbm_bytes / (hw.hbm_gbps * gb), quant=w.quant_bytes / (hw.quant_gbps * gb),
+        gather=w.gather_bytes / (hw.allgather_gbps * gb) + w.gather_nic_bytes / (hw.nic_gbps * gb),
+        peer=max(w.peer_read_bytes / (hw.hbm_gbps * gb), w.nvlink_bytes / (hw.nvlink_gbps * gb)),
+        fill=2 * w.nic_bytes / (hw.hbm_gbps * gb), post=w.writes * ov.write_s, nic=w.nic_bytes / (hw.nic_gbps * gb))
+
+
+def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, watermark_bytes: int
+                    ) -> SenderTimeline:
+    """Replay one sender's pipeline bucket by bucket (``fsdp_sync.pipeline`` and the transports).
+
+    The producer packs a bucket once the watermark admits it (an oversized one waits until
+    nothing is in flight). The GPU runs its kernels in order on one stream as they are
+    launched, so a bucket's kernels end no earlier than its last launch. The transfer
+    thread takes a packed bucket once its kernels are done; over RDMA it then waits for a
+    free staging slot, which the NIC frees two buckets later. A bucket leaves the
+    watermark once the transfer thread is done with it.
+    """
+    tl = SenderTimeline()
+    cpu_clock = gpu_clock = xfer_clock = nic_clock = 0.0
+    in_flight: list[tuple[float, int]] = []  # (released at, budget bytes)
+    nic_done: list[float] = []
+    for i, w in enumerate(work):
+        st = bucket_stages(w, hw, ov)
+        start = cpu_clock
+        while True:
+            in_flight = [(at, n) for at, n in in_flight if at > start]
+            if not in_flight or sum(n for _, n in in_flight) + w.budget_bytes <= watermark_bytes:
+                break
+            start = min(at for at, _ in in_flight)
+        cpu_clock = start + st.cpu
+        gpu_clock = max(max(gpu_clock, start) + st.gpu, cpu_clock)
+        xfer_clock = max(xfer_clock, gpu_clock)
+        if w.nic_bytes:
+            if i >= _NUM_SLOTS:
+                xfer_clock = max(xfer_clock, nic_done[i - _NUM_SLOTS])
+            xfer_clock += st.fill  # the copy into the slot, synchronized before posting
+            tl.first_out_s = tl.first_out_s or xfer_clock
+            nic_clock = max(max(nic_clock, xfer_clock) + st.nic, xfer_clock + st.post)
+            xfer_clock += st.post
+        elif w.nvlink_bytes and not tl.first_out_s:
+            tl.first_out_s = start
+        nic_done.append(nic_clock)
+        in_flight.append((xfer_clock, w.budget_bytes))
+        tl.busy.add(st)
+    tl.end_s = max(xfer_clock, nic_clock)
+    return tl
+
+
+def receive_nic_bytes(plan: Plan, receivers: Sequence[ReceiverMeta], sender_hosts: Sequence[str]) -> dict[int, int]:
+    """Bytes that reach each receiver through its NIC (from senders on other hosts)."""
+    host = {r.rank: r.host for r in receivers}
+    return {r: sum(t.nbytes for t in tasks if sender_hosts[t.sender] != host[r]) for r, tasks in plan.arrivals.items()}
+
+
+def predict(plan: Plan, work: dict[int, list[BucketWork]], hw: Hardware, ov: Overheads, *, watermark_bytes: int,
+            nic_in: dict[int, int] | None = None) -> Prediction:
+    """The push's seconds: the slowest sender, the busiest receive link or the plan's floor, then the control plane.
+
+    ``nic_in`` (bytes per receiver through its NIC) adds the receive side: the senders
+    share each receive link, which cannot finish before its bytes have passed at goodput,
+    counted from the moment the first pipeline sends.
+    """
+    timelines = [sender_timeline(w, hw, ov, watermark_bytes=watermark_bytes) for w in work.values()]
+    slowest = max(timelines, key=lambda t: t.end_s)
+    busiest = max((nic_in or {}).values(), default=0)
+    fill = min((t.first_out_s for t in timelines if t.first_out_s), default=0.0)
+    receive_bound = fill + busiest / (hw.nic_gbps * 1e9) if busiest else 0.0
+    candidates = {"sender pipeline": slowest.end_s, "receive link": receive_bound, "plan floor": plan.stats.floor_s}
+    binding = max(candidates, key=candidates.get)
+    seconds = candidates[binding] + ov.push_s
+    utilization = busiest / (hw.nic_line_gbps * 1e9 * seconds) if busiest else 0.0
+    return Prediction(seconds, plan.stats.floor_s, slowest.end_s, receive_bound, ov.push_s, slowest.busy,
+                      utilization, binding)
+
+
+def funnel_seconds(sources: Sequence[SourceParam], payload_bytes: dict[str, int], *, hw: Hardware, ov: Overheads,
+                   sender_hosts: Sequence[str], receiver_hosts: Sequence[str], quantized: set[str]) -> float:
+    """The rank-0 funnel baseline (``recipes.baselines.funnel_*``), one parameter after another.
+
+    Trainer rank 0 gathers the whole parameter (from its shard group, or from another
+    pipeline stage), quantizes it and sends it to inference rank 0, which hands it on to
+    every other receiver (a pipelined broadcast: each receiver takes it once at its link's
+    speed; with 2 receivers that is the bench's one send).
+    """
+    gb = 1e9
+    total = 0.0
+    for src in sources:
+        group = next((g for g in src.groups if 0 in g.ranks), src.groups[0])  # pipeline stages hold the rest
+        mine = group.box_of(0).numel() * src.dtype.itemsize if 0 in group.ranks else 0
+        one_host = {sender_hosts[r] for r in group.ranks} == {sender_hosts[0]}
+        total += (src.nbytes - mine) / ((hw.allgather_gbps if one_host else hw.nic_gbps) * gb)
+        payload = payload_bytes[src.name]
+        if src.name in quantized:
+            total += (src.nbytes + payload) / (hw.quant_gbps * gb)
+        total += payload / ((hw.nvlink_gbps if receiver_hosts[0] == sender_hosts[0] else hw.nic_gbps) * gb)
+        if len(receiver_hosts) > 1:
+            inner = all(h == receiver_hosts[0] for h in receiver_hosts)
+            total += payload / ((hw.nvlink_gbps if inner else hw.nic_gbps) * gb)
+        total += ov.funnel_param_s
+    return total
