@@ -34,6 +34,11 @@ def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dty
             ends = shapes.setdefault(piece.dst, [0] * len(piece.dst_box.ends))
             shapes[piece.dst] = [max(a, b) for a, b in zip(ends, piece.dst_box.ends)]
             dtypes[piece.dst] = fmt.dtype if quantized else dtype
+    # Rows no source fills (vocab padding) still belong to the engine's tensor; they stay zero.
+    for name, boxes in getattr(make_layout(layout), "unwritten", dict)().items():
+        for box in boxes:
+            if name in shapes:
+                shapes[name] = [max(a, b) for a, b in zip(shapes[name], box.ends)]
     out = {}
     for name, shape in shapes.items():
         out[name] = torch.zeros(shape, dtype=dtypes[name], device=device)
