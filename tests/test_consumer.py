@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsdp_sync import SyncConfig
+from fsdp_sync import LayoutSpec, SyncConfig, expected_destinations, mismatches
 from recipes.jobs import free_port, next_message, spawn_context, start_job, unpack
 from tests import consumer_workers
 
 
-@pytest.mark.parametrize("transport", ["gloo", "shm"])
-def test_logits_match_the_fsdp_trainer_exactly(transport):
-    cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"consumer-{transport}", transport=transport,
-                     timeout_s=60)
+def _run(cfg: SyncConfig, trainer, engine) -> tuple:
+    """What trainer rank 0 and the engine returned, from a 2-process trainer job and a 1-process engine job."""
     ctx = spawn_context()
     results = ctx.Queue()
-    procs = start_job(ctx, consumer_workers.trainer, 2, results, cfg)
-    procs += start_job(ctx, consumer_workers.engine, 1, results, cfg)
+    procs = start_job(ctx, trainer, 2, results, cfg) + start_job(ctx, engine, 1, results, cfg)
     got = {}
     try:
         while len(got) < 3:
@@ -28,8 +25,14 @@ def test_logits_match_the_fsdp_trainer_exactly(transport):
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    trained = unpack(got[("trainer", 0)])
-    served = unpack(got[("engine", 0)])
+    return unpack(got[(trainer.__name__, 0)]), unpack(got[(engine.__name__, 0)])
+
+
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_logits_match_the_fsdp_trainer_exactly(transport):
+    cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"consumer-{transport}", transport=transport,
+                     timeout_s=60)
+    trained, served = _run(cfg, consumer_workers.trainer, consumer_workers.engine)
     assert served.shape == trained.shape
     assert torch.equal(served, trained)
 
@@ -41,26 +44,9 @@ def test_transformers_fp8_model_receives_block_fp8():
     FP8 rounding flips many argmaxes (measured here: top-1 0.879, relative error 0.062).
     The 99% / 3% bound is for a real model with the GPU FP8 matmul, not run here.
     """
-    from fsdp_sync import LayoutSpec, expected_destinations, mismatches
-
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job="consumer-fp8", transport="shm", quant="fp8_block",
                      timeout_s=60)
-    ctx = spawn_context()
-    results = ctx.Queue()
-    procs = start_job(ctx, consumer_workers.trainer_with_weights, 2, results, cfg)
-    procs += start_job(ctx, consumer_workers.fp8_engine, 1, results, cfg)
-    got = {}
-    try:
-        while len(got) < 3:
-            name, rank, _status, payload = next_message(results, procs, 120)
-            got[(name, rank)] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    trained = unpack(got[("trainer_with_weights", 0)])
-    served = unpack(got[("fp8_engine", 0)])
+    trained, served = _run(cfg, consumer_workers.trainer_with_weights, consumer_workers.fp8_engine)
     want = expected_destinations(trained["full"], layout=LayoutSpec("identity"), quant="fp8_block")
     assert mismatches(served["params"], want) == []
     ref, fp8 = trained["logits"].float(), served["logits"].float()
