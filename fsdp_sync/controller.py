@@ -52,9 +52,6 @@ class Controller:
         self.plan, self.plan_key = plan, key
         return plan
 
-    def receiver_metas(self) -> dict[int, ReceiverMeta]:
-        return {r: self.control.get(recv_meta_key(r)) for r in range(self.control.get(RECV_COUNT))}
-
     def _receivers(self) -> list[ReceiverMeta]:
         self.control.wait([RECV_COUNT], describe=lambda _: "the inference job to register its receivers "
                           f"(is it running with SyncConfig.job={self.config.job!r} and control={self.config.control!r}?)")
