@@ -84,8 +84,20 @@ def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) ->
         errors.append(f"receiver ranks must be 0..{len(receivers) - 1}, got {ranks}")
     jobs: list[_Job] = []
     layouts: dict[int, Layout] = {}
+    # Replicas repeat the same layout and tensors: map each such class once, then relabel.
+    mapped: dict[tuple, tuple[int, list[_Job]]] = {}
     for recv in receivers:
-        jobs.extend(_map_receiver(recv, sources, errors, layouts))
+        key = (recv.layout.name, repr(sorted(recv.layout.kwargs.items())), recv.quant, tuple(recv.tensors.items()))
+        if key in mapped:
+            first, template = mapped[key]
+            layouts[recv.rank] = layouts[first]
+            jobs.extend(_Job(recv.rank, j.piece, j.fmt, j.block, j.scale_dst) for j in template)
+            continue
+        before = len(errors)
+        mine = _map_receiver(recv, sources, errors, layouts)
+        if len(errors) == before:  # a class with errors is mapped per receiver, so each is named
+            mapped[key] = (recv.rank, mine)
+        jobs.extend(mine)
     if errors:
         more = f"\n... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
         raise PlanError("plan refused before any byte moved:\n  " + "\n  ".join(errors[:_MAX_LISTED_ERRORS]) + more)
@@ -215,35 +227,43 @@ class _Assigner:
         The group is the one whose busiest involved rank would finish first.
         """
         out = []
-        splits: dict[tuple, list[tuple[int, Box, tuple | None]]] = {}
+        # Per (param, piece, block): the parts the shard groups hold, their box arithmetic
+        # and byte counts, computed once; replicas repeat the same pieces at scale.
+        splits: dict[tuple, tuple[np.ndarray, np.ndarray, list[tuple]]] = {}
         rank_matrix: dict[str, np.ndarray | None] = {}
         for job in sorted(jobs, key=lambda j: -j.piece.src_box.numel()):
             src = by_name[job.piece.src]
             if src.name not in rank_matrix:
                 same_boxes = all(g.boxes == src.groups[0].boxes for g in src.groups)
                 rank_matrix[src.name] = np.array([g.ranks for g in src.groups]) if same_boxes else None
-            key = (src.name, job.piece.src_box, job.piece.dst_box, job.block)
-            parts = splits.get(key)
-            if parts is None:
-                # With each part's box arithmetic: replicas repeat the same pieces at scale.
-                parts = [(i, inter, _geometry(job.piece, inter, job.block))
-                         for i, box in enumerate(src.groups[0].boxes)
-                         if (inter := box.intersect(job.piece.src_box)) is not None]
-                splits[key] = parts
             elem = 1 if job.fmt.is_quantized else src.dtype.itemsize
             matrix = rank_matrix[src.name]
-            if matrix is not None:
-                ranks = matrix[:, [i for i, _, _ in parts]]
-                nbytes = np.array([inter.numel() * elem for _, inter, _ in parts], dtype=np.float64)
-                seconds = self._seconds(ranks, job.receiver, nbytes[None, :])
-                best = int(np.argmin((self.load_s[ranks] + seconds).max(axis=1)))
-                self.load_s[ranks[best]] += seconds[best]
-                chosen, chosen_parts = src.groups[best], parts
-            else:
+            if matrix is None:
                 chosen, irregular = self._best_irregular(src, job, elem)
-                chosen_parts = [(i, inter, None) for i, inter in irregular]
-            for i, inter, geometry in chosen_parts:
-                out.extend(_tasks_for(chosen.ranks[i], chosen.ranks, job, inter, elem, geometry))
+                for i, inter in irregular:
+                    out.extend(_tasks_for(chosen.ranks[i], chosen.ranks, job, inter, elem))
+                continue
+            piece = job.piece
+            key = (src.name, piece.src_box, piece.dst_box, job.block, elem)
+            split = splits.get(key)
+            if split is None:
+                parts = [(i, inter, *_geometry(piece, inter, job.block)) for i, box in enumerate(src.groups[0].boxes)
+                         if (inter := box.intersect(piece.src_box)) is not None]
+                parts = [(i, inter, dst, owned, owned_dst, inter.numel() * elem, owned.numel() * 4 if owned else 0)
+                         for i, inter, dst, owned, owned_dst in parts]
+                split = splits[key] = (matrix[:, [p[0] for p in parts]],
+                                       np.array([p[5] for p in parts], dtype=np.float64)[None, :], parts)
+            ranks, nbytes, parts = split
+            seconds = self._seconds(ranks, job.receiver, nbytes)
+            best = int(np.argmin((self.load_s[ranks] + seconds).max(axis=1)))
+            self.load_s[ranks[best]] += seconds[best]
+            group = src.groups[best].ranks
+            fmt, r = job.fmt.name, job.receiver
+            for i, inter, dst, owned, owned_dst, data_bytes, scale_bytes in parts:
+                out.append((group, Task(group[i], r, piece.src, inter, piece.dst, dst, DATA, fmt, data_bytes)))
+                if owned is not None:
+                    out.append((group, Task(group[i], r, piece.src, owned, job.scale_dst, owned_dst, SCALE, fmt,
+                                            scale_bytes)))
         return out
 
     def _best_irregular(self, src: SourceParam, job: _Job, elem: int) -> tuple[ShardGroup, list[tuple[int, Box]]]:
@@ -281,14 +301,10 @@ class _Assigner:
         return out
 
 
-def _tasks_for(rank: int, group: tuple[int, ...], job: _Job, part: Box, elem: int,
-               geometry: tuple | None = None) -> list[tuple[tuple, Task]]:
-    """(group, task) for ``part`` of a piece: its data and its share of the scales.
-
-    ``geometry`` is ``_geometry(job.piece, part, job.block)``, if the caller has it already.
-    """
+def _tasks_for(rank: int, group: tuple[int, ...], job: _Job, part: Box, elem: int) -> list[tuple[tuple, Task]]:
+    """(group, task) for ``part`` of a piece: its data and its share of the scales."""
     piece = job.piece
-    dst_part, owned, owned_dst = geometry or _geometry(piece, part, job.block)
+    dst_part, owned, owned_dst = _geometry(piece, part, job.block)
     out = [(group, Task(rank, job.receiver, piece.src, part, piece.dst, dst_part, DATA,
                         job.fmt.name, part.numel() * elem))]
     if owned is not None:
@@ -410,20 +426,25 @@ def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], bucket
     per_sender = {s: sum(t.nbytes for t in ts) for s, ts in tasks.items()}
     per_recv = {r: sum(t.nbytes for t in ts) for r, ts in arrivals.items()}
     load: dict[tuple[str, int], float] = defaultdict(float)
+    itemsize = {name: src.dtype.itemsize for name, src in by_name.items()}
     for s, ts in tasks.items():
         sdev = int(places.sender_dev[s])
-        kinds: dict[int, str] = {}  # per receiver of this sender: a million tasks share a few pairs
+        pair_bytes: dict[int, int] = defaultdict(int)  # a million tasks share a few pairs
+        read = 0
         for t in ts:
-            rdev = places.recv_dev[t.receiver]
-            kind = kinds.get(t.receiver) or kinds.setdefault(t.receiver, places.kind(s, t.receiver))
-            if t.kind == DATA:
-                load[("hbm", sdev)] += t.src_box.numel() * by_name[t.src].dtype.itemsize
-            load[("hbm", sdev)] += t.nbytes
+            pair_bytes[t.receiver] += t.nbytes
+            if t.kind == DATA:  # FP8 payloads are one byte per source element
+                read += t.nbytes * itemsize[t.src] if t.fmt != "none" else t.nbytes
+        load[("hbm", sdev)] += read
+        for r, nbytes in pair_bytes.items():
+            load[("hbm", sdev)] += nbytes
+            kind = places.kind(s, r)
             if kind != "device":
-                load[("hbm", rdev)] += t.nbytes
+                rdev = places.recv_dev[r]
+                load[("hbm", rdev)] += nbytes
                 link = "nvlink" if kind == "host" else "nic"
-                load[(link + "_out", sdev)] += t.nbytes
-                load[(link + "_in", rdev)] += t.nbytes
+                load[(link + "_out", sdev)] += nbytes
+                load[(link + "_in", rdev)] += nbytes
     if mode == "reconstruct":
         for b in buckets:
             if len(b.group) > 1:

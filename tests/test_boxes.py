@@ -38,6 +38,14 @@ def test_exact_cover_detects_gap_overlap_and_bounds():
     assert "outside" in check_exact_cover([Box((0, 0), (5, 4))], shape)
 
 
+def test_exact_cover_of_row_ranges_and_scalars():
+    rows = [Box((0, 0), (3, 4)), Box((3, 0), (1, 4))]
+    assert check_exact_cover(rows, (4, 4)) is None
+    assert "overlap" in check_exact_cover([Box((0, 0), (3, 4)), Box((2, 0), (2, 4))], (4, 4))
+    assert check_exact_cover([Box((), ())], ()) is None
+    assert "overlap" in check_exact_cover([Box((), ()), Box((), ())], ())
+
+
 def test_bad_box():
     with pytest.raises(ValueError, match="sizes must be"):
         Box((0,), (-1,))
