@@ -120,7 +120,11 @@ class WeightSender:
         if self.version is not None and version <= self.version:
             raise ValueError(f"version {version} does not increase: version {self.version} was pushed already")
         seq = self.seq + 1
-        self._publish(seq, version)
+        try:
+            self._publish(seq, version)
+        except PlanError:
+            self.seq = seq  # receivers saw the refusal under this push number: the next push is seq + 1
+            raise
         self.seq, self.version = seq, version
         handle = PushHandle(version, seq)
         if self._pack_stream is not None:
@@ -128,7 +132,8 @@ class WeightSender:
             handle._weights_ready.record(torch.cuda.current_stream(self.device))
         handle._thread = threading.Thread(target=self._run, args=(handle,), name=f"fsdp_sync-push-{seq}", daemon=True)
         if self.config.wait_for_receivers:
-            handle._after = lambda: self._wait_for_acks(seq, version)
+            num_receivers = self._plan.num_receivers
+            handle._after = lambda: self._wait_for_acks(seq, version, num_receivers)
         handle._thread.start()
         self._inflight = handle
         return handle
@@ -285,8 +290,8 @@ class WeightSender:
         handle._outcome["result"] = PushResult(handle.version, seq, seconds, sum(t.nbytes for t in plan.tasks),
                                                trace.stage_seconds(), budget.peak, floor, path)
 
-    def _wait_for_acks(self, seq: int, version: int) -> None:
-        keys = [ack_key(seq, r) for r in range(self._plan.num_receivers)]
+    def _wait_for_acks(self, seq: int, version: int, num_receivers: int) -> None:
+        keys = [ack_key(seq, r) for r in range(num_receivers)]
         self.control.wait(keys, describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
                           f"to commit version {version}")
         failures = [a for a in (self.control.get(k) for k in keys) if a != "ok"]

@@ -137,6 +137,12 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
                 results.put(("trainer", rank, case.name, "add_param", pack("no error")))
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("trainer", rank, case.name, "add_param", pack(f"{type(e).__name__}: {e}")))
+            del model._parameters["extra_bias"]  # fixed: the next push must plan and land again
+            try:
+                sender.push().wait()
+                results.put(("trainer", rank, case.name, "after_fix", pack(f"ok {sender.num_plans_built}")))
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                results.put(("trainer", rank, case.name, "after_fix", pack(f"{type(e).__name__}: {e}")))
         sender.close()
 
 
@@ -161,4 +167,9 @@ def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) ->
                 results.put(("receiver", rank, case.name, "add_param", pack("no error")))
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("receiver", rank, case.name, "add_param", pack(f"{type(e).__name__}: {e}")))
+            try:
+                results.put(("receiver", rank, case.name, "after_fix",
+                             pack(f"version {recv.wait_for(timeout=case.timeout_s)}")))
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                results.put(("receiver", rank, case.name, "after_fix", pack(f"{type(e).__name__}: {e}")))
         recv.close()

@@ -49,6 +49,12 @@ def test_changed_model_replans_and_refuses_missing_name():
         msg = out[("trainer", rank, "changed", "add_param")]
         assert msg.startswith("PlanError") and "extra_bias" in msg, msg
     assert "extra_bias" in out[("receiver", 0, "changed", "add_param")]
+    # Once the model is fixed, the next push plans again and lands: a refused push must not
+    # leave the two sides disagreeing about which push comes next.
+    # The restored model matches the plan already cached, so no new plan is needed.
+    assert out[("trainer", 0, "changed", "after_fix")] == "ok 1"
+    assert out[("trainer", 1, "changed", "after_fix")].startswith("ok")
+    assert out[("receiver", 0, "changed", "after_fix")] == f"version {case.versions + 1}"
 
 
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
