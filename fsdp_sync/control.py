@@ -104,6 +104,10 @@ def sender_host_key(rank: int) -> str:
     return f"send/host/{rank}"
 
 
+def sender_closed_key(rank: int) -> str:
+    return f"send/closed/{rank}"
+
+
 def plan_sender_key(fp: str, rank: int) -> str:
     return f"plan/{fp}/send/{rank}"
 

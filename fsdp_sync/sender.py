@@ -11,6 +11,7 @@ import contextlib
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,9 +21,9 @@ from torch import nn
 
 from .config import SyncConfig
 from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
-                      recv_meta_key, sender_error_key, sender_host_key)
+                      recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
 from .controller import Controller
-from .errors import PlanError, SyncError
+from .errors import PlanError, SyncError, SyncTimeout
 from .meta import SourceParam, clean_name, device_id, source_params
 from .packing import BucketPacker
 from .pipeline import ByteBudget, run_pipeline
@@ -85,7 +86,8 @@ class WeightSender:
         self.world_size = dist.get_world_size()
         self.host = host or socket.gethostname()
         self.device = device or _model_device(model)
-        self.control = ControlPlane.connect(config, serve=self.rank == 0 and config.host_control)
+        self._hosts_store = self.rank == 0 and config.host_control
+        self.control = ControlPlane.connect(config, serve=self._hosts_store)
         self.control.set(sender_host_key(self.rank), (self.host, device_id(self.device)))
         self.controller = Controller(self.control, config, self.world_size) if self.rank == 0 else None
         self.version: int | None = None
@@ -175,13 +177,33 @@ class WeightSender:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        failed = False
         if self._inflight is not None:
             try:
                 self._inflight.wait()
             except Exception:  # noqa: BLE001 - the caller saw it already or will not care at close
-                pass
+                failed = True
         if self._transport is not None:
             self._transport.close()
+        self._leave_control_plane(wait_for_peers=not failed)
+
+    def _leave_control_plane(self, *, wait_for_peers: bool) -> None:
+        """The rank hosting the store waits for every sender rank to close first.
+
+        Its exit takes the store down; a rank still reading its last acks would then fail
+        with a closed connection. After a failed push a peer may be dead, so the host
+        does not wait; otherwise a rank that never closes costs it one timeout.
+        """
+        self.control.set(sender_closed_key(self.rank), True)
+        if not (self._hosts_store and wait_for_peers):
+            return
+        keys = [sender_closed_key(r) for r in range(self.world_size)]
+        try:
+            self.control.wait(keys, describe=lambda missing: f"trainer ranks closing their senders ({missing})")
+        except SyncTimeout as e:
+            warnings.warn(f"fsdp_sync: closing the control plane anyway: {e}", stacklevel=3)
+        for key in keys:
+            self.control.store.delete_key(key)
 
     # -- planning ----------------------------------------------------------------------
     def _local_params(self) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -139,7 +140,10 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
                 results.put(("trainer", rank, case.name, "add_param", pack(f"{type(e).__name__}: {e}")))
             del model._parameters["extra_bias"]  # fixed: the next push must plan and land again
             try:
-                sender.push().wait()
+                handle = sender.push()
+                if case.extra.get("late_close") and rank != 0:
+                    time.sleep(1.0)  # reads its acks late: rank 0, which hosts the store, must still be there
+                handle.wait()
                 results.put(("trainer", rank, case.name, "after_fix", pack(f"ok {sender.num_plans_built}")))
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("trainer", rank, case.name, "after_fix", pack(f"{type(e).__name__}: {e}")))

@@ -42,7 +42,7 @@ def test_uneven_rows_and_fewer_rows_than_ranks_small_buckets():
 
 def test_changed_model_replans_and_refuses_missing_name():
     case = Case(name="changed", model="llama", mesh=(2,), num_receivers=1, tp=1, quant="none", mode="direct",
-                port=new_port(), extra={"add_param": True})
+                port=new_port(), extra={"add_param": True, "late_close": True})
     out = run_cases([case], num_senders=2, num_receivers=1)
     check_cases(out, [case], 1)
     for rank in (0, 1):
@@ -52,6 +52,7 @@ def test_changed_model_replans_and_refuses_missing_name():
     # Once the model is fixed, the next push plans again and lands: a refused push must not
     # leave the two sides disagreeing about which push comes next.
     # The restored model matches the plan already cached, so no new plan is needed.
+    # Rank 1 reads that push's acks a second late: rank 0, hosting the store, must wait for it.
     assert out[("trainer", 0, "changed", "after_fix")] == "ok 1"
     assert out[("trainer", 1, "changed", "after_fix")].startswith("ok")
     assert out[("receiver", 0, "changed", "after_fix")] == f"version {case.versions + 1}"
