@@ -27,6 +27,7 @@ Bit-exactness with the torch reference rests on four choices:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -275,7 +276,12 @@ class _CellPlan:
 
 
 def _plan_cells(box: Box, block: Sequence[int]) -> _CellPlan:
-    block = tuple(int(b) for b in block)
+    return _plan_cells_of(box, tuple(int(b) for b in block))
+
+
+@functools.lru_cache(maxsize=65536)
+def _plan_cells_of(box: Box, block: tuple[int, ...]) -> _CellPlan:
+    """Cached: a plan replays the same boxes every push, and this arithmetic is per launch."""
     if len(block) != box.ndim or box.ndim < 2:
         raise ValueError(f"block {block} must have one entry per dim of {box} (>= 2 dims)")
     if any(b < 1 for b in block):

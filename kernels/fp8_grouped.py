@@ -1,0 +1,179 @@
+"""One launch for many boxes: a bucket's block amaxes, or its FP8 quantizations, together.
+
+``fp8_quant`` launches once per box. A bucket of a dense 8B model holds hundreds of boxes,
+and each launch costs tens of microseconds of Python and driver time, more than the
+kernel takes to move a 128x128 block's bytes. Here each box becomes one row of an int64
+table (addresses, strides, sizes) and one launch runs every cell of every row: a program
+finds its row through a per-program index and turns the row's addresses into pointers.
+
+Only boxes whose cells are whole scale blocks take this path (``_CellPlan.fused``:
+``fp8_block``, ``fp8_rowwise`` rows up to ``MAX_TILE_COLS``); ``add`` returns False for
+the rest, which the caller sends through ``fp8_quant``. Per cell the arithmetic is the
+same as ``fp8_quant._fp8_cell_kernel``'s, so the bits are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fsdp_sync.boxes import Box
+from fsdp_sync.quant import FP8_DTYPE
+
+from .fp8_quant import _as_3d, _e4m3_bits, _num_warps, _plan_cells, _use_hw_cast
+
+# Columns of a row of the table, in the order the kernel loads them.
+_FIELDS = ("x", "q", "s", "sxb", "sxr", "sxc", "sqb", "sqr", "sqc", "ssb", "ssr", "ssc",
+           "rows", "cols", "skip_r", "skip_c", "cells_r", "cells_c", "block_r", "block_c", "first_program")
+_NUM_FIELDS = len(_FIELDS)
+_X_TYPES = {torch.bfloat16: tl.int16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.constexpr,
+                         TILE_R: tl.constexpr, TILE_C: tl.constexpr, QUANTIZE: tl.constexpr,
+                         HW_CAST: tl.constexpr):
+    """One cell (= one scale block) of the box in row ``row_of[pid]`` of ``table``.
+
+    QUANTIZE: FP8 of the cell with the block's scale, stored at ``q``. Otherwise the
+    cell's amax (float32) is stored where its scale lives, at ``s``.
+    """
+    pid = tl.program_id(0)
+    row = table + tl.load(row_of + pid).to(tl.int64) * NUM_FIELDS
+    x_ptr = tl.load(row + 0).to(tl.pointer_type(X_TYPE))
+    s_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    rows = tl.load(row + 12)
+    cols = tl.load(row + 13)
+    cells_r = tl.load(row + 16)
+    cells_c = tl.load(row + 17)
+    block_r = tl.load(row + 18)
+    block_c = tl.load(row + 19)
+    local = pid - tl.load(row + 20)
+    cell_c = local % cells_c
+    cell_r = (local // cells_c) % cells_r
+    b = local // (cells_c * cells_r)
+    r0 = cell_r * block_r - tl.load(row + 14)
+    c0 = cell_c * block_c - tl.load(row + 15)
+
+    tr = tl.arange(0, TILE_R)
+    tc = tl.arange(0, TILE_C)
+    mask_r = (tr < block_r) & (r0 + tr >= 0) & (r0 + tr < rows)
+    mask_c = (tc < block_c) & (c0 + tc >= 0) & (c0 + tc < cols)
+    mask = mask_r[:, None] & mask_c[None, :]
+
+    sxr = tl.load(row + 4)
+    sxc = tl.load(row + 5)
+    x_base = x_ptr + b * tl.load(row + 3) + r0 * sxr + c0 * sxc
+    x = tl.load(x_base + tr[:, None] * sxr.to(tl.int32) + tc[None, :] * sxc.to(tl.int32), mask=mask, other=0)
+    if X_TYPE == tl.int16:
+        x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)  # bfloat16 bits, as in fp8_quant
+    else:
+        x = x.to(tl.float32)
+
+    s_off = b * tl.load(row + 9) + cell_r * tl.load(row + 10) + cell_c * tl.load(row + 11)
+    if QUANTIZE:
+        q_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
+        sqr = tl.load(row + 7)
+        sqc = tl.load(row + 8)
+        inv = tl.math.div_rn(1.0, tl.load(s_ptr + s_off))
+        q = _e4m3_bits(x * inv, HW_CAST)
+        q_base = q_ptr + b * tl.load(row + 6) + r0 * sqr + c0 * sqc
+        tl.store(q_base + tr[:, None] * sqr.to(tl.int32) + tc[None, :] * sqc.to(tl.int32), q, mask=mask)
+    else:
+        amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        tl.store(s_ptr + s_off, amax_bits.to(tl.float32, bitcast=True))
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _strides_3d(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """Element strides of ``t`` seen as ``[batch, rows, cols]``; None if its leading dims do not collapse.
+
+    Arithmetic rather than a view: this runs once per box per push.
+    """
+    if t.ndim == 2:
+        return (0, *t.stride())
+    try:
+        return _as_3d(t, "t").stride()
+    except ValueError:
+        return None
+
+
+class GroupedCells:
+    """Collects boxes of one kind (amax or quantize) and runs them in one launch per tile shape.
+
+    The table holds addresses, so the batch keeps every tensor handed to ``add`` alive
+    until ``launch``; they must not change before it. ``launch`` runs on the current
+    stream of the device given here.
+    """
+
+    def __init__(self, device: torch.device, *, quantize: bool):
+        self.device = device
+        self.quantize = quantize
+        self._rows: dict[tuple, list[list[int]]] = defaultdict(list)
+        self._programs: dict[tuple, int] = defaultdict(int)
+        self._alive: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self._rows.values())
+
+    def add(self, x: torch.Tensor, box: Box, block: Sequence[int], scales: torch.Tensor,
+            out: torch.Tensor | None = None) -> bool:
+        """Queue the box ``box`` held as ``x``; False (nothing queued) if it needs ``fp8_quant``.
+
+        ``scales`` is float32 of the shape ``box.to_blocks(block)``, any strides: the scales
+        to quantize with, or where each block's amax goes. ``out`` (quantize only) is FP8
+        of ``x``'s shape, any strides, on this GPU or a peer it can write.
+        """
+        plan = _plan_cells(box, block)
+        if not plan.fused or x.dtype not in _X_TYPES:
+            return False
+        if tuple(x.shape) != box.sizes or tuple(scales.shape) != plan.grid.sizes or scales.dtype != torch.float32:
+            raise ValueError(f"x {tuple(x.shape)} and scales {tuple(scales.shape)} do not fit box {box}, block {block}")
+        if self.quantize and (out is None or out.dtype != FP8_DTYPE or out.shape != x.shape):
+            raise ValueError(f"out must be {FP8_DTYPE} of shape {tuple(x.shape)}")
+        if box.is_empty():
+            if not self.quantize:
+                scales.zero_()  # as block_amax: an empty box's blocks have amax 0
+            return True
+        xs, ss = _strides_3d(x), _strides_3d(scales)
+        qs = _strides_3d(out) if self.quantize else xs
+        if xs is None or ss is None or qs is None:
+            return False
+        tile = tuple(_next_power_of_2(c) for c in plan.cell)
+        if any(tile[0] * abs(t[1]) + tile[1] * abs(t[2]) >= 2**31 for t in (xs, qs)):
+            return False
+        key = (tile, x.dtype)
+        batch = x.numel() // (box.sizes[-2] * box.sizes[-1])
+        self._rows[key].append([x.data_ptr(), out.data_ptr() if self.quantize else 0, scales.data_ptr(), *xs, *qs,
+                                *ss, *box.sizes[-2:], *plan.skip, *plan.num_cells, *plan.block, self._programs[key]])
+        self._programs[key] += batch * plan.num_cells[0] * plan.num_cells[1]
+        self._alive += [x, scales] if out is None else [x, scales, out]
+        return True
+
+    def launch(self) -> None:
+        """One kernel per tile shape and input dtype over everything added; then empty."""
+        hw_cast = _use_hw_cast(self.device)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            for (tile, dtype), rows in self._rows.items():
+                table = torch.tensor(rows, dtype=torch.int64)
+                programs = self._programs[(tile, dtype)]
+                counts = torch.tensor([r[-1] for r in rows[1:]] + [programs]) - table[:, -1]
+                row_of = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), counts)
+                if self.device.type == "cuda":
+                    table = table.pin_memory().to(self.device, non_blocking=True)
+                    row_of = row_of.pin_memory().to(self.device, non_blocking=True)
+                    # The pinned host blocks are not reused before these copies end (caching host allocator).
+                _grouped_cell_kernel[(programs,)](
+                    table, row_of, X_TYPE=_X_TYPES[dtype], NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1],
+                    QUANTIZE=self.quantize, HW_CAST=hw_cast, num_warps=_num_warps(tile[0] * tile[1]))
+        self._rows.clear()
+        self._programs.clear()
+        self._alive.clear()

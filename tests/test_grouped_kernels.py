@@ -1,0 +1,125 @@
+"""The grouped FP8 kernel (one launch per bucket) against the plain-torch reference, bit for bit."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fsdp_sync.boxes import Box  # noqa: E402
+from fsdp_sync.kernels import fp8_quant as K  # noqa: E402
+from fsdp_sync.kernels.fp8_grouped import GroupedCells  # noqa: E402
+from fsdp_sync.quant import FP8_DTYPE, get_quant_format  # noqa: E402
+from tests.test_kernels import DEVICE, assert_same_bits, make_input, with_special_values  # noqa: E402
+
+
+def _cases():
+    """(name, x, box, block): boxes of several tensors, mid-block starts, strides, dtypes, formats."""
+    full = with_special_values(make_input((300, 400), seed=1))
+    three = make_input((2, 150, 260), seed=2)
+    fp32 = make_input((130, 129), dtype=torch.float32, seed=3)
+    fp16 = make_input((70, 300), dtype=torch.float16, seed=4)
+    wide = make_input((5, 2000), seed=5).t()  # (2000, 5), strides (1, 2000)
+    blk, row = get_quant_format("fp8_block"), get_quant_format("fp8_rowwise")
+    out = []
+    for name, t, box, fmt in [
+        ("mid-block rows", full, Box((37, 0), (150, 400)), blk),
+        ("column slice", full, Box((0, 129), (300, 171)), blk),
+        ("whole", full, Box.full(full.shape), blk),
+        ("3d", three, Box((1, 20, 0), (1, 130, 260)), blk),
+        ("fp32", fp32, Box.full(fp32.shape), blk),
+        ("fp16 rowwise", fp16, Box((3, 10), (60, 290)), row),
+        ("transposed", wide, Box((100, 1), (900, 4)), blk),
+        ("empty", full, Box((5, 0), (0, 400)), blk),
+    ]:
+        out.append((name, box.view(t), box, fmt.block_shape(t.shape)))
+    return out
+
+
+def test_amax_of_many_boxes_in_one_launch():
+    group = GroupedCells(DEVICE, quantize=False)
+    grids = {}
+    for name, x, box, block in _cases():
+        grids[name] = torch.full(box.to_blocks(block).sizes, -1.0, device=DEVICE)
+        assert group.add(x, box, block, grids[name]), name
+    group.launch()
+    for name, x, box, block in _cases():
+        # Which NaN an amax returns is its own business, as in test_kernels.
+        assert_same_bits(grids[name], K.reference_block_amax(x, box, block), any_nan=True)
+
+
+def test_quantize_many_boxes_into_strided_outputs_in_one_launch():
+    group = GroupedCells(DEVICE, quantize=False)
+    scales = {}
+    for name, x, box, block in _cases():
+        scales[name] = torch.empty(box.to_blocks(block).sizes, device=DEVICE)
+        group.add(x, box, block, scales[name])
+    group.launch()
+    group = GroupedCells(DEVICE, quantize=True)
+    outs, buffers = {}, {}
+    for name, x, box, block in _cases():
+        scales[name] = K.scales_from_amax(scales[name])
+        # A transposed view of a larger buffer: every store goes through both strides.
+        buffers[name] = torch.full((x.shape[-1] + 3, *x.shape[:-1]), 0x55, dtype=torch.uint8, device=DEVICE)
+        outs[name] = buffers[name][1:1 + x.shape[-1]].movedim(0, -1).view(FP8_DTYPE)
+        assert group.add(x, box, block, scales[name], out=outs[name]), name
+    assert len(group) == len(_cases()) - 1  # the empty box queues nothing
+    group.launch()
+    for name, x, box, block in _cases():
+        expected = K.reference_quantize_box(x, box, scales[name], box.to_blocks(block), block)
+        assert_same_bits(outs[name], expected)
+        assert buffers[name][0].eq(0x55).all() and buffers[name][-2:].eq(0x55).all(), name
+
+
+def test_boxes_whose_cells_are_not_blocks_are_left_to_the_caller():
+    x = make_input((64, 300))
+    box = Box.full(x.shape)
+    group = GroupedCells(DEVICE, quantize=False)
+    tensor_block = get_quant_format("fp8_tensor").block_shape(x.shape)
+    assert not group.add(x, box, tensor_block, torch.empty(1, 1, device=DEVICE))
+    long_rows = make_input((4, 20000))
+    row_block = get_quant_format("fp8_rowwise").block_shape(long_rows.shape)
+    assert not group.add(long_rows, Box.full(long_rows.shape), row_block, torch.empty(4, 1, device=DEVICE))
+    assert len(group) == 0
+
+
+def test_mismatched_arguments_name_the_shapes():
+    x = make_input((200, 300))
+    group = GroupedCells(DEVICE, quantize=True)
+    with pytest.raises(ValueError, match=r"scales \(1, 1\)"):
+        group.add(x, Box.full(x.shape), (128, 128), torch.ones(1, 1, device=DEVICE), out=torch.empty_like(x, dtype=FP8_DTYPE))
+    with pytest.raises(ValueError, match="out must be"):
+        group.add(x, Box.full(x.shape), (128, 128), torch.ones(2, 3, device=DEVICE))
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_grouped_large_and_into_a_peer():
+    """Large boxes, and (with 2 GPUs) stores straight into a peer GPU's buffer."""
+    peer = torch.device("cuda", 1 if torch.cuda.device_count() > 1 else 0)
+    torch.ones(1, device="cuda:0").to(peer)  # enables peer access
+    xs = [make_input((4096, 7168), seed=7), make_input((7, 1000, 2112), seed=8)]
+    boxes = [Box((300, 64), (3000, 7000)), Box((0, 129, 0), (7, 800, 2112))]
+    block_of = [get_quant_format("fp8_block").block_shape(x.shape) for x in xs]
+    amax = GroupedCells(DEVICE, quantize=False)
+    grids = [torch.empty(b.to_blocks(k).sizes, device=DEVICE) for b, k in zip(boxes, block_of)]
+    for x, box, block, grid in zip(xs, boxes, block_of, grids):
+        amax.add(box.view(x), box, block, grid)
+    amax.launch()
+    quant = GroupedCells(DEVICE, quantize=True)
+    outs = [torch.empty(b.sizes, dtype=FP8_DTYPE, device=peer) for b in boxes]
+    scales = [K.scales_from_amax(g) for g in grids]
+    for x, box, block, s, out in zip(xs, boxes, block_of, scales, outs):
+        quant.add(box.view(x), box, block, s, out=out)
+    quant.launch()
+    torch.cuda.synchronize()
+    for x, box, block, grid, s, out in zip(xs, boxes, block_of, grids, scales, outs):
+        assert_same_bits(grid, K.reference_block_amax(box.view(x), box, block))
+        expected = K.reference_quantize_box(box.view(x), box, s, box.to_blocks(block), block)
+        assert_same_bits(out.cpu(), expected.cpu())
