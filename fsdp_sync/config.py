@@ -12,6 +12,9 @@ from .quant import DEFAULT_QUANT_SKIP, QUANT_FORMATS
 
 MODES = ("direct", "reconstruct")
 TRANSPORTS = ("auto", "gloo", "shm", "cuda_ipc", "nccl", "rdma")  # see fsdp_sync.transport
+# auto: grouped Triton launches on GPU, the torch reference on CPU. grouped / per_box force
+# Triton (on CPU under TRITON_INTERPRET=1, for tests); reference forces plain torch.
+KERNELS = ("auto", "grouped", "per_box", "reference")
 
 
 @dataclass(kw_only=True)
@@ -44,6 +47,7 @@ class SyncConfig:
     wait_for_receivers: bool = True  # push().wait() returns once every receiver committed
     trace_dir: str | None = None  # write a Chrome trace of each push per rank here
     fused_writes: bool = True  # one-sided transports: kernels store straight into the destination
+    kernels: str = "auto"  # FP8 kernels: auto | grouped (one launch per bucket) | per_box | reference
     links: LinkModel = field(default_factory=LinkModel)
 
     def __post_init__(self) -> None:
@@ -53,6 +57,8 @@ class SyncConfig:
             raise ValueError(f"SyncConfig.mode={self.mode!r} is not one of {list(MODES)}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"SyncConfig.transport={self.transport!r} is not one of {list(TRANSPORTS)}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"SyncConfig.kernels={self.kernels!r} is not one of {list(KERNELS)}")
         if self.watermark_mb <= 0:
             raise ValueError(f"SyncConfig.watermark_mb must be > 0, got {self.watermark_mb}")
         if self.timeout_s <= 0:

@@ -28,13 +28,17 @@ from .trace import Trace
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _kernels_for(device: torch.device):
-    """The Triton kernels on GPU, the plain-torch reference on CPU: same signatures, same bits."""
-    if device.type == "cuda":
-        from .kernels import fp8_quant
+def _kernels_for(device: torch.device, kernels: str):
+    """(per-box ops, whether to group launches): Triton or the plain-torch reference, same bits.
 
-        return fp8_quant
-    return quant
+    ``auto`` groups Triton launches on GPU and takes the reference on CPU; the others
+    force their choice (Triton on CPU runs only under TRITON_INTERPRET=1).
+    """
+    if kernels == "reference" or (kernels == "auto" and device.type != "cuda"):
+        return quant, False
+    from .kernels import fp8_quant
+
+    return fp8_quant, kernels in ("auto", "grouped")
 
 
 class BucketPacker:
@@ -43,15 +47,19 @@ class BucketPacker:
     ``destination(task)`` may return a tensor the packer can write straight into (a
     peer GPU's buffer opened over CUDA IPC, a shared-memory file): the quantize kernel
     then stores there, no staging and no separate transfer, and the payload is None.
+
+    With grouped kernels a bucket's amaxes take one launch and its quantizations another
+    (``fsdp_sync.kernels.fp8_grouped``), instead of one launch per parameter each.
     """
 
     def __init__(self, plan: SenderPlan, sources: dict[str, SourceParam], groups: dict[tuple[int, ...], object],
-                 device: torch.device, destination: Callable[[Task], torch.Tensor | None] | None = None):
+                 device: torch.device, destination: Callable[[Task], torch.Tensor | None] | None = None,
+                 kernels: str = "auto"):
         self.plan = plan
         self.sources = sources
         self.groups = groups
         self.device = device
-        self.ops = _kernels_for(device)
+        self.ops, self.grouped = _kernels_for(device, kernels)
         self.destination = destination or (lambda task: None)
         self.tasks_of: dict[int, list[Task]] = defaultdict(list)
         for t in plan.tasks:
@@ -69,7 +77,20 @@ class BucketPacker:
         with trace.span("amax" if self.plan.mode == "direct" else "scale", f"bucket {bucket.index}"):
             scales = self._scales(bucket, held, held_boxes)
         with trace.span("quantize", f"bucket {bucket.index}"):
-            return [(t, self._payload(t, held[t.src], held_boxes[t.src], scales)) for t in self.tasks_of[bucket.index]]
+            batch = self._batch(quantize=True)
+            out = [(t, self._payload(t, held[t.src], held_boxes[t.src], scales, batch))
+                   for t in self.tasks_of[bucket.index]]
+            if batch is not None:
+                batch.launch()
+            return out
+
+    def _batch(self, *, quantize: bool):
+        """A fresh launch batch when grouping, else None."""
+        if not self.grouped:
+            return None
+        from .kernels.fp8_grouped import GroupedCells
+
+        return GroupedCells(self.device, quantize=quantize)
 
     def _on_device(self, t: torch.Tensor, trace: Trace) -> torch.Tensor:
         if t.device == self.device:
@@ -127,17 +148,27 @@ class BucketPacker:
         sizes = [Box.full(shape).numel() for shape in shapes.values()]
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
         grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(flat.split(sizes), shapes.values()))))
+        batch = self._batch(quantize=False)
         for name, grid in grids.items():
             box = held_boxes[name]
-            if box.numel():
-                box.to_blocks(blocks[name]).view(grid).copy_(self.ops.block_amax(held[name], box, blocks[name]))
+            if not box.numel():
+                continue
+            region = box.to_blocks(blocks[name]).view(grid)
+            if batch is None or not batch.add(held[name], box, blocks[name], region):
+                region.copy_(self.ops.block_amax(held[name], box, blocks[name]))
+        if batch is not None:
+            batch.launch()
         if self.plan.mode == "direct" and len(bucket.group) > 1 and grids:
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.groups[bucket.group])
         scales = scales_from_amax(flat)
         return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
 
-    def _payload(self, task: Task, held: torch.Tensor, held_box: Box,
-                 scales: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _payload(self, task: Task, held: torch.Tensor, held_box: Box, scales: dict[str, torch.Tensor],
+                 batch) -> torch.Tensor | None:
+        """The task's bytes, or None once they are stored at ``destination(task)``.
+
+        Quantizations queued on ``batch`` are written when the caller launches it.
+        """
         out = self.destination(task)
         if task.kind != DATA:
             data = task.src_box.view(scales[task.src])
@@ -148,10 +179,20 @@ class BucketPacker:
             else:
                 block = get_quant_format(task.fmt).block_shape(self.sources[task.src].shape)
                 grid = scales[task.src]
-                if out is not None and self.device.type == "cuda":
+                direct = out is not None and out.device.type == self.device.type
+                if batch is not None and (direct or out is None):
+                    target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
+                    if batch.add(part, task.src_box, block, task.src_box.to_blocks(block).view(grid), out=target):
+                        return None if direct else target
+                if direct and self.device.type == "cuda":
                     self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
                     return None
                 data = self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
+        return self._deliver(data, out)
+
+    @staticmethod
+    def _deliver(data: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
+        """``data`` as the payload, or copied into the destination (then no payload)."""
         if out is None:
             return data
         out.copy_(data, non_blocking=True)

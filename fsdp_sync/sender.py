@@ -256,7 +256,8 @@ class WeightSender:
         send_cls, _ = get_transport(self._plan.transport)
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host)
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
-                                    destination=self._transport.destination if self.config.fused_writes else None)
+                                    destination=self._transport.destination if self.config.fused_writes else None,
+                                    kernels=self.config.kernels)
 
     # -- the push itself -----------------------------------------------------------------
     def _run(self, handle: PushHandle) -> None:

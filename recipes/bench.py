@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from fsdp_sync import LayoutSpec, LinkModel, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
+from fsdp_sync.config import KERNELS
 from fsdp_sync.destinations import checksum, expected_destinations
 from recipes import baselines
 from recipes.jobs import free_port, spawn_context, start_job
@@ -70,6 +71,7 @@ class Spec:
     baseline_repeats: int
     watermark_mb: float
     probe_receiver: int = 0  # a receiver on another GPU than trainer rank 0
+    kernels: str = "auto"  # SyncConfig.kernels: grouped launches per bucket, or one per box
     mesh: tuple[int, ...] = ()  # trainer mesh: (shard,) for FSDP, (replicate, shard) for HSDP
 
     def layout(self, r: int) -> LayoutSpec:
@@ -148,7 +150,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
                          transport=transport.removesuffix("-staged"), timeout_s=300, watermark_mb=spec.watermark_mb,
                          links=links, host_control=False,  # the bench's own store, hosted by the parent
-                         fused_writes=not transport.endswith("-staged"))
+                         fused_writes=not transport.endswith("-staged"), kernels=spec.kernels)
         sender = WeightSender(model, cfg)
         sender.push(1).wait()
         _verify(model, spec, store, cfg, rank)
@@ -172,7 +174,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             rows.append(dict(quant=quant, mode=mode, transport=transport, bytes=plan.stats.bytes_total,
                              floor_s=plan.stats.floor_s, times_s=times, peak_extra_bytes=int(peak.item()),
                              watermark_bytes=cfg.watermark_bytes, plan_s=plan.stats.plan_s,
-                             num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2]))
+                             num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2], kernels=cfg.kernels))
         sender.close()
         torch.cuda.empty_cache()
         if rank == 0:
@@ -299,7 +301,8 @@ def run_case(name: str, args, ctx) -> dict:
     configs = [(q, m, t, store.port) for t in transports for q in args.quants for m in args.modes]
     spec = Spec(name, model, case["senders"], case["receivers"], case["tp"], store.port, configs, args.repeats,
                 args.warmup, args.baseline_repeats, args.watermark_mb,
-                probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1, mesh=case.get("mesh", ()))
+                probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1, mesh=case.get("mesh", ()),
+                kernels=args.kernels)
     results = ctx.Queue()
     procs = start_job(ctx, trainer, spec.senders, results, spec, results, gpu_offset=0)
     procs += start_job(ctx, receiver, spec.receivers, results, spec, results, gpu_offset=case["receiver_gpu_offset"])
@@ -353,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="direct,reconstruct")
     ap.add_argument("--transports", default="cuda_ipc,nccl",
                     help="cuda_ipc, nccl; 'cuda_ipc-staged' quantizes locally, then copies (fused_writes=False)")
+    ap.add_argument("--kernels", default="auto", choices=KERNELS,
+                    help="FP8 kernels: auto/grouped = one launch per bucket, per_box = one per parameter box")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--baseline-repeats", type=int, default=3)
