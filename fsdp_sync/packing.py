@@ -11,6 +11,7 @@ Both compute the same scale grids (MAX is exact), so they give identical bytes.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Callable
 
@@ -31,13 +32,18 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 def _kernels_for(device: torch.device, kernels: str):
     """(per-box ops, whether to group launches): Triton or the plain-torch reference, same bits.
 
-    ``auto`` groups Triton launches on GPU and takes the reference on CPU; the others
-    force their choice (Triton on CPU runs only under TRITON_INTERPRET=1).
+    ``auto`` groups Triton launches on GPU (unless they fail a self-check against the
+    per-box kernels, which it says) and takes the reference on CPU; the others force their
+    choice (Triton on CPU runs only under TRITON_INTERPRET=1).
     """
     if kernels == "reference" or (kernels == "auto" and device.type != "cuda"):
         return quant, False
-    from .kernels import fp8_quant
+    from .kernels import fp8_grouped, fp8_quant
 
+    if kernels == "auto" and (reason := fp8_grouped.self_check(device)):
+        warnings.warn(f"fsdp_sync: grouped FP8 launches failed their self-check on {device} ({reason}); "
+                      "launching per box instead", stacklevel=3)
+        return fp8_quant, False
     return fp8_quant, kernels in ("auto", "grouped")
 
 

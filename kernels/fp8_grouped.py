@@ -15,6 +15,7 @@ same as ``fp8_quant._fp8_cell_kernel``'s, so the bits are the same.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from typing import Sequence
 
@@ -177,3 +178,37 @@ class GroupedCells:
         self._rows.clear()
         self._programs.clear()
         self._alive.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def self_check(device: torch.device) -> str | None:
+    """Why grouped launches cannot be trusted on ``device``, or None if they match ``fp8_quant``.
+
+    Two boxes (one mid-block, one transposed), amax then quantize, compared bit for bit
+    with the per-box kernels. ``kernels=auto`` runs this once per process before grouping.
+    """
+    from . import fp8_quant
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        full = torch.randn(300, 260, generator=gen).to(torch.bfloat16).to(device)
+        cases = [(Box((37, 0), (200, 260)), full), (Box((0, 5), (250, 250)), full.t().contiguous().t())]
+        block = (128, 128)
+        views = [box.view(t) for box, t in cases]
+        amax, quant = GroupedCells(device, quantize=False), GroupedCells(device, quantize=True)
+        grids = [torch.empty(box.to_blocks(block).sizes, device=device) for box, _ in cases]
+        for (box, _), x, grid in zip(cases, views, grids):
+            amax.add(x, box, block, grid)
+        amax.launch()
+        outs = [torch.empty(x.shape, dtype=FP8_DTYPE, device=device) for x in views]
+        for (box, _), x, grid, out in zip(cases, views, grids, outs):
+            quant.add(x, box, block, fp8_quant.scales_from_amax(grid), out=out)
+        quant.launch()
+        for (box, _), x, grid, out in zip(cases, views, grids, outs):
+            want = fp8_quant.block_amax(x, box, block)
+            expected = fp8_quant.quantize_box(x, box, fp8_quant.scales_from_amax(want), box.to_blocks(block), block)
+            if not (torch.equal(grid, want) and torch.equal(out.view(torch.uint8), expected.view(torch.uint8))):
+                return f"grouped and per-box kernels disagree on box {box}"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not group
+        return f"{type(e).__name__}: {e}"
+    return None

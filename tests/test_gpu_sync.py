@@ -36,3 +36,14 @@ def test_odd_shapes_small_buckets_ipc():
     cases = all_cases("godd", model="odd", mesh=(2,), num_receivers=1, tp=1, transport="cuda_ipc", device="cuda",
                       watermark_mb=0.05)
     check_cases(run_cases(cases, num_senders=2, num_receivers=1, receiver_gpu_offset=1), cases, 1)
+
+
+@needs_two
+@pytest.mark.parametrize("kernels", ["grouped", "per_box"])
+def test_grouped_and_per_box_launches_land_the_same_bytes(kernels):
+    """Both FP8 launch strategies: over IPC (stores into the peer, FSDP 2 -> 1) and NCCL (staged, 1 -> 1)."""
+    for transport, senders in (("cuda_ipc", 2), ("nccl", 1)):
+        cases = [c for c in all_cases(f"gk-{kernels}-{transport}", model="odd", mesh=(senders,), num_receivers=1,
+                                      tp=1, transport=transport, device="cuda", watermark_mb=0.05, kernels=kernels)
+                 if c.quant != "none"]
+        check_cases(run_cases(cases, num_senders=senders, num_receivers=1, receiver_gpu_offset=1), cases, 1)

@@ -123,3 +123,28 @@ def test_gpu_grouped_large_and_into_a_peer():
         assert_same_bits(grid, K.reference_block_amax(box.view(x), box, block))
         expected = K.reference_quantize_box(box.view(x), box, s, box.to_blocks(block), block)
         assert_same_bits(out.cpu(), expected.cpu())
+
+
+def test_self_check_passes_and_reports_a_broken_kernel(monkeypatch):
+    from fsdp_sync.kernels import fp8_grouped
+
+    fp8_grouped.self_check.cache_clear()
+    assert fp8_grouped.self_check(DEVICE) is None
+    real_launch = GroupedCells.launch
+
+    def fail(self):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(fp8_grouped.GroupedCells, "launch", fail)
+    fp8_grouped.self_check.cache_clear()
+    assert fp8_grouped.self_check(DEVICE) == "RuntimeError: no kernel today"
+
+    def skip_quantize(self):
+        if self.quantize:
+            self._rows.clear()  # values never written
+        real_launch(self)
+
+    monkeypatch.setattr(fp8_grouped.GroupedCells, "launch", skip_quantize)
+    fp8_grouped.self_check.cache_clear()
+    assert "disagree" in fp8_grouped.self_check(DEVICE)
+    fp8_grouped.self_check.cache_clear()
