@@ -47,6 +47,18 @@ def _kernels_for(device: torch.device, kernels: str):
     return fp8_quant, kernels in ("auto", "grouped")
 
 
+def all_reduce_amax(amax: torch.Tensor, group) -> None:
+    """MAX of float32 amaxes over ``group``, in place, as integers so that NaN always wins.
+
+    A float MAX may drop NaN (gloo's does, depending on the order of its operands).
+    Non-negative floats order like their bits; with the sign bit cleared every NaN's bits
+    exceed inf's, as the Triton kernels already compute amax.
+    """
+    bits = amax.view(torch.int32)
+    bits.bitwise_and_(0x7FFFFFFF)
+    dist.all_reduce(bits, op=dist.ReduceOp.MAX, group=group)
+
+
 class BucketPacker:
     """Packs this rank's tasks bucket by bucket, running the bucket's collectives.
 
@@ -165,7 +177,7 @@ class BucketPacker:
         if batch is not None:
             batch.launch()
         if self.plan.mode == "direct" and len(bucket.group) > 1 and grids:
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.groups[bucket.group])
+            all_reduce_amax(flat, self.groups[bucket.group])
         scales = scales_from_amax(flat)
         return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
 
