@@ -19,9 +19,14 @@ from .config import SyncConfig
 from .errors import SyncError, SyncTimeout
 
 # Waits poll with check(): a timed-out TCPStore.wait() can leave its late reply on the
-# socket. A few ms between checks keeps a push's handshakes well under its transfer time.
-_POLL_MIN_S = 0.0005
+# socket (and logs twice). Each poll hop of a push (done keys, acks) costs up to the
+# interval between checks, so the interval backs off from 50 us only as far as the store
+# can serve: all pollers together make about _CHECKS_PER_S checks, with the interval
+# held between 0.25 ms (a few processes) and 5 ms (hundreds).
+_POLL_MIN_S = 0.00005
+_POLL_FLOOR_S = 0.00025
 _POLL_MAX_S = 0.005
+_CHECKS_PER_S = 100_000
 
 
 class ControlPlane:
@@ -31,6 +36,11 @@ class ControlPlane:
         self.root = store
         self.store = dist.PrefixStore(f"fsdp_sync/{job}/", store)
         self.timeout_s = timeout_s
+        self.poll_max_s = _POLL_MAX_S
+
+    def set_pollers(self, count: int) -> None:
+        """How many processes (senders and receivers) poll this store: sets the longest poll interval."""
+        self.poll_max_s = min(_POLL_MAX_S, max(_POLL_FLOOR_S, count / _CHECKS_PER_S))
 
     @classmethod
     def connect(cls, config: SyncConfig, *, serve: bool) -> "ControlPlane":
@@ -80,7 +90,7 @@ class ControlPlane:
                 what = describe(missing) if describe else f"keys {missing}"
                 raise SyncTimeout(f"timed out after {timeout_s or self.timeout_s:.1f}s waiting for {what}")
             time.sleep(pause)
-            pause = min(pause * 2, _POLL_MAX_S)
+            pause = min(pause * 2, self.poll_max_s)
 
     def first_error(self, keys: Sequence[str]) -> str | None:
         """The value of the first existing error key among ``keys``, if any."""

@@ -37,6 +37,7 @@ from .transport import get_transport
 
 log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.005  # how late an idle receiver may notice a push
+_IDLE_POLL_MIN_S = 0.00005  # right after a push it looks again soon: back-to-back pushes
 COMMIT_MODES = ("in_place", "staged")
 
 
@@ -153,12 +154,15 @@ class WeightReceiver:
 
     # -- the background loop -----------------------------------------------------------
     def _loop(self) -> None:
+        pause = _IDLE_POLL_MIN_S
         while not self._stop.is_set():
             seq = self._seq + 1
             try:
                 if not self.control.has(push_key(seq)):
-                    time.sleep(_IDLE_POLL_S)
+                    time.sleep(pause)
+                    pause = min(pause * 2, _IDLE_POLL_S)
                     continue
+                pause = _IDLE_POLL_MIN_S
                 self._seq = seq
                 self._land(seq)
             except BaseException as e:  # noqa: BLE001 - handed to wait_for
@@ -189,6 +193,7 @@ class WeightReceiver:
         _, version, fp = announced
         if self._plan is None or self._plan.fingerprint != fp:
             self._plan = self.control.get(plan_receiver_key(fp, self.rank))
+            self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
             if self._transport is not None:
                 self._transport.close()
             self._transport = get_transport(self._plan.transport)[1](self.control, self._plan, self._staging,

@@ -255,6 +255,7 @@ class WeightSender:
 
     def _load_plan(self, fp: str) -> None:
         self._plan = self.control.get(plan_sender_key(fp, self.rank))
+        self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
         for ranks in self._plan.groups:
             if ranks not in self._groups:
                 # Sync's own groups, so its collectives never interleave with FSDP's.
