@@ -80,6 +80,7 @@ class BucketPacker:
         self.ops, self.grouped = _kernels_for(device, kernels)
         self.destination = destination or (lambda task: None)
         self.tasks_of: dict[int, list[Task]] = defaultdict(list)
+        self._slices: dict[tuple[int, Box], tuple[slice, ...]] = {}  # tasks live as long as the plan
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
 
@@ -101,6 +102,14 @@ class BucketPacker:
             if batch is not None:
                 batch.launch()
             return out
+
+    def _slices_in(self, task: Task, held_box: Box) -> tuple[slice, ...]:
+        """Where the task's box lies in the held tensor; the same every push, so computed once."""
+        key = (id(task), held_box)
+        hit = self._slices.get(key)
+        if hit is None:
+            hit = self._slices[key] = task.src_box.relative_to(held_box).slices()
+        return hit
 
     def _batch(self, *, quantize: bool):
         """A fresh launch batch when grouping, else None."""
@@ -191,7 +200,7 @@ class BucketPacker:
         if task.kind != DATA:
             data = task.src_box.view(scales[task.src])
         else:
-            part = task.src_box.relative_to(held_box).view(held)
+            part = held[self._slices_in(task, held_box)]
             if task.fmt == "none":
                 data = part
             else:
