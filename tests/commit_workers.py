@@ -18,11 +18,18 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64)).to(torch.bfloat16)
 
 
-def trainer(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_at: int | None) -> None:
+def _device(gpu: bool) -> torch.device:
+    """The GPU recipes.jobs.start_job gave this process, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+
+
+def trainer(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_at: int | None,
+            gpu: bool = False) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = fully_shard(_model(), mesh=init_device_mesh("cpu", (world_size,)))
+    device = _device(gpu)
+    model = fully_shard(_model().to(device), mesh=init_device_mesh(device.type, (world_size,)))
 
     def die_mid_push(done: int, total: int) -> None:
         if rank == 1 and sender.version == kill_at:
@@ -37,9 +44,10 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill
     sender.close()
 
 
-def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_at: int | None) -> bytes:
+def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_at: int | None,
+           gpu: bool = False) -> bytes:
     """Reads its live weights in a loop, committing between reads, as an engine between steps."""
-    model = _model()
+    model = _model().to(_device(gpu))
     recv = WeightReceiver(model, config=cfg, commit="staged")
     seen, reads, torn = set(), 0, []
     writes_during_reads = threading.Event()

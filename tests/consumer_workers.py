@@ -82,3 +82,72 @@ def fp8_engine(rank: int, world_size: int, cfg: SyncConfig) -> bytes:
         logits = plain(input_ids=PROMPTS).logits
     recv.close()
     return pack({"params": params, "logits": logits})
+
+
+# -- GPU: a trained model, transformers' FP8Linear with its GPU kernels -----------------------
+
+EVAL_PROBLEMS = 256  # 2-digit additions, teacher-forced: the answer positions are what a sampler generates
+
+
+def _addition_batch(num: int, seed: int) -> tuple[torch.Tensor, int]:
+    """prompt+answer token sequences and the index of the first logit that predicts an answer token."""
+    from recipes.grpo_task import Addition
+
+    task = Addition(2)
+    a, b = task.problems(num, seed=seed)
+    return torch.cat([task.prompts(a, b), task.answers(a, b)], dim=1), task.prompt_len - 1
+
+
+def gpu_trained_trainer(rank: int, world_size: int, cfg: SyncConfig, max_steps: int, target_loss: float) -> bytes | None:
+    """Trains the tiny Llama on addition until its answers are confident, then shards it and pushes once.
+
+    A random model's logits are nearly flat, so FP8 rounding flips their argmax; a trained
+    model's are not, as a real checkpoint's are not.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from recipes.grpo_loss import supervised_loss
+    from recipes.grpo_task import Addition
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_model(tiny_llama_config(), seed=0, dtype=DTYPE).to(device)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    task, loss = Addition(2), float("inf")
+    for step in range(max_steps):
+        a, b = task.problems(256, seed=10_000 + step)
+        loss_t = supervised_loss(model, task.prompts(a, b).to(device), task.answers(a, b).to(device))
+        loss_t.backward()
+        optim.step()
+        optim.zero_grad()
+        if step % 50 == 0 and (loss := loss_t.item()) < target_loss:
+            break
+    model = apply_fsdp(model, init_device_mesh("cuda", (world_size,)))
+    sender = WeightSender(model, cfg)
+    sender.push(1).wait()
+    full = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
+    seqs, _ = _addition_batch(EVAL_PROBLEMS, seed=1)
+    with torch.no_grad():
+        logits = model(input_ids=seqs.to(device)).logits.float().cpu()
+    sender.close()
+    return pack({"full": full, "logits": logits, "train_loss": loss, "steps": step + 1}) if rank == 0 else None
+
+
+def gpu_fp8_engine(rank: int, world_size: int, cfg: SyncConfig, *_: object) -> bytes:
+    """transformers' fine-grained FP8 Llama on its GPU, filled by the push, run with FP8Linear's own kernels."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = replace_with_fp8_linear(build_model(tiny_llama_config(), seed=123, dtype=DTYPE),
+                                    modules_to_not_convert=["lm_head"],
+                                    quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128]))
+    model.to_empty(device=device)
+    recv = WeightReceiver(model, config=cfg, commit="staged")
+    recv.wait_for(1)
+    recv.commit()
+    seqs, _ = _addition_batch(EVAL_PROBLEMS, seed=1)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=seqs.to(device)).logits.float().cpu()
+    params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    recv.close()
+    return pack({"params": params, "logits": logits})

@@ -6,18 +6,22 @@ import queue
 import time
 
 import pytest
+import torch
 
 from fsdp_sync import SyncConfig
 from recipes.jobs import free_port, spawn_context, start_job, unpack
 from tests import commit_workers
 
 
-def _run(transport: str, num_versions: int, kill_at: int | None) -> dict:
+def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = False, trainers: int = 2) -> dict:
+    """With ``gpu``, trainer rank r runs on GPU r and the engine on the last GPU."""
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"torn-{transport}", transport=transport, timeout_s=10.0)
     ctx = spawn_context()
     results = ctx.Queue()
-    procs = start_job(ctx, commit_workers.trainer, 2, results, cfg, num_versions, kill_at)
-    procs += start_job(ctx, commit_workers.engine, 1, results, cfg, num_versions, kill_at)
+    procs = start_job(ctx, commit_workers.trainer, trainers, results, cfg, num_versions, kill_at, gpu,
+                      gpu_offset=0 if gpu else None)
+    procs += start_job(ctx, commit_workers.engine, 1, results, cfg, num_versions, kill_at, gpu,
+                       gpu_offset=-1 if gpu else None)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
@@ -51,3 +55,20 @@ def test_failed_push_leaves_live_weights_at_last_version():
     assert "Sync" in out["after_kill"], out["after_kill"]
     assert out["version_after_kill"] == 5
     assert out["live_after_kill"] == [5.0]
+
+
+needs_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                    reason="needs 2 GPUs")
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("transport,trainers", [("cuda_ipc", 2), ("nccl", 1)])
+def test_gpu_reader_never_sees_a_mixture_over_100_pushes(transport, trainers):
+    """IPC writes land in the engine's GPU shadow copy while its reader loop runs; NCCL likewise.
+
+    (NCCL refuses two ranks on one GPU, so its trainer is GPU0 alone.)
+    """
+    out = _run(transport, num_versions=100, kill_at=None, gpu=True, trainers=trainers)
+    assert out["torn"] == [], out["torn"][:3]
+    assert out["seen"][-1] == 100 and out["reads"] >= 100
