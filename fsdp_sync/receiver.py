@@ -91,6 +91,7 @@ class WeightReceiver:
         self.landed_version: int | None = None  # the newest version whose every byte landed
         self._staging_lock = threading.Lock()  # held while a push writes or commit() reads staging
         self._staging_valid = True  # staging holds a whole landed version
+        self._paused = False  # in_place: pause() was called and resume() not yet
         self._plan: ReceiverPlan | None = None
         self._transport = None
         self._error: BaseException | None = None
@@ -201,10 +202,7 @@ class WeightReceiver:
         if self.landed_version is not None and version <= self.landed_version:
             raise SyncError(f"receiver {self.rank}: push {seq} announces version {version}, "
                             f"not newer than landed version {self.landed_version}")
-        if not self.meta.gated:
-            self._transport.receive(seq, self.config.timeout_s)
-            self._landed(version, live=True)
-        elif self.commit_mode == "staged":
+        if self.commit_mode == "staged":
             with self._staging_lock:
                 self._staging_valid = False  # partial until this push lands; a failure leaves it so
                 self.control.set(ready_key(seq, self.rank), True)
@@ -212,14 +210,33 @@ class WeightReceiver:
                 self._landed(version, live=False)
                 self._staging_valid = True
         else:
-            self._pause()
-            try:
-                self.control.set(ready_key(seq, self.rank), True)
-                self._transport.receive(seq, self.config.timeout_s)
-                self._landed(version, live=True)
-            finally:
-                self._resume()
+            self._land_in_place(seq, version)
         self.control.set(ack_key(seq, self.rank), "ok")
+
+    def _land_in_place(self, seq: int, version: int) -> None:
+        """Writes go to the live tensors, with the engine paused if it gave ``pause``.
+
+        A push that fails once writing began leaves them torn: the receiver then reports no
+        version (None) and a paused engine stays paused until a later push lands whole, so
+        nothing is served from half a version. (``commit="staged"`` keeps the last one.)
+        """
+        if self._pause is not None and not self._paused:
+            self._pause()
+            self._paused = True
+        if self.meta.gated:
+            self.control.set(ready_key(seq, self.rank), True)
+        try:
+            self._transport.receive(seq, self.config.timeout_s)
+        except Exception as e:
+            with self._cond:
+                self.version = self.landed_version = None
+            state = "stays paused" if self._paused else "must not serve them"
+            raise SyncError(f"{e} -- receiver {self.rank}'s live tensors hold part of push {seq}: version is None "
+                            f"and the engine {state} until a push lands whole") from e
+        self._landed(version, live=True)
+        if self._paused:
+            self._resume()
+            self._paused = False
 
     def _landed(self, version: int, *, live: bool) -> None:
         with self._cond:

@@ -75,3 +75,22 @@ def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_
         outcome["version_after_kill"] = recv.version
     recv.close()
     return pack(outcome)
+
+
+def paused_engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_at: int | None,
+                  gpu: bool = False) -> bytes:
+    """An in_place engine that pauses for each push; reports its pause/resume calls around a failed push."""
+    calls: list[str] = []
+    model = _model().to(_device(gpu))
+    recv = WeightReceiver(model, config=cfg, commit="in_place", pause=lambda: calls.append("pause"),
+                          resume=lambda: calls.append("resume"))
+    recv.wait_for(num_versions)
+    outcome = {"version_before_kill": recv.version, "calls_before_kill": len(calls)}
+    try:
+        recv.wait_for(kill_at, timeout=cfg.timeout_s * 3)
+        outcome["after_kill"] = "no error"
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        outcome["after_kill"] = f"{type(e).__name__}: {e}"
+    outcome.update(version_after_kill=recv.version, calls=calls)
+    recv.close()
+    return pack(outcome)

@@ -13,14 +13,15 @@ from recipes.jobs import free_port, spawn_context, start_job, unpack
 from tests import commit_workers
 
 
-def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = False, trainers: int = 2) -> dict:
+def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = False, trainers: int = 2,
+         engine=commit_workers.engine) -> dict:
     """With ``gpu``, trainer rank r runs on GPU r and the engine on the last GPU."""
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"torn-{transport}", transport=transport, timeout_s=10.0)
     ctx = spawn_context()
     results = ctx.Queue()
     procs = start_job(ctx, commit_workers.trainer, trainers, results, cfg, num_versions, kill_at, gpu,
                       gpu_offset=0 if gpu else None)
-    procs += start_job(ctx, commit_workers.engine, 1, results, cfg, num_versions, kill_at, gpu,
+    procs += start_job(ctx, engine, 1, results, cfg, num_versions, kill_at, gpu,
                        gpu_offset=-1 if gpu else None)
     deadline = time.monotonic() + 240
     try:
@@ -29,7 +30,7 @@ def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = 
                 name, rank, status, payload = results.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if name == "engine":
+            if name == engine.__name__:
                 assert status == "ok", payload
                 return unpack(payload)
             if status == "error" and not kill_at:
@@ -55,6 +56,14 @@ def test_failed_push_leaves_live_weights_at_last_version():
     assert "Sync" in out["after_kill"], out["after_kill"]
     assert out["version_after_kill"] == 5
     assert out["live_after_kill"] == [5.0]
+
+
+def test_failed_in_place_push_reports_no_version_and_keeps_the_engine_paused():
+    out = _run("shm", num_versions=3, kill_at=4, engine=commit_workers.paused_engine)
+    assert out["version_before_kill"] == 3 and out["calls_before_kill"] == 6  # pause + resume per push
+    assert "stays paused" in out["after_kill"], out["after_kill"]
+    assert out["version_after_kill"] is None
+    assert out["calls"] == ["pause", "resume"] * 3 + ["pause"]
 
 
 needs_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
