@@ -94,3 +94,46 @@ def paused_engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int
     outcome.update(version_after_kill=recv.version, calls=calls)
     recv.close()
     return pack(outcome)
+
+
+def slow_trainer(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, slow_at: int,
+                 gpu: bool = False) -> None:
+    """Pushes versions 1..num_versions; version ``slow_at`` stalls past the receivers' timeout."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(_model().to(_device(gpu)), mesh=init_device_mesh(_device(gpu).type, (world_size,)))
+
+    def stall(done: int, total: int) -> None:
+        if sender.version == slow_at and done == 1:
+            time.sleep(cfg.timeout_s + 1.0)
+
+    sender = WeightSender(model, cfg, progress=stall)
+    for v in range(1, num_versions + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().fill_(v)
+        try:
+            sender.push(v).wait()
+        except Exception:  # noqa: BLE001 - the slow push fails on every side; the next must land
+            if v != slow_at:
+                raise
+    sender.close()
+
+
+def recovering_engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, slow_at: int,
+                      gpu: bool = False) -> bytes:
+    """Waits through the slow push's error, then for the last version; reports what it saw."""
+    model = _model().to(_device(gpu))
+    recv = WeightReceiver(model, config=cfg)
+    recv.wait_for(slow_at - 1)
+    outcome = {}
+    try:
+        recv.wait_for(slow_at, timeout=cfg.timeout_s * 3)
+        outcome["slow"] = "no error"
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        outcome["slow"] = f"{type(e).__name__}: {e}"
+    outcome["last"] = recv.wait_for(num_versions, timeout=cfg.timeout_s * 3)
+    outcome["values"] = sorted({float(x) for p in model.parameters() for x in p.detach().float().reshape(-1)})
+    recv.close()
+    return pack(outcome)

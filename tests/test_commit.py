@@ -14,12 +14,13 @@ from tests import commit_workers
 
 
 def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = False, trainers: int = 2,
-         engine=commit_workers.engine) -> dict:
+         engine=commit_workers.engine, trainer=commit_workers.trainer, timeout_s: float = 10.0) -> dict:
     """With ``gpu``, trainer rank r runs on GPU r and the engine on the last GPU."""
-    cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"torn-{transport}", transport=transport, timeout_s=10.0)
+    cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"torn-{transport}", transport=transport,
+                     timeout_s=timeout_s)
     ctx = spawn_context()
     results = ctx.Queue()
-    procs = start_job(ctx, commit_workers.trainer, trainers, results, cfg, num_versions, kill_at, gpu,
+    procs = start_job(ctx, trainer, trainers, results, cfg, num_versions, kill_at, gpu,
                       gpu_offset=0 if gpu else None)
     procs += start_job(ctx, engine, 1, results, cfg, num_versions, kill_at, gpu,
                        gpu_offset=-1 if gpu else None)
@@ -64,6 +65,15 @@ def test_failed_in_place_push_reports_no_version_and_keeps_the_engine_paused():
     assert "stays paused" in out["after_kill"], out["after_kill"]
     assert out["version_after_kill"] is None
     assert out["calls"] == ["pause", "resume"] * 3 + ["pause"]
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_push_after_a_timed_out_push_lands(transport):
+    """A push that outlives the receivers' timeout fails on both sides; the next one lands whole."""
+    out = _run(transport, num_versions=4, kill_at=3, trainers=1, engine=commit_workers.recovering_engine,
+               trainer=commit_workers.slow_trainer, timeout_s=2.0)
+    assert "Sync" in out["slow"], out["slow"]
+    assert out["last"] == 4 and out["values"] == [4.0]
 
 
 needs_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
