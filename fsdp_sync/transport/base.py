@@ -48,6 +48,29 @@ class SendTransport(ABC):
         """Release connections and mappings."""
 
 
+class MappedSend(SendTransport):
+    """A one-sided sender that holds every receiver's tensors mapped (shm files, CUDA IPC).
+
+    Subclasses fill ``mapped[(receiver, name)]``. Each task's view into it is built once:
+    the mappings live as long as the plan, and a push asks for every task's view.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mapped: dict[tuple[int, str], torch.Tensor] = {}
+        self._views: dict[int, torch.Tensor] = {}  # id(task) -> its destination view
+
+    def destination(self, task: Task) -> torch.Tensor:
+        view = self._views.get(id(task))
+        if view is None:
+            view = self._views[id(task)] = task.dst_box.view(self.mapped[(task.receiver, task.dst)])
+        return view
+
+    def close(self) -> None:
+        self._views.clear()
+        self.mapped.clear()
+
+
 class RecvTransport(ABC):
     """The receiving side, set up when a receiver first sees a plan."""
 

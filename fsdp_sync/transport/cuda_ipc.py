@@ -19,7 +19,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 from ..errors import SyncError
 from ..meta import device_id
 from ..plan import Task
-from .base import SendTransport
+from .base import MappedSend
 from .shm import ShmRecv
 
 
@@ -37,11 +37,10 @@ def _local_device_of(uuid: str) -> int | None:
     return None
 
 
-class CudaIpcSend(SendTransport):
+class CudaIpcSend(MappedSend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _refuse_expandable_segments()
-        self.mapped: dict[tuple[int, str], torch.Tensor] = {}
         here = torch.device("cuda", torch.cuda.current_device())
         for r in self.plan.receivers:
             meta = self.receivers[r]
@@ -63,17 +62,11 @@ class CudaIpcSend(SendTransport):
                 args[6] = here.index
                 self.mapped[(r, name)] = rebuild(*args)
 
-    def destination(self, task: Task) -> torch.Tensor:
-        return task.dst_box.view(self.mapped[(task.receiver, task.dst)])
-
     def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
         for task, data in items:
             if data is not None:
                 self.destination(task).copy_(data, non_blocking=True)
         torch.cuda.current_stream().synchronize()
-
-    def close(self) -> None:
-        self.mapped.clear()
 
 
 class CudaIpcRecv(ShmRecv):

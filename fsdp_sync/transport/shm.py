@@ -18,7 +18,7 @@ import torch
 from ..control import done_key, sender_error_key
 from ..errors import SyncError
 from ..plan import Task
-from .base import RecvTransport, SendTransport
+from .base import MappedSend, RecvTransport
 
 SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 
@@ -31,10 +31,9 @@ def _map(path: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return raw.view(dtype).view(shape)
 
 
-class ShmSend(SendTransport):
+class ShmSend(MappedSend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.mapped: dict[tuple[int, str], torch.Tensor] = {}
         for r in self.plan.receivers:
             meta = self.receivers[r]
             if meta.host != self.host:
@@ -46,16 +45,10 @@ class ShmSend(SendTransport):
                                     "(did the receiver exit?)")
                 self.mapped[(r, name)] = _map(path, dtype, shape)
 
-    def destination(self, task: Task) -> torch.Tensor:
-        return task.dst_box.view(self.mapped[(task.receiver, task.dst)])
-
     def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
         for task, data in items:
             if data is not None:
                 self.destination(task).copy_(data)
-
-    def close(self) -> None:
-        self.mapped.clear()
 
 
 class ShmRecv(RecvTransport):
