@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .boxes import Box
+from .copies import copy_all
 from .meta import SourceParam
 from .plan import DATA, Bucket, SenderPlan, Task
 from . import quant
@@ -45,15 +46,6 @@ def _kernels_for(device: torch.device, kernels: str):
                       "launching per box instead", stacklevel=3)
         return fp8_quant, False
     return fp8_quant, kernels in ("auto", "grouped")
-
-
-def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], *, non_blocking: bool = False) -> None:
-    """``dst.copy_(src)`` for every pair in one call: a Python loop of copies costs ~17 us of
-    launch each on GPU, where foreach batches them (one kernel where shapes allow)."""
-    pairs = [(d, s) for d, s in pairs if d.numel()]
-    if pairs:
-        dsts, srcs = zip(*pairs)
-        torch._foreach_copy_(list(dsts), list(srcs), non_blocking=non_blocking)
 
 
 def all_reduce_amax(amax: torch.Tensor, group) -> None:
@@ -110,7 +102,7 @@ class BucketPacker:
                    for t in self.tasks_of[bucket.index]]
             if batch is not None:
                 batch.launch()
-            _copy_all(copies, non_blocking=True)
+            copy_all(copies, non_blocking=True)
             return out
 
     def _slices_in(self, task: Task, held_box: Box) -> tuple[slice, ...]:
@@ -157,7 +149,7 @@ class BucketPacker:
             for n in names:
                 offsets[n], total = total, total + slot[n]
             send = torch.empty(total, dtype=dtype, device=self.device)  # padding is never read
-            _copy_all([(send[offsets[n]:offsets[n] + shards[n].numel()], shards[n].reshape(-1)) for n in names])
+            copy_all([(send[offsets[n]:offsets[n] + shards[n].numel()], shards[n].reshape(-1)) for n in names])
             recv = torch.empty(total * len(ranks), dtype=dtype, device=self.device)
             _all_gather_flat(recv, send, group=self.groups[ranks])
             pieces = []
@@ -166,7 +158,7 @@ class BucketPacker:
                 for i, box in enumerate(groups[n].boxes):
                     start = i * total + offsets[n]
                     pieces.append((box.view(full[n]), recv[start:start + box.numel()].view(box.sizes)))
-            _copy_all(pieces)
+            copy_all(pieces)
         return full
 
     def _scales(self, bucket: Bucket, held: dict[str, torch.Tensor], held_boxes: dict[str, Box]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..control import ControlPlane, done_key, sender_error_key
+from ..copies import copy_all
 from ..errors import SyncError
 from ..plan import Task
 from .base import RecvTransport, SendTransport
@@ -102,8 +103,7 @@ class NcclRecv(RecvTransport):
             ops.append(lambda t=task, b=_bytes(target): self.pg.recv([b], t.sender, 0))
         try:
             _coalesced(self.pg, self.device, ops)
-            for view, target in copies:
-                view.copy_(target)
+            copy_all(copies)
             torch.cuda.current_stream(self.device).synchronize()
         except RuntimeError as e:
             raise SyncError(f"receiver {self.plan.rank}: nccl receive of push {seq} failed: {e}") from e
