@@ -108,6 +108,7 @@ def recv_meta_key(rank: int) -> str:
 RECV_COUNT = "recv/count"
 RECV_EPOCH = "recv/epoch"
 PUSH_LATEST = "push/latest"
+PUSH_FAILURES = "push/failures"  # pushes that failed somewhere: transports are rebuilt after one
 
 
 def sender_host_key(rank: int) -> str:

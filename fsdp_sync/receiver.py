@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .control import (PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
+from .control import (PUSH_FAILURES, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
                       push_key, ready_key, recv_meta_key)
 from .errors import PlanError, SyncError, SyncTimeout
 from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors, device_id
@@ -94,6 +94,7 @@ class WeightReceiver:
         self._paused = False  # in_place: pause() was called and resume() not yet
         self._plan: ReceiverPlan | None = None
         self._transport = None
+        self._generation = 0  # of the transport: the PUSH_FAILURES count it was built under
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -172,6 +173,8 @@ class WeightReceiver:
                 log.error("fsdp_sync receiver %d: %s", self.rank, e)
                 try:
                     self.control.set(ack_key(seq, self.rank), f"receiver {self.rank}: {e}")
+                    if not isinstance(e, PlanError):  # a refused plan moved no bytes
+                        self.control.add(PUSH_FAILURES, 1)
                 except Exception:  # noqa: BLE001 - the store itself may be gone
                     pass
                 with self._cond:
@@ -191,14 +194,17 @@ class WeightReceiver:
         announced = self.control.get(push_key(seq))
         if announced[0] == "error":
             raise PlanError(announced[1])
-        _, version, fp = announced
-        if self._plan is None or self._plan.fingerprint != fp:
-            self._plan = self.control.get(plan_receiver_key(fp, self.rank))
-            self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
+        _, version, fp, generation = announced
+        if self._plan is None or self._plan.fingerprint != fp or generation != self._generation:
+            # A new plan, or a push failed since this transport was built: build it again.
+            if self._plan is None or self._plan.fingerprint != fp:
+                self._plan = self.control.get(plan_receiver_key(fp, self.rank))
+                self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
             if self._transport is not None:
                 self._transport.close()
             self._transport = get_transport(self._plan.transport)[1](self.control, self._plan, self._staging,
-                                                                     self.config)
+                                                                     self.config, generation=generation)
+            self._generation = generation
         if self.landed_version is not None and version <= self.landed_version:
             raise SyncError(f"receiver {self.rank}: push {seq} announces version {version}, "
                             f"not newer than landed version {self.landed_version}")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
+from .control import (ControlPlane, PUSH_FAILURES, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
                       recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
 from .controller import Controller
 from .errors import PlanError, SyncError, SyncTimeout
@@ -98,6 +98,7 @@ class WeightSender:
         self._groups: dict[tuple[int, ...], object] = {}
         self._meshes: dict[int, tuple[object, tuple[int, ...]]] = {}  # id -> (mesh kept alive, its ranks)
         self._transport = None
+        self._generation = 0  # of the transport: PUSH_FAILURES when it was built
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
         self._progress = progress
@@ -245,28 +246,37 @@ class WeightSender:
                 self.control.set(push_key(seq), ("error", str(e)))
                 self.control.set(PUSH_LATEST, seq)
                 raise
-            self.control.set(push_key(seq), ("go", version, plan.fingerprint))
+            generation = self.control.add(PUSH_FAILURES, 0)
+            self.control.set(push_key(seq), ("go", version, plan.fingerprint, generation))
             self.control.set(PUSH_LATEST, seq)
         self.control.wait([push_key(seq)], describe=lambda _: f"trainer rank 0 to publish push {seq}")
         announced = self.control.get(push_key(seq))
         if announced[0] == "error":
             raise PlanError(announced[1])
-        _, _, fp = announced
+        _, _, fp, generation = announced
         if self._plan is None or self._plan.fingerprint != fp:
-            self._load_plan(fp)
+            self._load_plan(fp, generation)
+        elif generation != self._generation:
+            self._open_transport(generation)  # a push failed since: its connections may be unusable
 
-    def _load_plan(self, fp: str) -> None:
+    def _load_plan(self, fp: str, generation: int) -> None:
         self._plan = self.control.get(plan_sender_key(fp, self.rank))
         self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
         for ranks in self._plan.groups:
             if ranks not in self._groups:
                 # Sync's own groups, so its collectives never interleave with FSDP's.
                 self._groups[ranks] = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+        self._open_transport(generation)
+
+    def _open_transport(self, generation: int) -> None:
+        """The plan's transport (and the packer that may write through it), new for each generation."""
         receivers = {r: self.control.get(recv_meta_key(r)) for r in range(self._plan.num_receivers)}
         if self._transport is not None:
             self._transport.close()
         send_cls, _ = get_transport(self._plan.transport)
-        self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host)
+        self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host,
+                                   generation=generation)
+        self._generation = generation
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
                                     destination=self._transport.destination if self.config.fused_writes else None,
                                     kernels=self.config.kernels)
@@ -316,6 +326,7 @@ class WeightSender:
             self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
             self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")
+            self.control.add(PUSH_FAILURES, 1)
             handle._outcome["error"] = e if isinstance(e, SyncError) else SyncError(f"push {seq} failed on sender {self.rank}: {e!r}")
             handle._outcome["error"].__cause__ = e
             return

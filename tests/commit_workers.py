@@ -106,6 +106,8 @@ def slow_trainer(rank: int, world_size: int, cfg: SyncConfig, num_versions: int,
 
     def stall(done: int, total: int) -> None:
         if sender.version == slow_at and done == 1:
+            if cfg.watermark_mb < 0.1:  # small buckets: fail mid-push instead, after the first
+                raise RuntimeError("injected sender failure")
             time.sleep(cfg.timeout_s + 1.0)
 
     sender = WeightSender(model, cfg, progress=stall)

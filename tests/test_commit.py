@@ -14,10 +14,11 @@ from tests import commit_workers
 
 
 def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = False, trainers: int = 2,
-         engine=commit_workers.engine, trainer=commit_workers.trainer, timeout_s: float = 10.0) -> dict:
+         engine=commit_workers.engine, trainer=commit_workers.trainer, timeout_s: float = 10.0,
+         watermark_mb: float = 256.0) -> dict:
     """With ``gpu``, trainer rank r runs on GPU r and the engine on the last GPU."""
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"torn-{transport}", transport=transport,
-                     timeout_s=timeout_s)
+                     timeout_s=timeout_s, watermark_mb=watermark_mb)
     ctx = spawn_context()
     results = ctx.Queue()
     procs = start_job(ctx, trainer, trainers, results, cfg, num_versions, kill_at, gpu,
@@ -72,6 +73,15 @@ def test_push_after_a_timed_out_push_lands(transport):
     """A push that outlives the receivers' timeout fails on both sides; the next one lands whole."""
     out = _run(transport, num_versions=4, kill_at=3, trainers=1, engine=commit_workers.recovering_engine,
                trainer=commit_workers.slow_trainer, timeout_s=2.0)
+    assert "Sync" in out["slow"], out["slow"]
+    assert out["last"] == 4 and out["values"] == [4.0]
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_push_after_a_sender_error_mid_push_lands(transport):
+    """The sender fails after its first bucket; that push fails everywhere and the next one lands whole."""
+    out = _run(transport, num_versions=4, kill_at=3, trainers=1, engine=commit_workers.recovering_engine,
+               trainer=commit_workers.slow_trainer, timeout_s=3.0, watermark_mb=0.01)
     assert "Sync" in out["slow"], out["slow"]
     assert out["last"] == 4 and out["values"] == [4.0]
 

@@ -18,16 +18,27 @@ from ..meta import ReceiverMeta
 from ..plan import ReceiverPlan, SenderPlan, Task
 
 
+def namespace(fingerprint: str, generation: int) -> str:
+    """Where a transport's connection keys live: per plan and per generation.
+
+    The generation counts failed pushes (``PUSH_FAILURES``): after one, both sides build
+    their transport again under a new namespace, since a failed push can leave two-sided
+    connections unusable (gloo closes a pair on a timeout; NCCL aborts its communicator).
+    """
+    return fingerprint if generation == 0 else f"{fingerprint}/g{generation}"
+
+
 class SendTransport(ABC):
     """The sending side, set up when a sender first sees a plan."""
 
     def __init__(self, control: ControlPlane, plan: SenderPlan, receivers: dict[int, ReceiverMeta],
-                 config: SyncConfig, host: str):
+                 config: SyncConfig, host: str, *, generation: int = 0):
         self.control = control
         self.plan = plan
         self.receivers = receivers
         self.config = config
         self.host = host
+        self.namespace = namespace(plan.fingerprint, generation)
 
     @abstractmethod
     def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
@@ -75,11 +86,12 @@ class RecvTransport(ABC):
     """The receiving side, set up when a receiver first sees a plan."""
 
     def __init__(self, control: ControlPlane, plan: ReceiverPlan, tensors: dict[str, torch.Tensor],
-                 config: SyncConfig):
+                 config: SyncConfig, *, generation: int = 0):
         self.control = control
         self.plan = plan
         self.tensors = tensors
         self.config = config
+        self.namespace = namespace(plan.fingerprint, generation)
 
     @staticmethod
     def prepare(tensors: dict[str, torch.Tensor], *, job: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

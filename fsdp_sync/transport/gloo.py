@@ -1,9 +1,10 @@
 """Two-sided CPU transport over gloo, for tests and CPU-only demos.
 
 Senders and receivers of both jobs form one gloo group of size S + R, built from the
-control-plane store under the plan's fingerprint, so a new plan never meets an old
-group. Senders are ranks 0..S-1, receivers S..S+R-1. Messages are matched by the
-task's per-pair sequence number, which both sides read from the plan.
+control-plane store under the plan's fingerprint and transport generation, so a new
+plan, or the push after a failed one, never meets an old group. Senders are ranks
+0..S-1, receivers S..S+R-1. Messages are matched by the task's per-pair sequence
+number, which both sides read from the plan.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from ..plan import Task
 from .base import RecvTransport, SendTransport
 
 
-def _group(control: ControlPlane, fingerprint: str, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
-    store = dist.PrefixStore(f"gloo/{fingerprint}/", control.store)
+def _group(control: ControlPlane, namespace: str, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
+    store = dist.PrefixStore(f"gloo/{namespace}/", control.store)
     try:
         return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
     except RuntimeError as e:
@@ -35,7 +36,7 @@ class GlooSend(SendTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         p = self.plan
-        self.pg = _group(self.control, p.fingerprint, p.rank, p.num_senders + p.num_receivers, self.config.timeout_s)
+        self.pg = _group(self.control, self.namespace, p.rank, p.num_senders + p.num_receivers, self.config.timeout_s)
 
     def send(self, items: list[tuple[Task, torch.Tensor]]) -> None:
         works = []
@@ -56,7 +57,7 @@ class GlooRecv(RecvTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         p = self.plan
-        self.pg = _group(self.control, p.fingerprint, p.num_senders + p.rank, p.num_senders + p.num_receivers,
+        self.pg = _group(self.control, self.namespace, p.num_senders + p.rank, p.num_senders + p.num_receivers,
                          self.config.timeout_s)
 
     def receive(self, seq: int, timeout_s: float) -> None:

@@ -1,7 +1,7 @@
 """Two-sided GPU transport over NCCL send/recv, for any topology.
 
 Senders and receivers of both jobs form one NCCL group of size S + R, built from the
-control-plane store under the plan's fingerprint (senders 0..S-1, receivers S..). Each
+control-plane store under the transport's namespace (senders 0..S-1, receivers S..). Each
 bucket's sends go out as one NCCL group (coalesced); a receiver posts all its receives
 of a push as one group, straight into destination views where they are contiguous.
 Communicators are created and every (sender, receiver) pair is exercised once when
@@ -22,11 +22,11 @@ from ..plan import Task
 from .base import RecvTransport, SendTransport
 
 
-def _group(control: ControlPlane, fingerprint: str, rank: int, size: int, device: torch.device,
+def _group(control: ControlPlane, namespace: str, rank: int, size: int, device: torch.device,
            timeout_s: float):
     if not hasattr(dist, "ProcessGroupNCCL"):
         raise SyncError("transport='nccl' needs a CUDA build of torch with NCCL; use 'gloo' on CPU")
-    store = dist.PrefixStore(f"nccl/{fingerprint}/", control.store)
+    store = dist.PrefixStore(f"nccl/{namespace}/", control.store)
     try:
         pg = dist.ProcessGroupNCCL(store, rank, size, timedelta(seconds=timeout_s))
         if hasattr(pg, "eager_connect_single_device"):
@@ -58,7 +58,7 @@ class NcclSend(SendTransport):
         p = self.plan
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.offset = p.num_senders
-        self.pg = _group(self.control, p.fingerprint, p.rank, p.num_senders + p.num_receivers, self.device,
+        self.pg = _group(self.control, self.namespace, p.rank, p.num_senders + p.num_receivers, self.device,
                          self.config.timeout_s)
         # One byte to each receiver: creates the pair's connections now, not in the first push.
         ping = [torch.zeros(1, dtype=torch.uint8, device=self.device) for _ in p.receivers]
@@ -87,7 +87,7 @@ class NcclRecv(RecvTransport):
         p = self.plan
         self.device = next(iter(self.tensors.values())).device
         torch.cuda.set_device(self.device)
-        self.pg = _group(self.control, p.fingerprint, p.num_senders + p.rank, p.num_senders + p.num_receivers,
+        self.pg = _group(self.control, self.namespace, p.num_senders + p.rank, p.num_senders + p.num_receivers,
                          self.device, self.config.timeout_s)
         ping = [torch.zeros(1, dtype=torch.uint8, device=self.device) for _ in p.senders]
         _coalesced(self.pg, self.device, [lambda s=s, t=t: self.pg.recv([t], s, 0) for s, t in zip(p.senders, ping)])

@@ -68,7 +68,7 @@ def _setup_or_report(side: RecvTransport | SendTransport, role: str, setup: Call
     try:
         setup()
     except BaseException as exc:
-        report_setup_error(side.control, side.plan.fingerprint, role, side.plan.rank, f"{type(exc).__name__}: {exc}")
+        report_setup_error(side.control, side.namespace, role, side.plan.rank, f"{type(exc).__name__}: {exc}")
         side.close()
         if isinstance(exc, PyverbsError):  # a verb failed (creating a CQ or QP, posting): say where
             raise SyncError(f"rdma {role} setup on rank {side.plan.rank} failed: {exc}") from exc
@@ -123,10 +123,10 @@ class RdmaSend(SendTransport):
         v.cq = nic.cq(len(p.receivers) * max_outstanding + 1)
         v.qps = {r: nic.qp(v.cq, max_send_wr=max_outstanding, max_recv_wr=1) for r in p.receivers}
         psns = {r: new_psn() for r in p.receivers}
-        publish(self.control, p.fingerprint, SEND,
+        publish(self.control, self.namespace, SEND,
                 Endpoint(p.rank, f"{port.device}:{port.port}@{self.host}", port.link_layer,
                          {r: nic.endpoint(qp, psns[r]) for r, qp in v.qps.items()}))
-        peers = wait_endpoints(self.control, p.fingerprint, RECV, p.receivers, timeout_s=self.config.timeout_s)
+        peers = wait_endpoints(self.control, self.namespace, RECV, p.receivers, timeout_s=self.config.timeout_s)
         for r, peer in peers.items():
             if peer.link_layer != port.link_layer:
                 raise SyncError(f"rdma: sender {p.rank} uses {port.link_layer} ({port.device}) but receiver {r} "
@@ -151,7 +151,7 @@ class RdmaSend(SendTransport):
         self.index_of = {(t.receiver, t.seq): i for i, t in enumerate(p.tasks)}
         self.dtype_of = [self.receivers[t.receiver].tensors[t.dst].dtype for t in p.tasks]
         self.position_of = {b: i for i, b in enumerate(self.schedule.order)}
-        wait_connected(self.control, p.fingerprint, p.receivers, timeout_s=self.config.timeout_s)
+        wait_connected(self.control, self.namespace, p.receivers, timeout_s=self.config.timeout_s)
 
     def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
         if not items:
@@ -260,11 +260,11 @@ class RdmaRecv(RecvTransport):
         v.qps = {s: nic.qp(v.cq, max_send_wr=1, max_recv_wr=RECV_DEPTH) for s in p.senders}
         psns = {s: new_psn() for s in p.senders}
         tensors = {name: RemoteTensor(t.data_ptr(), tuple(t.shape), t.element_size()) for name, t in self.tensors.items()}
-        publish(self.control, p.fingerprint, RECV,
+        publish(self.control, self.namespace, RECV,
                 Endpoint(p.rank, f"{port.device}:{port.port}@{os.uname().nodename}", port.link_layer,
                          {s: nic.endpoint(qp, psns[s]) for s, qp in v.qps.items()},
                          tuple(r.region for r in v.registrations), tensors))
-        peers = wait_endpoints(self.control, p.fingerprint, SEND, p.senders, timeout_s=self.config.timeout_s)
+        peers = wait_endpoints(self.control, self.namespace, SEND, p.senders, timeout_s=self.config.timeout_s)
         self.requests = {s: recv_request(buffer, s) for s in p.senders}
         for s, peer in peers.items():
             connect(v.qps[s], port, psns[s], peer.qps[p.rank], options)
@@ -272,7 +272,7 @@ class RdmaRecv(RecvTransport):
                 v.qps[s].post_recv(self.requests[s])
         self.sender_of = {qp.qp_num: s for s, qp in v.qps.items()}
         self.arrivals = Arrivals(p.senders)
-        self.control.set(connected_key(p.fingerprint, p.rank), True)
+        self.control.set(connected_key(self.namespace, p.rank), True)
 
     def receive(self, seq: int, timeout_s: float) -> None:
         if self._broken:
@@ -282,7 +282,7 @@ class RdmaRecv(RecvTransport):
         def check() -> None:
             missing = self.arrivals.missing(seq)
             reason = self.control.first_error([sender_error_key(seq, s) for s in missing] +
-                                              [setup_error_key(p.fingerprint, SEND, s) for s in missing])
+                                              [setup_error_key(self.namespace, SEND, s) for s in missing])
             if reason:
                 raise SyncError(f"receiver {p.rank}: push {seq} failed: {reason}")
 
