@@ -92,6 +92,39 @@ class ControlPlane:
             time.sleep(pause)
             pause = min(pause * 2, self.poll_max_s)
 
+    def record_failure(self, seq: int) -> None:
+        """Count push ``seq`` as failed, before any error or ack says so: whoever hears of the
+        failure then also finds it counted (the next push rebuilds transports on that count)."""
+        self.add(PUSH_FAILURES, 1)
+        self.add(push_failed_key(seq), 1)
+
+    def failure_in(self, seq: int, keys: Sequence[str]) -> str | None:
+        """Once push ``seq`` has a recorded failure, the first existing value among ``keys``.
+
+        One request per poll while nothing failed, however many keys could hold the error.
+        """
+        return self.first_error(keys) if self.has(push_failed_key(seq)) else None
+
+    def has_all(self, keys: Sequence[str]) -> bool:
+        return not keys or self.store.check(list(keys))
+
+    def wait_each(self, alternatives: Sequence[Sequence[str]], *, timeout_s: float | None = None,
+                  describe: Callable[[list[int]], str] | None = None) -> None:
+        """Wait until each entry of ``alternatives`` has one of its keys; ``describe`` gets the
+        indices of the entries still open when it times out."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        pending = list(range(len(alternatives)))
+        pause = _POLL_MIN_S
+        while True:
+            pending = [i for i in pending if not any(self.store.check([k]) for k in alternatives[i])]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                what = describe(pending) if describe else f"one of each of {[alternatives[i] for i in pending]}"
+                raise SyncTimeout(f"timed out after {timeout_s or self.timeout_s:.1f}s waiting for {what}")
+            time.sleep(pause)
+            pause = min(pause * 2, self.poll_max_s)
+
     def first_error(self, keys: Sequence[str]) -> str | None:
         """The value of the first existing error key among ``keys``, if any."""
         for key in keys:
@@ -141,6 +174,10 @@ def sender_error_key(seq: int, sender: int) -> str:
 
 def ready_key(seq: int, receiver: int) -> str:
     return f"push/{seq}/ready/{receiver}"
+
+
+def push_failed_key(seq: int) -> str:
+    return f"push/{seq}/failed"
 
 
 def ack_key(seq: int, receiver: int) -> str:

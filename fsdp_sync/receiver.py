@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .control import (PUSH_FAILURES, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
+from .control import (PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
                       push_key, ready_key, recv_meta_key)
 from .errors import PlanError, SyncError, SyncTimeout
 from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors, device_id
@@ -172,9 +172,9 @@ class WeightReceiver:
                     return
                 log.error("fsdp_sync receiver %d: %s", self.rank, e)
                 try:
-                    self.control.set(ack_key(seq, self.rank), f"receiver {self.rank}: {e}")
                     if not isinstance(e, PlanError):  # a refused plan moved no bytes
-                        self.control.add(PUSH_FAILURES, 1)
+                        self.control.record_failure(seq)
+                    self.control.set(ack_key(seq, self.rank), f"receiver {self.rank}: {e}")
                 except Exception:  # noqa: BLE001 - the store itself may be gone
                     pass
                 with self._cond:
@@ -195,13 +195,15 @@ class WeightReceiver:
         if announced[0] == "error":
             raise PlanError(announced[1])
         _, version, fp, generation = announced
-        if self._plan is None or self._plan.fingerprint != fp or generation != self._generation:
+        if (self._plan is None or self._plan.fingerprint != fp or generation != self._generation
+                or self._transport is None):
             # A new plan, or a push failed since this transport was built: build it again.
             if self._plan is None or self._plan.fingerprint != fp:
                 self._plan = self.control.get(plan_receiver_key(fp, self.rank))
                 self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
             if self._transport is not None:
                 self._transport.close()
+                self._transport = None  # a failed build below leaves none, and the next push builds again
             self._transport = get_transport(self._plan.transport)[1](self.control, self._plan, self._staging,
                                                                      self.config, generation=generation)
             self._generation = generation

@@ -99,6 +99,7 @@ class WeightSender:
         self._meshes: dict[int, tuple[object, tuple[int, ...]]] = {}  # id -> (mesh kept alive, its ranks)
         self._transport = None
         self._generation = 0  # of the transport: PUSH_FAILURES when it was built
+        self._announced: int | None = None  # controller: the last push it announced with "go"
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
         self._progress = progress
@@ -128,6 +129,13 @@ class WeightSender:
             self._publish(seq, version)
         except PlanError:
             self.seq = seq  # receivers saw the refusal under this push number: the next push is seq + 1
+            raise
+        except Exception as e:
+            if self.control.has(push_key(seq)):  # announced: the others are in this push, so it fails
+                self.seq = seq
+                self.control.record_failure(seq)
+                self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} could not set up push "
+                                 f"{seq}: {e!r}")
             raise
         self.seq, self.version = seq, version
         handle = PushHandle(version, seq)
@@ -194,14 +202,19 @@ class WeightSender:
 
         Its exit takes the store down; a rank still reading its last acks would then fail
         with a closed connection. After a failed push a peer may be dead, so the host
-        does not wait; otherwise a rank that never closes costs it one timeout.
+        waits 2 s at most; otherwise a rank that never closes costs it one timeout.
         """
-        self.control.set(sender_closed_key(self.rank), True)
-        if not (self._hosts_store and wait_for_peers):
+        try:
+            self.control.set(sender_closed_key(self.rank), True)
+        except Exception:  # noqa: BLE001 - the store is gone already: nobody is left to wait for us
+            return
+        if not self._hosts_store:
             return
         keys = [sender_closed_key(r) for r in range(self.world_size)]
         try:
-            self.control.wait(keys, describe=lambda missing: f"trainer ranks closing their senders ({missing})")
+            # After a failed push a peer may be dead: wait briefly, not a whole timeout.
+            self.control.wait(keys, timeout_s=None if wait_for_peers else min(self.config.timeout_s, 2.0),
+                              describe=lambda missing: f"trainer ranks closing their senders ({missing})")
         except SyncTimeout as e:
             warnings.warn(f"fsdp_sync: closing the control plane anyway: {e}", stacklevel=3)
         for key in keys:
@@ -246,9 +259,12 @@ class WeightSender:
                 self.control.set(push_key(seq), ("error", str(e)))
                 self.control.set(PUSH_LATEST, seq)
                 raise
+            if self._announced is not None:
+                self._wait_until_ended(self._announced)
             generation = self.control.add(PUSH_FAILURES, 0)
             self.control.set(push_key(seq), ("go", version, plan.fingerprint, generation))
             self.control.set(PUSH_LATEST, seq)
+            self._announced = seq
         self.control.wait([push_key(seq)], describe=lambda _: f"trainer rank 0 to publish push {seq}")
         announced = self.control.get(push_key(seq))
         if announced[0] == "error":
@@ -256,8 +272,17 @@ class WeightSender:
         _, _, fp, generation = announced
         if self._plan is None or self._plan.fingerprint != fp:
             self._load_plan(fp, generation)
-        elif generation != self._generation:
+        elif generation != self._generation or self._transport is None:
             self._open_transport(generation)  # a push failed since: its connections may be unusable
+
+    def _wait_until_ended(self, seq: int) -> None:
+        """Controller: every sender rank ended push ``seq`` (done or failed), so a failure
+        there is counted before the next announcement reads the count."""
+        done = [done_key(seq, r) for r in range(self.world_size)]
+        if self.control.has_all(done):
+            return
+        self.control.wait_each([(d, sender_error_key(seq, r)) for r, d in enumerate(done)],
+                               describe=lambda ranks: f"sender ranks {ranks} to end push {seq}")
 
     def _load_plan(self, fp: str, generation: int) -> None:
         self._plan = self.control.get(plan_sender_key(fp, self.rank))
@@ -272,7 +297,10 @@ class WeightSender:
         """The plan's transport (and the packer that may write through it), new for each generation."""
         receivers = {r: self.control.get(recv_meta_key(r)) for r in range(self._plan.num_receivers)}
         if self._transport is not None:
+            if self._pack_stream is not None:
+                self._pack_stream.synchronize()  # a failed push may have left writes into its mappings queued
             self._transport.close()
+            self._transport = None  # a failed build below leaves none, and the next push builds again
         send_cls, _ = get_transport(self._plan.transport)
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host,
                                    generation=generation)
@@ -294,7 +322,7 @@ class WeightSender:
                 self.control.wait([ready_key(seq, r) for r in plan.gated],
                                   describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
                                   f"to open their buffers for push {seq}",
-                                  abort=lambda: self.control.first_error([ack_key(seq, r) for r in plan.gated]))
+                                  abort=lambda: self.control.failure_in(seq, [ack_key(seq, r) for r in plan.gated]))
             sent = 0
             stream = self._pack_stream
             if stream is not None:
@@ -325,8 +353,8 @@ class WeightSender:
             self._transport.finish()
             self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
+            self.control.record_failure(seq)
             self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")
-            self.control.add(PUSH_FAILURES, 1)
             handle._outcome["error"] = e if isinstance(e, SyncError) else SyncError(f"push {seq} failed on sender {self.rank}: {e!r}")
             handle._outcome["error"].__cause__ = e
             return

@@ -110,7 +110,7 @@ class NcclRecv(RecvTransport):
         senders = self.plan.senders
         self.control.wait([done_key(seq, s) for s in senders], timeout_s=timeout_s,
                           describe=lambda keys: f"senders {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to finish push {seq}",
-                          abort=lambda: self.control.first_error([sender_error_key(seq, s) for s in senders]))
+                          abort=lambda: self.control.failure_in(seq, [sender_error_key(seq, s) for s in senders]))
 
     def close(self) -> None:
         self.pg = None

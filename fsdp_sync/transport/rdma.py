@@ -276,7 +276,7 @@ class RdmaRecv(RecvTransport):
 
     def receive(self, seq: int, timeout_s: float) -> None:
         if self._broken:
-            raise SyncError(f"{self._broken} (the transport stays failed; recreate the WeightReceiver)")
+            raise SyncError(f"{self._broken} (this transport stays failed; the next push builds a new one)")
         p = self.plan
 
         def check() -> None:

@@ -1,0 +1,49 @@
+"""The control plane's waits and failure bookkeeping, on a real TCPStore."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from fsdp_sync.control import PUSH_FAILURES, ControlPlane, done_key, sender_error_key
+from fsdp_sync.errors import SyncTimeout
+from recipes.jobs import free_port
+
+
+@pytest.fixture
+def control() -> ControlPlane:
+    store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, timeout=timedelta(seconds=10),
+                          wait_for_workers=False)
+    return ControlPlane(store, "control-test", timeout_s=5.0)
+
+
+def test_wait_each_ends_when_every_rank_is_done_or_failed(control):
+    entries = [(done_key(1, r), sender_error_key(1, r)) for r in range(3)]
+    control.set(done_key(1, 0), True)
+    control.set(sender_error_key(1, 1), "sender 1 failed")
+    threading.Timer(0.05, lambda: control.set(done_key(1, 2), True)).start()
+    started = time.monotonic()
+    control.wait_each(entries)
+    assert time.monotonic() - started < 2
+
+
+def test_wait_each_names_the_entries_still_open(control):
+    entries = [(done_key(1, r), sender_error_key(1, r)) for r in range(3)]
+    control.set(done_key(1, 1), True)
+    with pytest.raises(SyncTimeout, match=r"ranks \[0, 2\]"):
+        control.wait_each(entries, timeout_s=0.1, describe=lambda open_: f"ranks {open_}")
+
+
+def test_a_failure_is_counted_and_then_found(control):
+    keys = [sender_error_key(4, r) for r in range(2)]
+    assert control.failure_in(4, keys) is None
+    control.record_failure(4)
+    control.set(sender_error_key(4, 1), "sender 1 failed in push 4")
+    assert control.failure_in(4, keys) == "sender 1 failed in push 4"
+    assert control.failure_in(5, keys) is None  # another push's failure is not this one's
+    control.record_failure(5)
+    assert control.add(PUSH_FAILURES, 0) == 2
