@@ -184,31 +184,36 @@ class GroupedCells:
 def self_check(device: torch.device) -> str | None:
     """Why grouped launches cannot be trusted on ``device``, or None if they match ``fp8_quant``.
 
-    Two boxes (one mid-block, one transposed), amax then quantize, compared bit for bit
-    with the per-box kernels. ``kernels=auto`` runs this once per process before grouping.
+    Boxes that take each kernel variant a push uses (bf16 and fp32 128x128 blocks, bf16
+    rows; mid-block, transposed and 3-D), amax then quantize, compared bit for bit with
+    the per-box kernels. ``kernels=auto`` runs this once per process before grouping.
     """
     from . import fp8_quant
 
     try:
         gen = torch.Generator().manual_seed(0)
         full = torch.randn(300, 260, generator=gen).to(torch.bfloat16).to(device)
-        cases = [(Box((37, 0), (200, 260)), full), (Box((0, 5), (250, 250)), full.t().contiguous().t())]
-        block = (128, 128)
-        views = [box.view(t) for box, t in cases]
+        stacked = torch.randn(3, 140, 130, generator=gen).to(device)
+        cases = [(Box((37, 0), (200, 260)), full, (128, 128)),
+                 (Box((0, 5), (250, 250)), full.t().contiguous().t(), (128, 128)),
+                 (Box((1, 20, 0), (2, 100, 130)), stacked, (1, 128, 128)),
+                 (Box((3, 0), (40, 260)), full, (1, 260))]
+        views = [box.view(t) for box, t, _ in cases]
         amax, quant = GroupedCells(device, quantize=False), GroupedCells(device, quantize=True)
-        grids = [torch.empty(box.to_blocks(block).sizes, device=device) for box, _ in cases]
-        for (box, _), x, grid in zip(cases, views, grids):
-            amax.add(x, box, block, grid)
+        grids = [torch.empty(box.to_blocks(block).sizes, device=device) for box, _, block in cases]
+        for (box, _, block), x, grid in zip(cases, views, grids):
+            if not amax.add(x, box, block, grid):
+                return f"box {box} with block {block} does not take the grouped path"
         amax.launch()
         outs = [torch.empty(x.shape, dtype=FP8_DTYPE, device=device) for x in views]
-        for (box, _), x, grid, out in zip(cases, views, grids, outs):
+        for (box, _, block), x, grid, out in zip(cases, views, grids, outs):
             quant.add(x, box, block, fp8_quant.scales_from_amax(grid), out=out)
         quant.launch()
-        for (box, _), x, grid, out in zip(cases, views, grids, outs):
+        for (box, _, block), x, grid, out in zip(cases, views, grids, outs):
             want = fp8_quant.block_amax(x, box, block)
             expected = fp8_quant.quantize_box(x, box, fp8_quant.scales_from_amax(want), box.to_blocks(block), block)
             if not (torch.equal(grid, want) and torch.equal(out.view(torch.uint8), expected.view(torch.uint8))):
-                return f"grouped and per-box kernels disagree on box {box}"
+                return f"grouped and per-box kernels disagree on box {box} ({x.dtype}, block {block})"
     except Exception as e:  # noqa: BLE001 - any failure means: do not group
         return f"{type(e).__name__}: {e}"
     return None
