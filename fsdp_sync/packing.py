@@ -82,6 +82,7 @@ class BucketPacker:
         self.destination = destination or (lambda task: None)
         self.tasks_of: dict[int, list[Task]] = defaultdict(list)
         self._slices: dict[tuple[int, Box], tuple[slice, ...]] = {}  # tasks live as long as the plan
+        self._fused: dict[int, frozenset[str]] = {}  # per bucket: see _fused_params
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
 
@@ -94,16 +95,40 @@ class BucketPacker:
             held_boxes = {name: Box.full(self.sources[name].shape) for name in bucket.params}
         else:
             held, held_boxes = shards, boxes
+        fused = self._fused_params(bucket)
         with trace.span("amax" if self.plan.mode == "direct" else "scale", f"bucket {bucket.index}"):
-            scales = self._scales(bucket, held, held_boxes)
+            scales = self._scales(bucket, held, held_boxes, skip=fused)
         with trace.span("quantize", f"bucket {bucket.index}"):
-            batch, copies = self._batch(quantize=True), []
-            out = [(t, self._payload(t, held[t.src], held_boxes[t.src], scales, batch, copies))
+            batches = self._batches()
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            out = [(t, self._payload(t, held[t.src], held_boxes[t.src], scales, batches, copies, t.src in fused))
                    for t in self.tasks_of[bucket.index]]
-            if batch is not None:
+            for batch in (batches or {}).values():
                 batch.launch()
             copy_all(copies, non_blocking=True)
             return out
+
+    def _fused_params(self, bucket: Bucket) -> frozenset[str]:
+        """Quantized params whose every block this rank quantizes whole, in each of its tasks.
+
+        Their scales come out of the quantize pass itself (one read of the weights, no
+        amax pass): possible where no other rank holds part of a block (reconstruct mode,
+        or a shard group of one) and no task cuts a block (a TP split of rows, say).
+        """
+        if not self.grouped or not (self.plan.mode == "reconstruct" or len(bucket.group) == 1):
+            return frozenset()
+        hit = self._fused.get(bucket.index)
+        if hit is None:
+            from .kernels.fp8_grouped import fusable
+
+            names = set(bucket.quantized)
+            for t in self.tasks_of[bucket.index]:
+                if t.kind == DATA and t.src in names:
+                    shape = self.sources[t.src].shape
+                    if not fusable(t.src_box, get_quant_format(t.fmt).block_shape(shape), shape):
+                        names.discard(t.src)
+            hit = self._fused[bucket.index] = frozenset(names)
+        return hit
 
     def _slices_in(self, task: Task, held_box: Box) -> tuple[slice, ...]:
         """Where the task's box lies in the held tensor; the same every push, so computed once."""
@@ -113,13 +138,22 @@ class BucketPacker:
             hit = self._slices[key] = task.src_box.relative_to(held_box).slices()
         return hit
 
-    def _batch(self, *, quantize: bool):
-        """A fresh launch batch when grouping, else None."""
+    def _amax_batch(self):
+        """A fresh amax launch batch when grouping, else None."""
         if not self.grouped:
             return None
         from .kernels.fp8_grouped import GroupedCells
 
-        return GroupedCells(self.device, quantize=quantize)
+        return GroupedCells(self.device, quantize=False)
+
+    def _batches(self) -> dict[str, object] | None:
+        """Fresh quantize launch batches when grouping (two-pass and fused), else None."""
+        if not self.grouped:
+            return None
+        from .kernels.fp8_grouped import GroupedCells
+
+        return {"two_pass": GroupedCells(self.device, quantize=True),
+                "fused": GroupedCells(self.device, quantize=True, fused=True)}
 
     def _on_device(self, t: torch.Tensor, trace: Trace) -> torch.Tensor:
         if t.device == self.device:
@@ -161,11 +195,13 @@ class BucketPacker:
             copy_all(pieces)
         return full
 
-    def _scales(self, bucket: Bucket, held: dict[str, torch.Tensor], held_boxes: dict[str, Box]) -> dict[str, torch.Tensor]:
+    def _scales(self, bucket: Bucket, held: dict[str, torch.Tensor], held_boxes: dict[str, Box],
+                skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Scale grid of every quantized param of the bucket; direct mode reduces amax over the group.
 
         All grids of the bucket live in one flat buffer, so the all-reduce and the
-        amax -> scale arithmetic are one call each per bucket, not per parameter.
+        amax -> scale arithmetic are one call each per bucket, not per parameter. The
+        grids of ``skip`` (fused params) are filled later, by their quantize launch.
         """
         shapes, blocks = {}, {}
         for name in bucket.quantized:
@@ -176,10 +212,10 @@ class BucketPacker:
         sizes = [Box.full(shape).numel() for shape in shapes.values()]
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
         grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(flat.split(sizes), shapes.values()))))
-        batch = self._batch(quantize=False)
+        batch = self._amax_batch()
         for name, grid in grids.items():
             box = held_boxes[name]
-            if not box.numel():
+            if not box.numel() or name in skip:
                 continue
             region = box.to_blocks(blocks[name]).view(grid)
             if batch is None or not batch.add(held[name], box, blocks[name], region):
@@ -192,10 +228,10 @@ class BucketPacker:
         return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
 
     def _payload(self, task: Task, held: torch.Tensor, held_box: Box, scales: dict[str, torch.Tensor],
-                 batch, copies: list) -> torch.Tensor | None:
+                 batches: dict | None, copies: list, fused: bool) -> torch.Tensor | None:
         """The task's bytes, or None once they are (to be) stored at ``destination(task)``.
 
-        Quantizations queued on ``batch``, and the (destination, bytes) pairs appended to
+        Quantizations queued on ``batches``, and the (destination, bytes) pairs appended to
         ``copies``, are written when the caller launches and copies them.
         """
         out = self.destination(task)
@@ -206,18 +242,32 @@ class BucketPacker:
             if task.fmt == "none":
                 data = part
             else:
-                block = get_quant_format(task.fmt).block_shape(self.sources[task.src].shape)
-                grid = scales[task.src]
-                direct = out is not None and out.device.type == self.device.type
-                if batch is not None and (direct or out is None):
-                    target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
-                    if batch.add(part, task.src_box, block, task.src_box.to_blocks(block).view(grid), out=target):
-                        return None if direct else target
-                if direct and self.device.type == "cuda":
-                    self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
+                data = self._quantize(task, part, scales[task.src], out, batches, fused)
+                if data is None:
                     return None
-                data = self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
         if out is None:
             return data
         copies.append((out, data))
         return None
+
+    def _quantize(self, task: Task, part: torch.Tensor, grid: torch.Tensor, out: torch.Tensor | None,
+                  batches: dict | None, fused: bool) -> torch.Tensor | None:
+        """FP8 of ``part``: stored into ``out`` where a kernel can write it (then None), else returned.
+
+        ``fused``: no amax pass ran for this param; the quantize computes the scales too.
+        """
+        shape = self.sources[task.src].shape
+        block = get_quant_format(task.fmt).block_shape(shape)
+        region = task.src_box.to_blocks(block).view(grid)
+        direct = out is not None and out.device.type == self.device.type
+        if batches is not None and (direct or out is None):
+            target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
+            if batches["fused" if fused else "two_pass"].add(part, task.src_box, block, region, out=target, shape=shape):
+                return None if direct else target
+        if fused:  # this rank holds the part's blocks whole: their amax is the part's own
+            region.copy_(scales_from_amax(self.ops.block_amax(part, task.src_box, block)))
+        if direct and self.device.type == "cuda":
+            self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
+            return None
+        # No destination, or one the kernel cannot store into (CPU memory from a GPU): the caller copies.
+        return self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)

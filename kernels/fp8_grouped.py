@@ -38,11 +38,12 @@ _X_TYPES = {torch.bfloat16: tl.int16, torch.float16: tl.float16, torch.float32: 
 @triton.jit
 def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.constexpr,
                          TILE_R: tl.constexpr, TILE_C: tl.constexpr, QUANTIZE: tl.constexpr,
-                         HW_CAST: tl.constexpr):
+                         FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr):
     """One cell (= one scale block) of the box in row ``row_of[pid]`` of ``table``.
 
-    QUANTIZE: FP8 of the cell with the block's scale, stored at ``q``. Otherwise the
-    cell's amax (float32) is stored where its scale lives, at ``s``.
+    QUANTIZE: FP8 of the cell with the block's scale, stored at ``q``; with FROM_AMAX the
+    cell is a whole block, whose scale it computes and stores at ``s`` first (one read).
+    FROM_AMAX alone: the cell's amax (float32) is stored where its scale lives, at ``s``.
     """
     pid = tl.program_id(0)
     row = table + tl.load(row_of + pid).to(tl.int64) * NUM_FIELDS
@@ -77,17 +78,38 @@ def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.con
         x = x.to(tl.float32)
 
     s_off = b * tl.load(row + 9) + cell_r * tl.load(row + 10) + cell_c * tl.load(row + 11)
+    if FROM_AMAX:
+        amax = (tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
     if QUANTIZE:
+        if FROM_AMAX:
+            # The reference's scales_from_amax: a correctly rounded amax / 448, 1 for zero blocks.
+            scale = tl.math.div_rn(amax, 448.0)
+            scale = tl.where(amax == 0.0, 1.0, scale)
+            tl.store(s_ptr + s_off, scale)
+        else:
+            scale = tl.load(s_ptr + s_off)
         q_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
         sqr = tl.load(row + 7)
         sqc = tl.load(row + 8)
-        inv = tl.math.div_rn(1.0, tl.load(s_ptr + s_off))
+        inv = tl.math.div_rn(1.0, scale)
         q = _e4m3_bits(x * inv, HW_CAST)
         q_base = q_ptr + b * tl.load(row + 6) + r0 * sqr + c0 * sqc
         tl.store(q_base + tr[:, None] * sqr.to(tl.int32) + tc[None, :] * sqc.to(tl.int32), q, mask=mask)
     else:
-        amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-        tl.store(s_ptr + s_off, amax_bits.to(tl.float32, bitcast=True))
+        tl.store(s_ptr + s_off, amax)
+
+
+def fusable(box: Box, block: Sequence[int], shape: Sequence[int]) -> bool:
+    """Whether a fused batch takes ``box`` of a tensor of ``shape`` (strides aside)."""
+    return _plan_cells(box, block).fused and _whole_blocks(box, block, shape)
+
+
+def _whole_blocks(box: Box, block: Sequence[int], shape: Sequence[int] | None) -> bool:
+    """``box`` starts on block boundaries and ends on one or at the tensor's end."""
+    if shape is None:
+        raise ValueError("a fused GroupedCells needs the tensor's shape")
+    return all(o % b == 0 and ((o + n) % b == 0 or o + n == full)
+               for o, n, b, full in zip(box.offsets, box.sizes, block, shape))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -115,9 +137,14 @@ class GroupedCells:
     stream of the device given here.
     """
 
-    def __init__(self, device: torch.device, *, quantize: bool):
+    def __init__(self, device: torch.device, *, quantize: bool, fused: bool = False):
+        """``fused`` (with ``quantize``): each box's blocks are whole, and their scales are
+        computed from the same read and stored into ``scales``, instead of read from it."""
+        if fused and not quantize:
+            raise ValueError("GroupedCells: fused needs quantize")
         self.device = device
         self.quantize = quantize
+        self.fused = fused
         self._rows: dict[tuple, list[list[int]]] = defaultdict(list)
         self._programs: dict[tuple, int] = defaultdict(int)
         self._alive: list[torch.Tensor] = []
@@ -126,15 +153,19 @@ class GroupedCells:
         return sum(len(rows) for rows in self._rows.values())
 
     def add(self, x: torch.Tensor, box: Box, block: Sequence[int], scales: torch.Tensor,
-            out: torch.Tensor | None = None) -> bool:
+            out: torch.Tensor | None = None, *, shape: Sequence[int] | None = None) -> bool:
         """Queue the box ``box`` held as ``x``; False (nothing queued) if it needs ``fp8_quant``.
 
         ``scales`` is float32 of the shape ``box.to_blocks(block)``, any strides: the scales
-        to quantize with, or where each block's amax goes. ``out`` (quantize only) is FP8
-        of ``x``'s shape, any strides, on this GPU or a peer it can write.
+        to quantize with, or where each block's amax (or, fused, its scale) goes. ``out``
+        (quantize only) is FP8 of ``x``'s shape, any strides, on this GPU or a peer it can
+        write. Fused batches need ``shape``, the whole tensor's, and take only boxes made
+        of whole blocks (a block cut by the tensor's end counts as whole).
         """
         plan = _plan_cells(box, block)
         if not plan.fused or x.dtype not in _X_TYPES:
+            return False
+        if self.fused and not _whole_blocks(box, block, shape):
             return False
         if tuple(x.shape) != box.sizes or tuple(scales.shape) != plan.grid.sizes or scales.dtype != torch.float32:
             raise ValueError(f"x {tuple(x.shape)} and scales {tuple(scales.shape)} do not fit box {box}, block {block}")
@@ -174,7 +205,8 @@ class GroupedCells:
                     # The pinned host blocks are not reused before these copies end (caching host allocator).
                 _grouped_cell_kernel[(programs,)](
                     table, row_of, X_TYPE=_X_TYPES[dtype], NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1],
-                    QUANTIZE=self.quantize, HW_CAST=hw_cast, num_warps=_num_warps(tile[0] * tile[1]))
+                    QUANTIZE=self.quantize, FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast,
+                    num_warps=_num_warps(tile[0] * tile[1]))
         self._rows.clear()
         self._programs.clear()
         self._alive.clear()
@@ -214,6 +246,19 @@ def self_check(device: torch.device) -> str | None:
             expected = fp8_quant.quantize_box(x, box, fp8_quant.scales_from_amax(want), box.to_blocks(block), block)
             if not (torch.equal(grid, want) and torch.equal(out.view(torch.uint8), expected.view(torch.uint8))):
                 return f"grouped and per-box kernels disagree on box {box} ({x.dtype}, block {block})"
+        fused = GroupedCells(device, quantize=True, fused=True)
+        whole = [(full, (128, 128)), (stacked, (1, 128, 128)), (full, (1, 260))]
+        results = [(torch.empty(t.shape, dtype=FP8_DTYPE, device=device),
+                    torch.empty(Box.full(t.shape).to_blocks(block).sizes, device=device)) for t, block in whole]
+        for (t, block), (out, scales) in zip(whole, results):
+            if not fused.add(t, Box.full(t.shape), block, scales, out=out, shape=t.shape):
+                return f"a whole {tuple(t.shape)} tensor does not take the fused path"
+        fused.launch()
+        for (t, block), (out, scales) in zip(whole, results):
+            want_scales = fp8_quant.scales_from_amax(fp8_quant.block_amax(t, Box.full(t.shape), block))
+            expected = fp8_quant.quantize_box(t, Box.full(t.shape), want_scales, Box.full(want_scales.shape), block)
+            if not (torch.equal(scales, want_scales) and torch.equal(out.view(torch.uint8), expected.view(torch.uint8))):
+                return f"fused grouped and per-box kernels disagree on a {tuple(t.shape)} tensor, block {block}"
     except Exception as e:  # noqa: BLE001 - any failure means: do not group
         return f"{type(e).__name__}: {e}"
     return None

@@ -148,3 +148,38 @@ def test_self_check_passes_and_reports_a_broken_kernel(monkeypatch):
     fp8_grouped.self_check.cache_clear()
     assert "disagree" in fp8_grouped.self_check(DEVICE)
     fp8_grouped.self_check.cache_clear()
+
+
+def test_fused_batch_computes_scales_and_values_in_one_pass():
+    """Boxes of whole blocks: scales and FP8 from one read, equal to the two-pass reference."""
+    full = with_special_values(make_input((300, 400), seed=11))
+    three = make_input((2, 150, 260), seed=12)
+    rows = make_input((70, 300), dtype=torch.float16, seed=13)
+    blk, row = get_quant_format("fp8_block"), get_quant_format("fp8_rowwise")
+    cases = [(full, Box.full(full.shape), blk), (full, Box((128, 256), (172, 144)), blk),  # ends at the edge
+             (three, Box((1, 0, 128), (1, 150, 132)), blk), (rows, Box((3, 0), (60, 300)), row)]
+    group = GroupedCells(DEVICE, quantize=True, fused=True)
+    outs = []
+    for t, box, fmt in cases:
+        block = fmt.block_shape(t.shape)
+        out = torch.empty(box.sizes, dtype=FP8_DTYPE, device=DEVICE)
+        scales = torch.full(box.to_blocks(block).sizes, -1.0, device=DEVICE)
+        assert group.add(box.view(t), box, block, scales, out=out, shape=t.shape), box
+        outs.append((out, scales))
+    group.launch()
+    for (t, box, fmt), (out, scales) in zip(cases, outs):
+        ref_q, ref_scales = K.reference_quantize(t, fmt)
+        block = fmt.block_shape(t.shape)
+        assert_same_bits(scales, box.to_blocks(block).view(ref_scales), any_nan=True)
+        assert_same_bits(out, box.view(ref_q), any_nan=True)
+
+
+def test_fused_batch_refuses_boxes_that_cut_blocks():
+    x = make_input((300, 400))
+    group = GroupedCells(DEVICE, quantize=True, fused=True)
+    out = torch.empty(100, 400, dtype=FP8_DTYPE, device=DEVICE)
+    box = Box((37, 0), (100, 400))  # starts mid-block: its first block's amax needs rows it does not hold
+    assert not group.add(box.view(x), box, (128, 128), torch.empty(2, 4, device=DEVICE), out=out, shape=x.shape)
+    box = Box((0, 0), (100, 400))  # ends mid-block, not at the tensor's end
+    assert not group.add(box.view(x), box, (128, 128), torch.empty(1, 4, device=DEVICE), out=out, shape=x.shape)
+    assert len(group) == 0

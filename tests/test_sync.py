@@ -54,6 +54,17 @@ def test_triton_kernels_interpreted_land_the_reference_bytes(monkeypatch):
     check_cases(run_cases(cases, num_senders=4, num_receivers=1), cases, 1)
 
 
+def test_fused_scales_with_tp_slices_interpreted(monkeypatch):
+    """Grouped kernels on a tiny Llama into TP=2 receivers: whole-block params take the fused
+    one-read path (one sender; reconstruct), row-wise blocks cut by row-parallel slices fall
+    back to amax + quantize. Receivers must hold the reference bytes either way."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for quant, mode, transport, senders in [("fp8_block", "direct", "gloo", 1), ("fp8_rowwise", "reconstruct", "shm", 2)]:
+        case = Case(name=f"fused-{quant}-{mode}", model="llama", mesh=(senders,), num_receivers=2, tp=2, quant=quant,
+                    mode=mode, port=new_port(), transport=transport, kernels="grouped", versions=1)
+        check_cases(run_cases([case], num_senders=senders, num_receivers=2), [case], 2)
+
+
 def test_changed_model_replans_and_refuses_missing_name():
     case = Case(name="changed", model="llama", mesh=(2,), num_receivers=1, tp=1, quant="none", mode="direct",
                 port=new_port(), extra={"add_param": True, "late_close": True})
