@@ -89,6 +89,36 @@ class Box:
             sizes.append(max(0, last - first))
         return Box(tuple(offsets), tuple(sizes))
 
+    def minus(self, other: "Box") -> list["Box"]:
+        """Disjoint boxes that cover this box less ``other``: slabs peeled off dim by dim."""
+        inter = self.intersect(other)
+        if inter is None:
+            return [] if self.is_empty() else [self]
+        out, offsets, sizes = [], list(self.offsets), list(self.sizes)
+        for d in range(self.ndim):
+            lo, hi, ilo, ihi = offsets[d], offsets[d] + sizes[d], inter.offsets[d], inter.ends[d]
+            for start, end in ((lo, ilo), (ihi, hi)):
+                if end > start:
+                    out.append(Box(tuple(offsets[:d] + [start] + offsets[d + 1:]),
+                                   tuple(sizes[:d] + [end - start] + sizes[d + 1:])))
+            offsets[d], sizes[d] = ilo, ihi - ilo
+        return out
+
+    def whole_blocks(self, block: Sequence[int], shape: Sequence[int]) -> "Box | None":
+        """The largest part of this box made of whole blocks of a tensor of ``shape``.
+
+        A block that the tensor's end cuts counts as whole. None if there is no such part.
+        """
+        offsets, sizes = [], []
+        for o, n, b, full in zip(self.offsets, self.sizes, block, shape):
+            start = -(-o // b) * b
+            end = o + n if o + n == full else (o + n) // b * b
+            if end <= start:
+                return None
+            offsets.append(start)
+            sizes.append(end - start)
+        return Box(tuple(offsets), tuple(sizes))
+
     def owned_blocks(self, piece: "Box", block: Sequence[int]) -> "Box":
         """The blocks of ``piece`` whose first element inside ``piece`` lies in this box.
 

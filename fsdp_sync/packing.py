@@ -82,7 +82,8 @@ class BucketPacker:
         self.destination = destination or (lambda task: None)
         self.tasks_of: dict[int, list[Task]] = defaultdict(list)
         self._slices: dict[tuple[int, Box], tuple[slice, ...]] = {}  # tasks live as long as the plan
-        self._fused: dict[int, frozenset[str]] = {}  # per bucket: see _fused_params
+        self._inner: dict[int, dict[str, Box]] = {}  # per bucket: see _inner_boxes
+        self._pieces: dict[int, list[tuple]] = {}  # per task: see _pieces_of
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
 
@@ -95,39 +96,48 @@ class BucketPacker:
             held_boxes = {name: Box.full(self.sources[name].shape) for name in bucket.params}
         else:
             held, held_boxes = shards, boxes
-        fused = self._fused_params(bucket)
+        inner = self._inner_boxes(bucket, held_boxes)
         with trace.span("amax" if self.plan.mode == "direct" else "scale", f"bucket {bucket.index}"):
-            scales = self._scales(bucket, held, held_boxes, skip=fused)
+            scales = self._scales(bucket, held, held_boxes, inner)
         with trace.span("quantize", f"bucket {bucket.index}"):
             batches = self._batches()
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            out = [(t, self._payload(t, held[t.src], held_boxes[t.src], scales, batches, copies, t.src in fused))
+            out = [(t, self._payload(t, held[t.src], held_boxes[t.src], scales, batches, copies, inner.get(t.src)))
                    for t in self.tasks_of[bucket.index]]
             for batch in (batches or {}).values():
                 batch.launch()
             copy_all(copies, non_blocking=True)
             return out
 
-    def _fused_params(self, bucket: Bucket) -> frozenset[str]:
-        """Quantized params whose every block this rank quantizes whole, in each of its tasks.
+    def _inner_boxes(self, bucket: Bucket, held_boxes: dict[str, Box]) -> dict[str, Box]:
+        """Per quantized param, the part of the held box made of blocks this rank holds whole.
 
-        Their scales come out of the quantize pass itself (one read of the weights, no
-        amax pass): possible where no other rank holds part of a block (reconstruct mode,
-        or a shard group of one) and no task cuts a block (a TP split of rows, say).
+        Their scales come out of the quantize launch itself (the weights are read once);
+        only the rest, the blocks a shard boundary cuts, takes the amax pass and the
+        all-reduce. In reconstruct mode, or with a shard group of one, that rest is empty.
+        A param is left out (amax pass over all of it) where a task cuts a block inside
+        this part (row-wise blocks under a row-parallel split, say). Fixed per plan.
         """
-        if not self.grouped or not (self.plan.mode == "reconstruct" or len(bucket.group) == 1):
-            return frozenset()
-        hit = self._fused.get(bucket.index)
+        if not self.grouped:
+            return {}
+        hit = self._inner.get(bucket.index)
         if hit is None:
             from .kernels.fp8_grouped import fusable
 
-            names = set(bucket.quantized)
+            hit = {}
+            for name in bucket.quantized:
+                shape = self.sources[name].shape
+                block = get_quant_format(self.plan.fmt_of[name]).block_shape(shape)
+                inner = held_boxes[name].whole_blocks(block, shape)
+                if inner is not None and fusable(inner, block, shape):
+                    hit[name] = inner
             for t in self.tasks_of[bucket.index]:
-                if t.kind == DATA and t.src in names:
+                if t.kind == DATA and t.src in hit:
                     shape = self.sources[t.src].shape
-                    if not fusable(t.src_box, get_quant_format(t.fmt).block_shape(shape), shape):
-                        names.discard(t.src)
-            hit = self._fused[bucket.index] = frozenset(names)
+                    part = t.src_box.intersect(hit[t.src])
+                    if part is not None and not fusable(part, get_quant_format(t.fmt).block_shape(shape), shape):
+                        del hit[t.src]
+            self._inner[bucket.index] = hit
         return hit
 
     def _slices_in(self, task: Task, held_box: Box) -> tuple[slice, ...]:
@@ -196,12 +206,12 @@ class BucketPacker:
         return full
 
     def _scales(self, bucket: Bucket, held: dict[str, torch.Tensor], held_boxes: dict[str, Box],
-                skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                inner: dict[str, Box]) -> dict[str, torch.Tensor]:
         """Scale grid of every quantized param of the bucket; direct mode reduces amax over the group.
 
         All grids of the bucket live in one flat buffer, so the all-reduce and the
         amax -> scale arithmetic are one call each per bucket, not per parameter. The
-        grids of ``skip`` (fused params) are filled later, by their quantize launch.
+        blocks of ``inner`` boxes are left out: their quantize launch fills in their scales.
         """
         shapes, blocks = {}, {}
         for name in bucket.quantized:
@@ -214,12 +224,14 @@ class BucketPacker:
         grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(flat.split(sizes), shapes.values()))))
         batch = self._amax_batch()
         for name, grid in grids.items():
-            box = held_boxes[name]
-            if not box.numel() or name in skip:
-                continue
-            region = box.to_blocks(blocks[name]).view(grid)
-            if batch is None or not batch.add(held[name], box, blocks[name], region):
-                region.copy_(self.ops.block_amax(held[name], box, blocks[name]))
+            whole = held_boxes[name]
+            for box in whole.minus(inner[name]) if name in inner else [whole]:
+                if not box.numel():
+                    continue
+                x = held[name][box.relative_to(whole).slices()]
+                region = box.to_blocks(blocks[name]).view(grid)
+                if batch is None or not batch.add(x, box, blocks[name], region):
+                    region.copy_(self.ops.block_amax(x, box, blocks[name]))
         if batch is not None:
             batch.launch()
         if self.plan.mode == "direct" and len(bucket.group) > 1 and grids:
@@ -228,7 +240,7 @@ class BucketPacker:
         return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
 
     def _payload(self, task: Task, held: torch.Tensor, held_box: Box, scales: dict[str, torch.Tensor],
-                 batches: dict | None, copies: list, fused: bool) -> torch.Tensor | None:
+                 batches: dict | None, copies: list, inner: Box | None) -> torch.Tensor | None:
         """The task's bytes, or None once they are (to be) stored at ``destination(task)``.
 
         Quantizations queued on ``batches``, and the (destination, bytes) pairs appended to
@@ -242,7 +254,7 @@ class BucketPacker:
             if task.fmt == "none":
                 data = part
             else:
-                data = self._quantize(task, part, scales[task.src], out, batches, fused)
+                data = self._quantize(task, part, scales[task.src], out, batches, inner)
                 if data is None:
                     return None
         if out is None:
@@ -251,23 +263,40 @@ class BucketPacker:
         return None
 
     def _quantize(self, task: Task, part: torch.Tensor, grid: torch.Tensor, out: torch.Tensor | None,
-                  batches: dict | None, fused: bool) -> torch.Tensor | None:
+                  batches: dict | None, inner: Box | None) -> torch.Tensor | None:
         """FP8 of ``part``: stored into ``out`` where a kernel can write it (then None), else returned.
 
-        ``fused``: no amax pass ran for this param; the quantize computes the scales too.
+        With grouped launches the task's box splits into its part of ``inner`` (fused: the
+        launch computes those blocks' scales) and the rest (scales from the amax pass).
         """
         shape = self.sources[task.src].shape
         block = get_quant_format(task.fmt).block_shape(shape)
-        region = task.src_box.to_blocks(block).view(grid)
         direct = out is not None and out.device.type == self.device.type
-        if batches is not None and (direct or out is None):
-            target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
-            if batches["fused" if fused else "two_pass"].add(part, task.src_box, block, region, out=target, shape=shape):
-                return None if direct else target
-        if fused:  # this rank holds the part's blocks whole: their amax is the part's own
-            region.copy_(scales_from_amax(self.ops.block_amax(part, task.src_box, block)))
-        if direct and self.device.type == "cuda":
-            self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
-            return None
-        # No destination, or one the kernel cannot store into (CPU memory from a GPU): the caller copies.
-        return self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
+        if batches is None or not (direct or out is None):
+            # Per-box kernels or the torch reference; or a destination the kernel cannot store
+            # into (CPU memory from a GPU): then the caller copies what this returns.
+            if direct and self.device.type == "cuda":
+                self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
+                return None
+            return self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
+        target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
+        for box, whole, rel, blocks in self._pieces_of(task, inner, block):
+            x, dst, region = part[rel], target[rel], grid[blocks]
+            if batches["fused" if whole else "two_pass"].add(x, box, block, region, out=dst, shape=shape):
+                continue
+            if whole:  # the batch refused it (strides too large): this rank holds these blocks whole
+                region.copy_(scales_from_amax(self.ops.block_amax(x, box, block)))
+            dst.copy_(self.ops.quantize_box(x, box, region, box.to_blocks(block), block))
+        return None if direct else target
+
+    def _pieces_of(self, task: Task, inner: Box | None, block: tuple[int, ...]) -> list[tuple]:
+        """(box, whole, its slices in the task's box, its slices in the scale grid) per piece
+        of the task: its part of ``inner`` (whole blocks), then the rest. Fixed per plan."""
+        hit = self._pieces.get(id(task))
+        if hit is None:
+            fused = task.src_box.intersect(inner) if inner is not None else None
+            boxes = [(fused, True)] if fused is not None else []
+            boxes += [(b, False) for b in (task.src_box.minus(fused) if fused is not None else [task.src_box])]
+            hit = self._pieces[id(task)] = [(b, whole, b.relative_to(task.src_box).slices(),
+                                             b.to_blocks(block).slices()) for b, whole in boxes]
+        return hit

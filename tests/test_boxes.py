@@ -49,3 +49,27 @@ def test_exact_cover_of_row_ranges_and_scalars():
 def test_bad_box():
     with pytest.raises(ValueError, match="sizes must be"):
         Box((0,), (-1,))
+
+
+def test_minus_covers_exactly_the_rest():
+    import itertools
+
+    outer = Box((2, 3), (10, 8))
+    for inner in [Box((4, 5), (3, 2)), Box((0, 0), (5, 20)), Box((2, 3), (10, 8)), Box((20, 20), (1, 1)),
+                  Box((5, 3), (2, 8))]:
+        parts = outer.minus(inner)
+        cells = {c for p in parts for c in itertools.product(*(range(o, o + n) for o, n in zip(p.offsets, p.sizes)))}
+        want = {c for c in itertools.product(range(2, 12), range(3, 11))
+                if not inner.contains(Box(c, (1, 1)))}
+        assert cells == want, inner
+        assert sum(p.numel() for p in parts) == len(want), "the parts overlap"
+
+
+def test_whole_blocks_keeps_aligned_blocks_and_the_tensor_edge():
+    shape = (300, 260)
+    assert Box((37, 0), (263, 260)).whole_blocks((128, 128), shape) == Box((128, 0), (172, 260))
+    assert Box((37, 0), (200, 260)).whole_blocks((128, 128), shape) is None  # rows 128:237 cut a block
+    assert Box((0, 0), (100, 260)).whole_blocks((128, 128), shape) is None  # ends mid-block
+    assert Box((256, 128), (44, 132)).whole_blocks((128, 128), shape) == Box((256, 128), (44, 132))
+    assert Box((1, 20, 0), (1, 100, 130)).whole_blocks((1, 128, 128), (2, 150, 130)) is None
+    assert Box((1, 0, 0), (1, 150, 130)).whole_blocks((1, 128, 128), (2, 150, 130)) == Box((1, 0, 0), (1, 150, 130))
