@@ -271,10 +271,10 @@ class BucketPacker:
         """
         shape = self.sources[task.src].shape
         block = get_quant_format(task.fmt).block_shape(shape)
+        # A destination the kernels cannot store into (CPU memory from a GPU) gets a copy of
+        # what this returns, made by the caller.
         direct = out is not None and out.device.type == self.device.type
-        if batches is None or not (direct or out is None):
-            # Per-box kernels or the torch reference; or a destination the kernel cannot store
-            # into (CPU memory from a GPU): then the caller copies what this returns.
+        if batches is None:  # per-box kernels or the torch reference: the grid is complete already
             if direct and self.device.type == "cuda":
                 self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
                 return None
