@@ -132,7 +132,7 @@ class BucketPacker:
                 if inner is not None and fusable(inner, block, shape):
                     hit[name] = inner
             for t in self.tasks_of[bucket.index]:
-                if t.kind == DATA and t.src in hit:
+                if t.kind == DATA and t.fmt != "none" and t.src in hit:  # a bf16 receiver of an FP8 param
                     shape = self.sources[t.src].shape
                     part = t.src_box.intersect(hit[t.src])
                     if part is not None and not fusable(part, get_quant_format(t.fmt).block_shape(shape), shape):

@@ -1,0 +1,52 @@
+"""The packer alone, in one process: grouped Triton launches (interpreted) give the reference's bytes.
+
+One sender rank holds every weight, so no collective runs; the plans still split weights
+into TP slices and send some receivers FP8 and others bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.distributed.tensor import Shard  # noqa: E402
+
+from fsdp_sync.meta import ReceiverMeta  # noqa: E402
+from fsdp_sync.packing import BucketPacker  # noqa: E402
+from fsdp_sync.trace import Trace  # noqa: E402
+from tests.planner_fixtures import plan, receivers_for, sources_on  # noqa: E402
+
+# TP=2 slices fall on 128-row boundaries; 200 leaves partial blocks at the tensor's edge.
+SHAPES = {"model.layers.0.mlp.up_proj.weight": (512, 200), "model.layers.0.mlp.down_proj.weight": (200, 512),
+          "model.norm.weight": (200,)}
+
+
+def _payloads(quant: str, kernels: str, *, mixed: bool, watermark_bytes: int) -> list[tuple]:
+    sources = sources_on(SHAPES, [0], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant=quant)
+    if mixed:  # a third receiver takes the same weights in bf16
+        other = receivers_for(sources, num_replicas=1, tp=1, quant="none")[0]
+        receivers.append(ReceiverMeta(len(receivers), other.host, other.tensors, other.layout, other.quant))
+    sender = plan(sources, receivers, watermark_bytes=watermark_bytes).for_sender(0)
+    gen = torch.Generator().manual_seed(0)
+    local = {s.name: (torch.randn(s.shape, generator=gen) * 3).to(torch.bfloat16) for s in sources}
+    local["model.layers.0.mlp.up_proj.weight"][:128, :128] = 0  # an all-zero block: scale 1
+    packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels=kernels)
+    out = []
+    for bucket in sender.buckets:
+        out += [(t.src, t.kind, t.receiver, t.src_box, data.clone()) for t, data in packer.pack(bucket, local, Trace(0))]
+    return out
+
+
+def test_grouped_launches_give_the_reference_bytes():
+    for quant in ("fp8_block", "fp8_rowwise"):
+        for mixed in (False, True):
+            want = _payloads(quant, "reference", mixed=mixed, watermark_bytes=1 << 30)
+            got = _payloads(quant, "grouped", mixed=mixed, watermark_bytes=1 << 30)
+            assert [w[:4] for w in want] == [g[:4] for g in got]
+            for w, g in zip(want, got):
+                assert w[4].dtype == g[4].dtype and torch.equal(w[4].view(torch.uint8), g[4].view(torch.uint8)), w[:4]
