@@ -98,10 +98,25 @@ def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) ->
         if len(errors) == before:  # a class with errors is mapped per receiver, so each is named
             mapped[key] = (recv.rank, mine)
         jobs.extend(mine)
+    _check_one_format_per_param(jobs, errors)
     if errors:
         more = f"\n... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
         raise PlanError("plan refused before any byte moved:\n  " + "\n  ".join(errors[:_MAX_LISTED_ERRORS]) + more)
     return jobs, layouts
+
+
+def _check_one_format_per_param(jobs: list[_Job], errors: list[str]) -> None:
+    """A sender computes one scale grid per parameter, so its FP8 receivers must agree on the format
+    (receivers that take it unquantized may sit beside them)."""
+    formats: dict[str, dict[str, int]] = defaultdict(dict)
+    for job in jobs:
+        if job.fmt.is_quantized:
+            formats[job.piece.src].setdefault(job.fmt.name, job.receiver)
+    for name, seen in formats.items():
+        if len(seen) > 1:
+            who = ", ".join(f"{fmt} (receiver {r})" for fmt, r in sorted(seen.items()))
+            errors.append(f"source parameter {name!r} is asked for in several FP8 formats: {who}; "
+                          "use one quant format for every receiver")
 
 
 def _map_receiver(recv: ReceiverMeta, sources: list[SourceParam], errors: list[str],

@@ -84,6 +84,18 @@ def test_refuses_name_missing_on_trainer():
         plan(sources, [_edit(recv, c=extra)])
 
 
+def test_refuses_two_fp8_formats_for_one_param_but_allows_a_bf16_receiver_beside_fp8():
+    sources = sources_on({"a.q_proj.weight": (256, 256), "b.weight": (64,)}, [0, 1], [Shard(0)])
+    (block,) = receivers_for(sources, num_replicas=1, tp=1, quant="fp8_block")
+    (rows,) = receivers_for(sources, num_replicas=1, tp=1, quant="fp8_rowwise")
+    (plain,) = receivers_for(sources, num_replicas=1, tp=1, quant="none")
+    relabel = lambda r, rank: ReceiverMeta(rank, r.host, r.tensors, r.layout, r.quant)  # noqa: E731
+    with pytest.raises(PlanError, match=r"'a.q_proj.weight' is asked for in several FP8 formats: "
+                                        r"fp8_block \(receiver 0\), fp8_rowwise \(receiver 1\)"):
+        plan(sources, [block, relabel(rows, 1)])
+    assert plan(sources, [block, relabel(plain, 1)]).fmt_of["a.q_proj.weight"] == "fp8_block"
+
+
 def test_refuses_shape_mismatch_and_too_small():
     sources, (recv,) = _small()
     with pytest.raises(PlanError, match="'b.weight': destination too small"):
