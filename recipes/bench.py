@@ -346,6 +346,11 @@ def _print_case(report: dict) -> None:
               f"{max(row['times_s']) * 1e3:8.2f}{row['ratio']:7.2f}{row['gbps']:7.0f}{funnel * 1e3:10.1f}"
               f"{row['speedup_funnel']:6.1f}{agbc * 1e3:10.1f}{row['speedup_allgather_broadcast']:6.1f}"
               f"{row['peak_extra_bytes'] / 2**20:9.0f}{row['watermark_bytes'] / 2**20:7.0f}")
+    # Where a push's time goes on trainer rank 0 (busy time per stage of its median push).
+    for row in report["rows"]:
+        stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.get("stage_s", {}).items())
+        print(f"  stages ms, {row['quant']} {row['mode']} {row['transport']} ({row.get('kernels', 'auto')} kernels): "
+              f"{stages}")
 
 
 def main(argv: list[str] | None = None) -> int:
