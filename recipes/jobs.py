@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import random
 import socket
 import time
 import traceback
@@ -21,9 +22,31 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, below the kernel's ephemeral range.
+
+    Outgoing connections (gloo pairs, store clients) take their local ports from that
+    range, so a port picked there can be taken before its server binds it (EADDRINUSE).
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.SystemRandom().randrange(max(1024, low - 16384), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: take the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, gpu_offset: int | None,

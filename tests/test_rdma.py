@@ -32,6 +32,7 @@ from fsdp_sync.transport.rdma_exchange import (RECV, SEND, Endpoint, QpEndpoint,
                                                open_push, publish, report_setup_error, setup_error_key,
                                                wait_endpoints)
 from fsdp_sync.transport.rdma_memory import check_destinations, containing, segments_for
+from recipes.jobs import free_port
 from fsdp_sync.transport.rdma_wr import (NUM_SLOTS, Arrivals, Region, RegionTable, RemoteTensor, SendWindow,
                                          build_schedule, contiguous_runs, fill_slot, imm_of, unwrap_imm)
 from fsdp_sync.boxes import Box
@@ -179,15 +180,9 @@ def test_rdma_is_a_registered_transport():
 
 @pytest.fixture
 def control():
-    port = _free_port()
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
     yield ControlPlane(store, "rdma-test", timeout_s=5.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_no_device_is_a_clear_error_on_both_sides(control):
