@@ -26,7 +26,7 @@ import triton.language as tl
 from fsdp_sync.boxes import Box
 from fsdp_sync.quant import FP8_DTYPE
 
-from .fp8_quant import _as_3d, _e4m3_bits, _num_warps, _plan_cells, _use_hw_cast
+from .fp8_quant import _abs_max, _as_3d, _e4m3_bits, _num_warps, _plan_cells, _scale_of, _use_hw_cast
 
 # Columns of a row of the table, in the order the kernel loads them.
 _FIELDS = ("x", "q", "s", "sxb", "sxr", "sxc", "sqb", "sqr", "sqc", "ssb", "ssr", "ssc",
@@ -79,12 +79,10 @@ def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.con
 
     s_off = b * tl.load(row + 9) + cell_r * tl.load(row + 10) + cell_c * tl.load(row + 11)
     if FROM_AMAX:
-        amax = (tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        amax = _abs_max(x)
     if QUANTIZE:
         if FROM_AMAX:
-            # The reference's scales_from_amax: a correctly rounded amax / 448, 1 for zero blocks.
-            scale = tl.math.div_rn(amax, 448.0)
-            scale = tl.where(amax == 0.0, 1.0, scale)
+            scale = _scale_of(amax)
             tl.store(s_ptr + s_off, scale)
         else:
             scale = tl.load(s_ptr + s_off)

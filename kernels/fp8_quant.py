@@ -88,6 +88,18 @@ def _e4m3_bits(y, HW_CAST: tl.constexpr):
 
 
 @triton.jit
+def _abs_max(x):
+    """amax as an integer max over the bits with the sign cleared: exact, and NaN wins."""
+    return (tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_of(amax):
+    """The reference's scales_from_amax: a correctly rounded amax / 448, 1 for all-zero blocks."""
+    return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 448.0))
+
+
+@triton.jit
 def _fp8_cell_kernel(
     x_ptr,
     q_ptr,
@@ -157,13 +169,11 @@ def _fp8_cell_kernel(
         x = x.to(tl.float32)
 
     if FROM_AMAX:
-        amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-        amax = amax_bits.to(tl.float32, bitcast=True)
+        amax = _abs_max(x)
     if QUANTIZE:
         scale_off = b.to(tl.int64) * stride_sb + block_r * stride_sr + block_c * stride_sc
         if FROM_AMAX:
-            scale = tl.math.div_rn(amax, 448.0)
-            scale = tl.where(amax == 0.0, 1.0, scale)
+            scale = _scale_of(amax)
             tl.store(scale_ptr + scale_off, scale)
         else:
             scale = tl.load(scale_ptr + scale_off)
