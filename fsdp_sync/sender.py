@@ -105,6 +105,7 @@ class WeightSender:
         self._progress = progress
         self._pack_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._hooks: list = []
+        self._closed = False
         self.stall_s: list[float] = []  # per attached optimizer step: time step() waited for pushes
 
     @property
@@ -184,6 +185,10 @@ class WeightSender:
             self._inflight.wait()
 
     def close(self) -> None:
+        """Finish the push in flight, release the transport, leave the control plane; once."""
+        if self._closed:
+            return
+        self._closed = True
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

@@ -150,6 +150,10 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("trainer", rank, case.name, "after_fix", pack(f"{type(e).__name__}: {e}")))
         sender.close()
+        if case.extra.get("late_close"):
+            started = time.perf_counter()
+            sender.close()  # a second close is a no-op: no second wait for the other ranks
+            results.put(("trainer", rank, case.name, "second_close_s", pack(time.perf_counter() - started)))
 
 
 def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) -> None:

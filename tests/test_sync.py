@@ -81,6 +81,7 @@ def test_changed_model_replans_and_refuses_missing_name():
     assert out[("trainer", 0, "changed", "after_fix")] == "ok 1"
     assert out[("trainer", 1, "changed", "after_fix")].startswith("ok")
     assert out[("receiver", 0, "changed", "after_fix")] == f"version {case.versions + 1}"
+    assert out[("trainer", 0, "changed", "second_close_s")] < 1.0
 
 
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
