@@ -98,16 +98,9 @@ def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.con
 
 
 def fusable(box: Box, block: Sequence[int], shape: Sequence[int]) -> bool:
-    """Whether a fused batch takes ``box`` of a tensor of ``shape`` (strides aside)."""
-    return _plan_cells(box, block).fused and _whole_blocks(box, block, shape)
-
-
-def _whole_blocks(box: Box, block: Sequence[int], shape: Sequence[int] | None) -> bool:
-    """``box`` starts on block boundaries and ends on one or at the tensor's end."""
-    if shape is None:
-        raise ValueError("a fused GroupedCells needs the tensor's shape")
-    return all(o % b == 0 and ((o + n) % b == 0 or o + n == full)
-               for o, n, b, full in zip(box.offsets, box.sizes, block, shape))
+    """Whether a fused batch takes ``box`` of a tensor of ``shape`` (strides aside): its
+    cells are blocks, and it is made of whole blocks (a block cut by the tensor's end counts)."""
+    return _plan_cells(box, block).fused and (box.is_empty() or box.whole_blocks(block, shape) == box)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -163,8 +156,11 @@ class GroupedCells:
         plan = _plan_cells(box, block)
         if not plan.fused or x.dtype not in _X_TYPES:
             return False
-        if self.fused and not _whole_blocks(box, block, shape):
-            return False
+        if self.fused:
+            if shape is None:
+                raise ValueError("a fused GroupedCells needs the tensor's shape")
+            if not fusable(box, block, shape):
+                return False
         if tuple(x.shape) != box.sizes or tuple(scales.shape) != plan.grid.sizes or scales.dtype != torch.float32:
             raise ValueError(f"x {tuple(x.shape)} and scales {tuple(scales.shape)} do not fit box {box}, block {block}")
         if self.quantize and (out is None or out.dtype != FP8_DTYPE or out.shape != x.shape):
