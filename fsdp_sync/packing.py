@@ -84,6 +84,7 @@ class BucketPacker:
         self._slices: dict[tuple[int, Box], tuple[slice, ...]] = {}  # tasks live as long as the plan
         self._inner: dict[int, dict[str, Box]] = {}  # per bucket: see _inner_boxes
         self._pieces: dict[int, list[tuple]] = {}  # per task: see _pieces_of
+        self._amax_parts: dict[tuple[int, str], list[tuple]] = {}  # per (bucket, param): see _amax_boxes
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
 
@@ -224,12 +225,8 @@ class BucketPacker:
         grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(flat.split(sizes), shapes.values()))))
         batch = self._amax_batch()
         for name, grid in grids.items():
-            whole = held_boxes[name]
-            for box in whole.minus(inner[name]) if name in inner else [whole]:
-                if not box.numel():
-                    continue
-                x = held[name][box.relative_to(whole).slices()]
-                region = box.to_blocks(blocks[name]).view(grid)
+            for box, rel, cells in self._amax_boxes(bucket.index, name, held_boxes[name], inner.get(name), blocks[name]):
+                x, region = held[name][rel], grid[cells]
                 if batch is None or not batch.add(x, box, blocks[name], region):
                     region.copy_(self.ops.block_amax(x, box, blocks[name]))
         if batch is not None:
@@ -238,6 +235,18 @@ class BucketPacker:
             all_reduce_amax(flat, self.groups[bucket.group])
         scales = scales_from_amax(flat)
         return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
+
+    def _amax_boxes(self, bucket: int, name: str, whole: Box, inner: Box | None,
+                    block: tuple[int, ...]) -> list[tuple[Box, tuple[slice, ...], tuple[slice, ...]]]:
+        """(box, its slices in the held tensor, its blocks' slices in the scale grid) for each
+        part of the held box that the amax pass covers: all of it but ``inner``. Fixed per plan."""
+        key = (bucket, name)
+        hit = self._amax_parts.get(key)
+        if hit is None:
+            boxes = whole.minus(inner) if inner is not None else [whole]
+            hit = self._amax_parts[key] = [(b, b.relative_to(whole).slices(), b.to_blocks(block).slices())
+                                           for b in boxes if b.numel()]
+        return hit
 
     def _payload(self, task: Task, held: torch.Tensor, held_box: Box, scales: dict[str, torch.Tensor],
                  batches: dict | None, copies: list, inner: Box | None) -> torch.Tensor | None:
