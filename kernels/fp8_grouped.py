@@ -28,39 +28,60 @@ from fsdp_sync.quant import FP8_DTYPE
 
 from .fp8_quant import _abs_max, _as_3d, _e4m3_bits, _num_warps, _plan_cells, _scale_of, _use_hw_cast
 
-# Columns of a row of the table, in the order the kernel loads them.
+# Columns of a row of the table, in the order the kernel loads them. ``x`` and ``q`` are
+# element offsets from the launch's base tensors; ``s`` is an address.
 _FIELDS = ("x", "q", "s", "sxb", "sxr", "sxc", "sqb", "sqr", "sqc", "ssb", "ssr", "ssc",
            "rows", "cols", "skip_r", "skip_c", "cells_r", "cells_c", "block_r", "block_c", "first_program")
 _NUM_FIELDS = len(_FIELDS)
-_X_TYPES = {torch.bfloat16: tl.int16, torch.float16: tl.float16, torch.float32: tl.float32}
+_X_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
+_VEC = 16  # elements: what VEC launches promise of offsets, strides, widths and skips
 
 
 @triton.jit
-def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.constexpr,
+def _grouped_cell_kernel(table, row_of, x_base, q_base, NUM_FIELDS: tl.constexpr,
                          TILE_R: tl.constexpr, TILE_C: tl.constexpr, QUANTIZE: tl.constexpr,
-                         FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr):
+                         FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr, VEC: tl.constexpr):
     """One cell (= one scale block) of the box in row ``row_of[pid]`` of ``table``.
 
     QUANTIZE: FP8 of the cell with the block's scale, stored at ``q``; with FROM_AMAX the
     cell is a whole block, whose scale it computes and stores at ``s`` first (one read).
     FROM_AMAX alone: the cell's amax (float32) is stored where its scale lives, at ``s``.
+
+    Values are addressed as a base pointer plus an element offset, not as an address cast
+    to a pointer: the compiler knows a pointer argument's alignment, and with VEC (every
+    row's offsets, batch and row strides, width, skip and block columns are multiples of
+    16 and its column strides 1) it then issues 16-byte loads and stores, as per-box
+    launches get from Triton's argument specialization. An address cast to a pointer has
+    no known alignment: one 1- or 2-byte access per element, and byte stores over NVLink
+    are several times slower.
     """
     pid = tl.program_id(0)
     row = table + tl.load(row_of + pid).to(tl.int64) * NUM_FIELDS
-    x_ptr = tl.load(row + 0).to(tl.pointer_type(X_TYPE))
-    s_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    x_off = tl.load(row + 0)
+    sxb = tl.load(row + 3)
+    sxr = tl.load(row + 4)
+    sxc = tl.load(row + 5)
     rows = tl.load(row + 12)
     cols = tl.load(row + 13)
+    skip_c = tl.load(row + 15)
     cells_r = tl.load(row + 16)
     cells_c = tl.load(row + 17)
     block_r = tl.load(row + 18)
     block_c = tl.load(row + 19)
+    if VEC:
+        x_off = tl.multiple_of(x_off, 16)
+        sxb = tl.multiple_of(sxb, 16)
+        sxr = tl.multiple_of(sxr, 16)
+        cols = tl.multiple_of(cols, 16)
+        skip_c = tl.multiple_of(skip_c, 16)
+        block_c = tl.multiple_of(block_c, 16)
+    s_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     local = pid - tl.load(row + 20)
     cell_c = local % cells_c
     cell_r = (local // cells_c) % cells_r
     b = local // (cells_c * cells_r)
     r0 = cell_r * block_r - tl.load(row + 14)
-    c0 = cell_c * block_c - tl.load(row + 15)
+    c0 = cell_c * block_c - skip_c
 
     tr = tl.arange(0, TILE_R)
     tc = tl.arange(0, TILE_C)
@@ -68,11 +89,13 @@ def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.con
     mask_c = (tc < block_c) & (c0 + tc >= 0) & (c0 + tc < cols)
     mask = mask_r[:, None] & mask_c[None, :]
 
-    sxr = tl.load(row + 4)
-    sxc = tl.load(row + 5)
-    x_base = x_ptr + b * tl.load(row + 3) + r0 * sxr + c0 * sxc
-    x = tl.load(x_base + tr[:, None] * sxr.to(tl.int32) + tc[None, :] * sxc.to(tl.int32), mask=mask, other=0)
-    if X_TYPE == tl.int16:
+    if VEC:  # column stride 1, written as such so the compiler sees contiguous columns
+        x_ptrs = x_base + (x_off + b * sxb + r0 * sxr + c0) + (tr[:, None] * sxr.to(tl.int32) + tc[None, :])
+    else:
+        x_ptrs = x_base + (x_off + b * sxb + r0 * sxr + c0 * sxc) + (tr[:, None] * sxr.to(tl.int32)
+                                                                     + tc[None, :] * sxc.to(tl.int32))
+    x = tl.load(x_ptrs, mask=mask, other=0)
+    if x_base.dtype.element_ty == tl.int16:
         x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)  # bfloat16 bits, as in fp8_quant
     else:
         x = x.to(tl.float32)
@@ -86,13 +109,21 @@ def _grouped_cell_kernel(table, row_of, X_TYPE: tl.constexpr, NUM_FIELDS: tl.con
             tl.store(s_ptr + s_off, scale)
         else:
             scale = tl.load(s_ptr + s_off)
-        q_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
+        q_off = tl.load(row + 1)
+        sqb = tl.load(row + 6)
         sqr = tl.load(row + 7)
         sqc = tl.load(row + 8)
         inv = tl.math.div_rn(1.0, scale)
         q = _e4m3_bits(x * inv, HW_CAST)
-        q_base = q_ptr + b * tl.load(row + 6) + r0 * sqr + c0 * sqc
-        tl.store(q_base + tr[:, None] * sqr.to(tl.int32) + tc[None, :] * sqc.to(tl.int32), q, mask=mask)
+        if VEC:
+            q_off = tl.multiple_of(q_off, 16)
+            sqb = tl.multiple_of(sqb, 16)
+            sqr = tl.multiple_of(sqr, 16)
+            q_ptrs = q_base + (q_off + b * sqb + r0 * sqr + c0) + (tr[:, None] * sqr.to(tl.int32) + tc[None, :])
+        else:
+            q_ptrs = q_base + (q_off + b * sqb + r0 * sqr + c0 * sqc) + (tr[:, None] * sqr.to(tl.int32)
+                                                                         + tc[None, :] * sqc.to(tl.int32))
+        tl.store(q_ptrs, q, mask=mask)
     else:
         tl.store(s_ptr + s_off, amax)
 
@@ -123,8 +154,8 @@ def _strides_3d(t: torch.Tensor) -> tuple[int, int, int] | None:
 class GroupedCells:
     """Collects boxes of one kind (amax or quantize) and runs them in one launch per tile shape.
 
-    The table holds addresses, so the batch keeps every tensor handed to ``add`` alive
-    until ``launch``; they must not change before it. ``launch`` runs on the current
+    The table holds addresses and offsets, so the batch keeps every tensor handed to ``add``
+    alive until ``launch``; they must not change before it. ``launch`` runs on the current
     stream of the device given here.
     """
 
@@ -138,6 +169,7 @@ class GroupedCells:
         self.fused = fused
         self._rows: dict[tuple, list[list[int]]] = defaultdict(list)
         self._programs: dict[tuple, int] = defaultdict(int)
+        self._values: dict[tuple, list[tuple[torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
         self._alive: list[torch.Tensor] = []
 
     def __len__(self) -> int:
@@ -154,7 +186,7 @@ class GroupedCells:
         of whole blocks (a block cut by the tensor's end counts as whole).
         """
         plan = _plan_cells(box, block)
-        if not plan.fused or x.dtype not in _X_TYPES:
+        if not plan.fused or x.dtype not in _X_VIEWS:
             return False
         if self.fused:
             if shape is None:
@@ -176,21 +208,31 @@ class GroupedCells:
         tile = tuple(_next_power_of_2(c) for c in plan.cell)
         if any(tile[0] * abs(t[1]) + tile[1] * abs(t[2]) >= 2**31 for t in (xs, qs)):
             return False
-        key = (tile, x.dtype)
+        key = (tile, x.dtype, _vectorizable(x, xs, out, qs if self.quantize else None, box, plan))
         batch = x.numel() // (box.sizes[-2] * box.sizes[-1])
         self._rows[key].append([x.data_ptr(), out.data_ptr() if self.quantize else 0, scales.data_ptr(), *xs, *qs,
                                 *ss, *box.sizes[-2:], *plan.skip, *plan.num_cells, *plan.block, self._programs[key]])
         self._programs[key] += batch * plan.num_cells[0] * plan.num_cells[1]
-        self._alive += [x, scales] if out is None else [x, scales, out]
+        self._values[key].append((x, out))
+        self._alive.append(scales)
         return True
 
     def launch(self) -> None:
-        """One kernel per tile shape and input dtype over everything added; then empty."""
+        """One kernel per tile shape, input dtype and alignment class over everything added; then empty."""
         hw_cast = _use_hw_cast(self.device)
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            for (tile, dtype), rows in self._rows.items():
+            for key, rows in self._rows.items():
+                (tile, dtype, vec), values = key, self._values[key]
                 table = torch.tensor(rows, dtype=torch.int64)
-                programs = self._programs[(tile, dtype)]
+                # Offsets from the lowest address, so that none is negative.
+                x_base = values[int(table[:, 0].argmin())][0].view(_X_VIEWS[dtype])
+                table[:, 0] = (table[:, 0] - x_base.data_ptr()) // x_base.element_size()
+                if self.quantize:
+                    q_base = values[int(table[:, 1].argmin())][1].view(torch.uint8)
+                    table[:, 1] -= q_base.data_ptr()
+                else:
+                    q_base = x_base  # not read
+                programs = self._programs[key]
                 counts = torch.tensor([r[-1] for r in rows[1:]] + [programs]) - table[:, -1]
                 row_of = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), counts)
                 if self.device.type == "cuda":
@@ -198,12 +240,25 @@ class GroupedCells:
                     row_of = row_of.pin_memory().to(self.device, non_blocking=True)
                     # The pinned host blocks are not reused before these copies end (caching host allocator).
                 _grouped_cell_kernel[(programs,)](
-                    table, row_of, X_TYPE=_X_TYPES[dtype], NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1],
-                    QUANTIZE=self.quantize, FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast,
+                    table, row_of, x_base, q_base, NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1],
+                    QUANTIZE=self.quantize, FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec,
                     num_warps=_num_warps(tile[0] * tile[1]))
         self._rows.clear()
         self._programs.clear()
+        self._values.clear()
         self._alive.clear()
+
+
+def _vectorizable(x: torch.Tensor, xs: tuple[int, int, int], out: torch.Tensor | None,
+                  qs: tuple[int, int, int] | None, box: Box, plan) -> bool:
+    """Whether a box may join a VEC launch: see ``_grouped_cell_kernel``. Offsets from the
+    launch's base are multiples of ``_VEC`` when every address is a multiple of ``_VEC`` elements."""
+    def fits(t: torch.Tensor, strides: tuple[int, int, int]) -> bool:
+        return (strides[2] == 1 and strides[0] % _VEC == 0 and strides[1] % _VEC == 0
+                and t.data_ptr() % (_VEC * t.element_size()) == 0)
+
+    return (box.sizes[-1] % _VEC == 0 and plan.skip[1] % _VEC == 0 and plan.block[1] % _VEC == 0
+            and fits(x, xs) and (out is None or fits(out, qs)))
 
 
 @functools.lru_cache(maxsize=None)

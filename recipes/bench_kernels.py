@@ -100,8 +100,36 @@ def bench_size(size_mib: int, cols: int) -> list[dict]:
             moved = x_bytes + q.numel() + scales.numel() * 4
             timing = _time(lambda: K.quantize_box(x, box, scales, grid, block, out=out))
             results.append(_row("fp8_block quantize_box", size_mib, shape, moved, timing, copy["gbps"]))
+            results.append(_bench_grouped(x, q, scales, size_mib, copy["gbps"]))
         del q, scales
     return results
+
+
+def _bench_grouped(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, size_mib: int, copy_gbps: float) -> dict:
+    """A push's launch: ``x`` cut into 32 tensors of whole 128-row blocks, scales and FP8
+    of all of them from one fused grouped launch (table upload included in the time)."""
+    from fsdp_sync.boxes import Box
+    from fsdp_sync.kernels.fp8_grouped import GroupedCells
+
+    rows, cols = x.shape
+    step = max(128, rows // 32 // 128 * 128)
+    parts = [(r, min(step, rows - r)) for r in range(0, rows, step)]
+    tensors = [x[r:r + n].clone() for r, n in parts]
+    outs = [torch.empty(t.shape, dtype=q.dtype, device=x.device) for t in tensors]
+    grids = [torch.empty(-(-n // 128), -(-cols // 128), device=x.device) for _, n in parts]
+
+    def launch() -> None:
+        group = GroupedCells(x.device, quantize=True, fused=True)
+        for t, out, grid in zip(tensors, outs, grids):
+            group.add(t, Box.full(t.shape), (128, 128), grid, out=out, shape=t.shape)
+        group.launch()
+
+    launch()
+    if not (_same_bits(torch.cat(outs), q) and _same_bits(torch.cat(grids), scales)):
+        raise SystemExit(f"grouped fused launch at {tuple(x.shape)}: differs from quantize_full; not timing it")
+    moved = x.numel() * x.element_size() + q.numel() + scales.numel() * 4
+    name = f"fp8_block grouped x{len(parts)}"
+    return _row(name, size_mib, tuple(x.shape), moved, _time(launch), copy_gbps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,8 @@ def test_amax_of_many_boxes_in_one_launch():
     for name, x, box, block in _cases():
         grids[name] = torch.full(box.to_blocks(block).sizes, -1.0, device=DEVICE)
         assert group.add(x, box, block, grids[name]), name
+    # Aligned boxes (mid-block rows, whole) and the rest (a column slice starting at 129) both ran.
+    assert {vec for _, _, vec in group._rows} == {False, True}
     group.launch()
     for name, x, box, block in _cases():
         # Which NaN an amax returns is its own business, as in test_kernels.
@@ -67,6 +69,7 @@ def test_quantize_many_boxes_into_strided_outputs_in_one_launch():
         outs[name] = buffers[name][1:1 + x.shape[-1]].movedim(0, -1).view(FP8_DTYPE)
         assert group.add(x, box, block, scales[name], out=outs[name]), name
     assert len(group) == len(_cases()) - 1  # the empty box queues nothing
+    assert {vec for _, _, vec in group._rows} == {False}  # transposed outputs: no 16-byte stores
     group.launch()
     for name, x, box, block in _cases():
         expected = K.reference_quantize_box(x, box, scales[name], box.to_blocks(block), block)
@@ -160,12 +163,13 @@ def test_fused_batch_computes_scales_and_values_in_one_pass():
              (three, Box((1, 0, 128), (1, 150, 132)), blk), (rows, Box((3, 0), (60, 300)), row)]
     group = GroupedCells(DEVICE, quantize=True, fused=True)
     outs = []
-    for t, box, fmt in cases:
+    for t, box, fmt in cases:  # the first two are 16-aligned (VEC), the others are not
         block = fmt.block_shape(t.shape)
         out = torch.empty(box.sizes, dtype=FP8_DTYPE, device=DEVICE)
         scales = torch.full(box.to_blocks(block).sizes, -1.0, device=DEVICE)
         assert group.add(box.view(t), box, block, scales, out=out, shape=t.shape), box
         outs.append((out, scales))
+    assert {vec for _, _, vec in group._rows} == {False, True}
     group.launch()
     for (t, box, fmt), (out, scales) in zip(cases, outs):
         ref_q, ref_scales = K.reference_quantize(t, fmt)
@@ -183,3 +187,49 @@ def test_fused_batch_refuses_boxes_that_cut_blocks():
     box = Box((0, 0), (100, 400))  # ends mid-block, not at the tensor's end
     assert not group.add(box.view(x), box, (128, 128), torch.empty(1, 4, device=DEVICE), out=out, shape=x.shape)
     assert len(group) == 0
+
+
+_COMPILE_FOR_SM90 = """
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fsdp_sync.kernels.fp8_grouped import _NUM_FIELDS, _grouped_cell_kernel
+
+vec, quantize = json.loads(sys.argv[1])
+signature = {"table": "*i64", "row_of": "*i32", "x_base": "*i16", "q_base": "*u8"}
+constants = dict(NUM_FIELDS=_NUM_FIELDS, TILE_R=128, TILE_C=128, QUANTIZE=quantize, FROM_AMAX=True,
+                 HW_CAST=True, VEC=vec)
+signature.update({name: "constexpr" for name in constants})
+aligned = [["tt.divisibility", 16]]  # what Triton's launcher makes of 16-aligned pointers
+source = ASTSource(_grouped_cell_kernel, signature, constexprs=constants, attrs={(2,): aligned, (3,): aligned})
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16}).asm["ptx"]
+print(json.dumps(sorted(set(re.findall(r"(?:ld|st)\\.global\\.[\\w.]+", ptx)))))
+"""
+
+
+def _global_accesses(vec: bool, quantize: bool) -> set[str]:
+    """The global loads and stores of the grouped kernel compiled for sm_90, which needs no
+    GPU; in a subprocess, since this module may run under the interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps([vec, quantize])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    if run.returncode != 0:
+        pytest.skip(f"cannot compile for sm_90 here: {run.stderr.strip().splitlines()[-1:]}")
+    return set(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_aligned_launches_compile_to_16_byte_accesses(quantize):
+    """Without VEC every bf16 load is 2 bytes and every FP8 store 1 byte: several times slower
+    over NVLink. Triton gives per-box launches this from argument specialization; a table's
+    offsets need the hints, and an address cast to a pointer would lose them."""
+    fast, slow = _global_accesses(True, quantize), _global_accesses(False, quantize)
+    assert "ld.global.v4.b32" in fast and "ld.global.b16" not in fast, fast
+    assert "ld.global.b16" in slow, slow
+    if quantize:
+        assert "st.global.v4.b32" in fast and "st.global.b8" not in fast, fast
