@@ -80,11 +80,19 @@ def mismatches(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
     return bad
 
 
+_CHECKSUM_CHUNK = 1 << 26  # bytes per step: temporaries of ~24x that, not 24x the tensor
+
+
 def checksum(t: torch.Tensor) -> int:
-    """A position-weighted sum of a tensor's bytes: equal bytes, equal sums; computed where it lives."""
-    b = t.reshape(-1).view(torch.uint8).to(torch.int64)
-    weights = torch.arange(b.numel(), device=b.device, dtype=torch.int64) % 65521 + 1
-    return int((b * weights).sum())
+    """A position-weighted sum of a tensor's bytes: equal bytes, equal sums; computed where it
+    lives, a chunk at a time (a whole 32B-model embedding at once ran a GPU out of memory)."""
+    flat = t.reshape(-1).view(torch.uint8)
+    total = 0
+    for start in range(0, flat.numel(), _CHECKSUM_CHUNK):
+        b = flat[start:start + _CHECKSUM_CHUNK].to(torch.int64)
+        weights = torch.arange(start, start + b.numel(), device=b.device, dtype=torch.int64) % 65521 + 1
+        total += int((b * weights).sum())
+    return total
 
 
 __all__ = ["checksum", "allocate_destinations", "expected_destinations", "mismatches"]

@@ -73,6 +73,12 @@ class Spec:
     probe_receiver: int = 0  # a receiver on another GPU than trainer rank 0
     kernels: str = "auto"  # SyncConfig.kernels: grouped launches per bucket, or one per box
     mesh: tuple[int, ...] = ()  # trainer mesh: (shard,) for FSDP, (replicate, shard) for HSDP
+    profile_dir: str = ""  # one more push per config under torch.profiler, trainer rank 0's trace here
+
+    @property
+    def pushes(self) -> int:
+        """Pushes per config: the checked one, warm-up, timed ones, and the profiled one."""
+        return 1 + self.warmup + self.repeats + (1 if self.profile_dir else 0)
 
     def layout(self, r: int) -> LayoutSpec:
         return LayoutSpec("hf_tp", {"tp_rank": r % self.tp, "tp_size": self.tp}) if self.tp > 1 else LayoutSpec("identity")
@@ -167,6 +173,8 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             times.append(time.perf_counter() - t0)
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
             stages.append(result.stage_seconds)
+        if spec.profile_dir:
+            _profiled_push(sender, os.path.join(spec.profile_dir, f"{cfg.job}-rank{rank}"), rank)
         peak = torch.tensor([max(peaks)], device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank == 0:
@@ -201,6 +209,21 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
                                                 baselines={f"{q}/{n}": t for (q, n), t in base_rows.items()}))))
 
 
+def _profiled_push(sender: WeightSender, path: str, rank: int) -> None:
+    """One push under torch.profiler (CPU threads and the GPU's kernels and copies); rank 0
+    writes a gzipped Chrome trace, to see where a push's time goes beyond the floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sender.push().wait()
+        torch.cuda.synchronize()
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        prof.export_chrome_trace(path + ".json.gz")
+
+
 def _verify(model, spec: Spec, store, cfg: SyncConfig, rank: int) -> None:
     """Every receiver's bytes equal the reference, checked by position-weighted checksums."""
     expected: dict[int, dict[str, int]] = {r: {} for r in range(spec.receivers)}
@@ -233,7 +256,7 @@ def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
             group.send([buf[:1]], 0, 0).wait()
         del buf
     store.wait(["links"])
-    last = 1 + spec.warmup + spec.repeats
+    last = spec.pushes
     sums: dict[str, dict[str, int]] = {}
     for quant, mode, transport, port in spec.configs:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
@@ -302,7 +325,7 @@ def run_case(name: str, args, ctx) -> dict:
     spec = Spec(name, model, case["senders"], case["receivers"], case["tp"], store.port, configs, args.repeats,
                 args.warmup, args.baseline_repeats, args.watermark_mb,
                 probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1, mesh=case.get("mesh", ()),
-                kernels=args.kernels)
+                kernels=args.kernels, profile_dir=args.profile or "")
     results = ctx.Queue()
     procs = start_job(ctx, trainer, spec.senders, results, spec, results, gpu_offset=0)
     procs += start_job(ctx, receiver, spec.receivers, results, spec, results, gpu_offset=case["receiver_gpu_offset"])
@@ -371,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nccl-tests", default=None, help="folder with nccl-tests binaries (sendrecv_perf, ...)")
     ap.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
     ap.add_argument("--out", default="bench_results")
+    ap.add_argument("--profile", default=None,
+                    help="folder: one more push per config under torch.profiler, a Chrome trace of trainer rank 0")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         print("recipes.bench needs at least 2 CUDA GPUs (every case puts trainer and engine on different GPUs)")

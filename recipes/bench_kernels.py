@@ -101,6 +101,8 @@ def bench_size(size_mib: int, cols: int) -> list[dict]:
             timing = _time(lambda: K.quantize_box(x, box, scales, grid, block, out=out))
             results.append(_row("fp8_block quantize_box", size_mib, shape, moved, timing, copy["gbps"]))
             results.append(_bench_grouped(x, q, scales, size_mib, copy["gbps"]))
+            if torch.cuda.device_count() > 1:
+                results += _bench_into_peer(x, q, scales, size_mib)
         del q, scales
     return results
 
@@ -130,6 +132,40 @@ def _bench_grouped(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, size_
     moved = x.numel() * x.element_size() + q.numel() + scales.numel() * 4
     name = f"fp8_block grouped x{len(parts)}"
     return _row(name, size_mib, tuple(x.shape), moved, _time(launch), copy_gbps)
+
+
+def _bench_into_peer(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, size_mib: int) -> list[dict]:
+    """Direct writes over NVLink: the copy engine moving the FP8 bytes to GPU1 (the link's
+    ceiling), against the quantize kernels storing them there from their registers. The
+    ratio is to that peer copy; bytes are what crosses the link."""
+    from fsdp_sync.boxes import Box
+    from fsdp_sync.kernels import fp8_quant as K
+    from fsdp_sync.kernels.fp8_grouped import GroupedCells
+
+    peer = torch.device("cuda", 1)
+    out = torch.empty(q.shape, dtype=q.dtype, device=peer)
+    peer_scales = torch.empty(scales.shape, device=peer)
+    shape = tuple(x.shape)
+    moved = q.numel() + scales.numel() * 4
+    link = _row("fp8 bytes peer copy (link)", size_mib, shape, moved, _time(lambda: out.copy_(q, non_blocking=True)),
+                None)
+    box, grid = Box.full(shape), Box.full(tuple(scales.shape))
+    K.quantize_box(x, box, scales, grid, (128, 128), out=out)
+    if not _same_bits(out.cpu(), q.cpu()):
+        raise SystemExit("quantize_box into a peer: differs from quantize_full; not timing it")
+    per_box = _row("fp8_block quantize_box -> peer", size_mib, shape, moved,
+                   _time(lambda: K.quantize_box(x, box, scales, grid, (128, 128), out=out)), link["gbps"])
+
+    def fused() -> None:
+        group = GroupedCells(x.device, quantize=True, fused=True)
+        group.add(x, box, (128, 128), peer_scales, out=out, shape=shape)
+        group.launch()
+
+    fused()
+    if not (_same_bits(out.cpu(), q.cpu()) and _same_bits(peer_scales.cpu(), scales.cpu())):
+        raise SystemExit("fused grouped launch into a peer: differs from quantize_full; not timing it")
+    grouped = _row("fp8_block grouped fused -> peer", size_mib, shape, moved, _time(fused), link["gbps"])
+    return [link, per_box, grouped]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,11 +132,41 @@ def gpu_trained_trainer(rank: int, world_size: int, cfg: SyncConfig, max_steps: 
     return pack({"full": full, "logits": logits, "train_loss": loss, "steps": step + 1}) if rank == 0 else None
 
 
+def _fp8_matmul_in_use() -> str:
+    """Which FP8 matmul transformers' FP8Linear will run, made to run offline if need be.
+
+    transformers 5.x loads its fine-grained FP8 Triton kernel from the Hugging Face Hub
+    (the ``kernels`` package); machines without a network cannot. There FP8Linear's matmul
+    is replaced by a dequantization of the FP8 weight with its ``weight_scale_inv`` blocks,
+    then a bf16 matmul: the same bytes served, without the Hub kernel's activation
+    quantization.
+    """
+    from transformers.integrations import finegrained_fp8
+
+    try:
+        finegrained_fp8.load_finegrained_fp8_kernel()
+        return "transformers' Hub FP8 kernel (weights and activations in FP8)"
+    except ImportError:
+        pass
+
+    from fsdp_sync.quant import dequantize
+
+    def dequantized_linear(input, weight, weight_scale_inv, block_size=None, bias=None, activation_scale=None):
+        # float32 scales, as the Hub kernel applies them (transformers' own backward-pass
+        # dequantization rounds the scales to the activation dtype first).
+        w = dequantize(weight, weight_scale_inv, tuple(block_size)).to(input.dtype)
+        return torch.nn.functional.linear(input, w, bias)
+
+    finegrained_fp8.finegrained_fp8_linear = dequantized_linear
+    return "weight-only FP8: FP8Linear's weight and scales dequantized (the Hub kernel is unreachable offline)"
+
+
 def gpu_fp8_engine(rank: int, world_size: int, cfg: SyncConfig, *_: object) -> bytes:
-    """transformers' fine-grained FP8 Llama on its GPU, filled by the push, run with FP8Linear's own kernels."""
+    """transformers' fine-grained FP8 Llama on its GPU, filled by the push, run through FP8Linear."""
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
 
+    matmul = _fp8_matmul_in_use()
     device = torch.device("cuda", torch.cuda.current_device())
     model = replace_with_fp8_linear(build_model(tiny_llama_config(), seed=123, dtype=DTYPE),
                                     modules_to_not_convert=["lm_head"],
@@ -150,4 +180,4 @@ def gpu_fp8_engine(rank: int, world_size: int, cfg: SyncConfig, *_: object) -> b
         logits = model.eval()(input_ids=seqs.to(device)).logits.float().cpu()
     params = {n: p.detach().cpu() for n, p in model.named_parameters()}
     recv.close()
-    return pack({"params": params, "logits": logits})
+    return pack({"params": params, "logits": logits, "matmul": matmul})

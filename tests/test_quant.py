@@ -71,3 +71,16 @@ def test_dequant_error_is_small(fmt):
 def test_unknown_format_lists_the_valid_ones():
     with pytest.raises(ValueError, match="fp8_block"):
         get_quant_format("int4")
+
+
+def test_checksum_is_the_same_in_chunks_and_sees_one_changed_byte(monkeypatch):
+    """The bench verifies receivers by checksum; chunking (to bound memory) must not change it."""
+    from fsdp_sync import destinations
+
+    t = torch.randn(300, 70)
+    whole = destinations.checksum(t)
+    monkeypatch.setattr(destinations, "_CHECKSUM_CHUNK", 1001)  # chunks that cut elements
+    assert destinations.checksum(t) == whole
+    swapped = t.clone()
+    swapped.view(-1)[[5, 6]] = swapped.view(-1)[[6, 5]]  # same bytes, other positions
+    assert destinations.checksum(swapped) != whole
