@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -60,6 +61,44 @@ def all_reduce_amax(amax: torch.Tensor, group) -> None:
     dist.all_reduce(bits, op=dist.ReduceOp.MAX, group=group)
 
 
+@dataclass
+class _Replay:
+    """A bucket's launches, recorded on the push that built them, to run again on later
+    pushes while its source tensors stay where they were (FSDP2 updates shards in place).
+
+    Only buckets whose every task is stored straight into its destination are recorded:
+    then a push of the bucket is a memset, an amax launch, the all-reduce, the scale
+    arithmetic, a quantize launch per kind and the copies, with no Python per parameter.
+    """
+
+    sources: tuple[int, ...]  # data_ptr of each held tensor, in bucket order
+    flat: torch.Tensor  # the bucket's amax grid, all params
+    scales: torch.Tensor  # the bucket's scale grid, all params (fused launches write theirs here)
+    group: object | None  # the shard group's process group, when its amaxes are all-reduced
+    amax: object | None = None  # PreparedLaunch
+    quantize: list = field(default_factory=list)  # PreparedLaunch per batch
+    copies: object | None = None  # PreparedCopies
+    rest: list = field(default_factory=list)  # (dst, src) copies too large for one launch
+    out: list = field(default_factory=list)
+
+    def run(self, bucket: Bucket, trace: Trace, mode: str) -> list:
+        with trace.span("amax" if mode == "direct" else "scale", f"bucket {bucket.index} (replay)"):
+            if self.flat.numel():
+                self.flat.zero_()
+                if self.amax is not None:
+                    self.amax.launch()
+                if self.group is not None:
+                    all_reduce_amax(self.flat, self.group)
+                self.scales.copy_(scales_from_amax(self.flat))
+        with trace.span("quantize", f"bucket {bucket.index} (replay)"):
+            for launch in self.quantize:
+                launch.launch()
+            if self.copies is not None:
+                self.copies.launch()
+            copy_all(self.rest, non_blocking=True)
+        return self.out
+
+
 class BucketPacker:
     """Packs this rank's tasks bucket by bucket, running the bucket's collectives.
 
@@ -85,30 +124,63 @@ class BucketPacker:
         self._inner: dict[int, dict[str, Box]] = {}  # per bucket: see _inner_boxes
         self._pieces: dict[int, list[tuple]] = {}  # per task: see _pieces_of
         self._amax_parts: dict[tuple[int, str], list[tuple]] = {}  # per (bucket, param): see _amax_boxes
+        self._replays: dict[int, _Replay] = {}  # per bucket, see _Replay
+        self._replayable = False  # within one pack: every launch so far can be recorded
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
 
     def pack(self, bucket: Bucket, local: dict[str, torch.Tensor], trace: Trace) -> list[tuple[Task, torch.Tensor | None]]:
         shards = {name: self._on_device(local[name], trace) for name in bucket.params}
+        replay = self._replays.get(bucket.index)
+        if replay is not None:
+            if replay.sources == tuple(shards[name].data_ptr() for name in bucket.params):
+                return replay.run(bucket, trace, self.plan.mode)
+            del self._replays[bucket.index]  # a source moved: pack it afresh, and record again
         boxes = {name: self._box(name, bucket.group) for name in bucket.params}
+        # Recorded only when the launches read the shards themselves (no H2D, no gather).
+        self._replayable = all(shards[n] is local[n] for n in bucket.params)
         if self.plan.mode == "reconstruct":
             with trace.span("gather", f"bucket {bucket.index}"):
                 held = self._gather(bucket, shards)
             held_boxes = {name: Box.full(self.sources[name].shape) for name in bucket.params}
+            self._replayable &= len(bucket.group) == 1
         else:
             held, held_boxes = shards, boxes
         inner = self._inner_boxes(bucket, held_boxes)
         with trace.span("amax" if self.plan.mode == "direct" else "scale", f"bucket {bucket.index}"):
-            scales = self._scales(bucket, held, held_boxes, inner)
+            scales, replay = self._scales(bucket, held, held_boxes, inner)
         with trace.span("quantize", f"bucket {bucket.index}"):
             batches = self._batches()
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
             out = [(t, self._payload(t, held[t.src], held_boxes[t.src], scales, batches, copies, inner.get(t.src)))
                    for t in self.tasks_of[bucket.index]]
-            for batch in (batches or {}).values():
-                batch.launch()
-            copy_all(copies, non_blocking=True)
+            replay.quantize = [batch.freeze() for batch in (batches or {}).values() if len(batch)]
+            for launch in replay.quantize:
+                launch.launch()
+            replay.copies, replay.rest = self._copy(copies)
+            if self._replayable and all(payload is None for _, payload in out):
+                replay.out = out
+                self._replays[bucket.index] = replay
             return out
+
+    def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[object | None, list]:
+        """Run the copies: the small ones in one launch where Triton kernels are in use (on
+        GPU each ``copy_`` into a peer costs the copy engine ~12 us), the rest through
+        ``copy_all``. Returns both parts, to replay."""
+        if not self.grouped or not copies:
+            copy_all(copies, non_blocking=True)
+            return None, copies
+        from .kernels.copy_grouped import GroupedCopies
+
+        small, rest = GroupedCopies(self.device), []
+        for dst, src in copies:
+            if not small.add(dst, src):
+                rest.append((dst, src))
+        prepared = small.freeze() if len(small) else None
+        if prepared is not None:
+            prepared.launch()
+        copy_all(rest, non_blocking=True)
+        return prepared, rest
 
     def _inner_boxes(self, bucket: Bucket, held_boxes: dict[str, Box]) -> dict[str, Box]:
         """Per quantized param, the part of the held box made of blocks this rank holds whole.
@@ -229,12 +301,16 @@ class BucketPacker:
                 x, region = held[name][rel], grid[cells]
                 if batch is None or not batch.add(x, box, blocks[name], region):
                     region.copy_(self.ops.block_amax(x, box, blocks[name]))
-        if batch is not None:
-            batch.launch()
-        if self.plan.mode == "direct" and len(bucket.group) > 1 and grids:
-            all_reduce_amax(flat, self.groups[bucket.group])
+                    self._replayable = False
+        prepared = batch.freeze() if batch is not None and len(batch) else None
+        if prepared is not None:
+            prepared.launch()
+        group = self.groups[bucket.group] if self.plan.mode == "direct" and len(bucket.group) > 1 and grids else None
+        if group is not None:
+            all_reduce_amax(flat, group)
         scales = scales_from_amax(flat)
-        return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
+        replay = _Replay(tuple(held[name].data_ptr() for name in bucket.params), flat, scales, group, prepared)
+        return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values())))), replay
 
     def _amax_boxes(self, bucket: int, name: str, whole: Box, inner: Box | None,
                     block: tuple[int, ...]) -> list[tuple[Box, tuple[slice, ...], tuple[slice, ...]]]:
@@ -284,16 +360,20 @@ class BucketPacker:
         # what this returns, made by the caller.
         direct = out is not None and out.device.type == self.device.type
         if batches is None:  # per-box kernels or the torch reference: the grid is complete already
+            self._replayable = False
             if direct and self.device.type == "cuda":
                 self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
                 return None
             return self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
+        if not direct:
+            self._replayable = False  # a fresh buffer per push, which a replay would keep alive
         target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
         for box, whole, rel, blocks in self._pieces_of(task, inner, block):
             x, dst, region = part[rel], target[rel], grid[blocks]
             if batches["fused" if whole else "two_pass"].add(x, box, block, region, out=dst, shape=shape):
                 continue
-            if whole:  # the batch refused it (strides too large): this rank holds these blocks whole
+            self._replayable = False  # the batch refused it (strides too large): not recorded
+            if whole:  # this rank holds these blocks whole
                 region.copy_(scales_from_amax(self.ops.block_amax(x, box, block)))
             dst.copy_(self.ops.quantize_box(x, box, region, box.to_blocks(block), block))
         return None if direct else target

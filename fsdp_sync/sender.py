@@ -200,6 +200,7 @@ class WeightSender:
                 failed = True
         if self._transport is not None:
             self._transport.close()
+        self._packer = None  # its recorded launches hold the receivers' mapped tensors
         self._leave_control_plane(wait_for_peers=not failed)
 
     def _leave_control_plane(self, *, wait_for_peers: bool) -> None:
@@ -306,6 +307,7 @@ class WeightSender:
                 self._pack_stream.synchronize()  # a failed push may have left writes into its mappings queued
             self._transport.close()
             self._transport = None  # a failed build below leaves none, and the next push builds again
+            self._packer = None  # its recorded launches hold the old mappings
         send_cls, _ = get_transport(self._plan.transport)
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host,
                                    generation=generation)

@@ -219,7 +219,13 @@ class GroupedCells:
 
     def launch(self) -> None:
         """One kernel per tile shape, input dtype and alignment class over everything added; then empty."""
+        self.freeze().launch()
+
+    def freeze(self) -> "PreparedLaunch":
+        """The launches for everything added, tables on the device, to run now and again
+        later (a plan replays the same boxes every push); this batch is emptied."""
         hw_cast = _use_hw_cast(self.device)
+        launches = []
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             for key, rows in self._rows.items():
                 (tile, dtype, vec), values = key, self._values[key]
@@ -239,14 +245,33 @@ class GroupedCells:
                     table = table.pin_memory().to(self.device, non_blocking=True)
                     row_of = row_of.pin_memory().to(self.device, non_blocking=True)
                     # The pinned host blocks are not reused before these copies end (caching host allocator).
-                _grouped_cell_kernel[(programs,)](
-                    table, row_of, x_base, q_base, NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1],
-                    QUANTIZE=self.quantize, FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec,
-                    num_warps=_num_warps(tile[0] * tile[1]))
+                launches.append(((programs,), (table, row_of, x_base, q_base), dict(
+                    NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1], QUANTIZE=self.quantize,
+                    FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec,
+                    num_warps=_num_warps(tile[0] * tile[1]))))
+        prepared = PreparedLaunch(self.device, launches, [t for v in self._values.values() for pair in v
+                                                          for t in pair if t is not None] + self._alive)
         self._rows.clear()
         self._programs.clear()
         self._values.clear()
-        self._alive.clear()
+        self._alive = []
+        return prepared
+
+
+class PreparedLaunch:
+    """Grouped kernel launches with their tables built: ``launch()`` runs them, as often as
+    needed, on the current stream. Holds every tensor the tables point into, so their
+    memory cannot be reused while this lives; their values are read at each launch."""
+
+    def __init__(self, device: torch.device, launches: list[tuple], alive: list[torch.Tensor]):
+        self.device = device
+        self._launches = launches
+        self._alive = alive
+
+    def launch(self) -> None:
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            for grid, args, kwargs in self._launches:
+                _grouped_cell_kernel[grid](*args, **kwargs)
 
 
 def _vectorizable(x: torch.Tensor, xs: tuple[int, int, int], out: torch.Tensor | None,

@@ -77,6 +77,8 @@ class GRPOConfig:
     prompts_per_step: int = 32
     group_size: int = 8  # completions sampled per prompt (GRPO's G)
     lr: float = 5e-4
+    lr_warmup_steps: int = 0  # GRPO steps over which lr rises linearly to ``lr`` (a fresh Adam's first
+    # steps move every weight by about lr, whatever the gradient's size)
     clip_eps: float = 0.2
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -94,6 +96,8 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"GRPOConfig.group_size must be >= 2 to normalize within a group, got {self.group_size}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"GRPOConfig.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         if self.max_staleness < 0:
             raise ValueError(f"GRPOConfig.max_staleness must be >= 0, got {self.max_staleness}")
 

@@ -85,6 +85,7 @@ def trainer(rank: int, world_size: int, job: GRPOJob, results: Any, inboxes: lis
     if rank == 0:
         results.put(("trainer", rank, "warmup", {**warmup, "push_s": first.seconds, "push_bytes": first_bytes.item()}))
     optim = torch.optim.AdamW(model.parameters(), lr=rc.lr)
+    ramp = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: min(1.0, (i + 1) / (rc.lr_warmup_steps + 1)))
     sender.attach(optim, overlap=True)
     for step in range(1, rc.steps + 1):
         started = time.perf_counter()
@@ -97,6 +98,7 @@ def trainer(rank: int, world_size: int, job: GRPOJob, results: Any, inboxes: lis
         previous = sender.last_push  # this step's optimizer.step() waits for it, then pushes `step`
         optim.step()
         optim.zero_grad()
+        ramp.step()
         stats = _step_stats(batch, logps.detach(), loss.detach(), previous.wait(), sender.stall_s[-1], device)
         if rank == 0:
             results.put(("trainer", rank, "step", {"step": step, **stats, "wait_s": waited,

@@ -50,3 +50,39 @@ def test_grouped_launches_give_the_reference_bytes():
             assert [w[:4] for w in want] == [g[:4] for g in got]
             for w, g in zip(want, got):
                 assert w[4].dtype == g[4].dtype and torch.equal(w[4].view(torch.uint8), g[4].view(torch.uint8)), w[:4]
+
+
+def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
+    """With destinations to store into, a bucket's launches are recorded on the first push and
+    run again on later ones (no per-parameter Python); the bytes follow the weights' new
+    values, and a shard that moved to new memory is packed afresh."""
+    sources = sources_on(SHAPES, [0], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")
+    sender = plan(sources, receivers, watermark_bytes=1 << 30).for_sender(0)
+    dests = {(m.rank, n): torch.full(d.shape, 7, dtype=d.dtype) if d.dtype != torch.float8_e4m3fn
+             else torch.zeros(d.shape, dtype=d.dtype) for m in receivers for n, d in m.tensors.items()}
+    packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="grouped",
+                          destination=lambda t: t.dst_box.view(dests[(t.receiver, t.dst)]))
+    reference = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="reference")
+    gen = torch.Generator().manual_seed(1)
+    local = {s.name: (torch.randn(s.shape, generator=gen) * 3).to(torch.bfloat16) for s in sources}
+
+    def check(push: int) -> None:
+        for bucket in sender.buckets:
+            assert all(payload is None for _, payload in packer.pack(bucket, local, Trace(0)))
+            for task, want in reference.pack(bucket, local, Trace(0)):
+                got = task.dst_box.view(dests[(task.receiver, task.dst)])
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (push, task.src, task.kind)
+
+    check(0)
+    replays = dict(packer._replays)
+    assert set(replays) == {b.index for b in sender.buckets}
+    for name in local:  # an optimizer step: in place, new values
+        local[name].mul_(-2).add_(0.5)
+    check(1)
+    assert packer._replays == replays  # the same recorded launches ran
+    moved = "model.layers.0.mlp.up_proj.weight"
+    local[moved] = local[moved].clone() * 3  # new storage: the old record must not be used
+    check(2)
+    bucket_of_moved = next(b.index for b in sender.buckets if moved in b.params)
+    assert packer._replays[bucket_of_moved] is not replays[bucket_of_moved]

@@ -44,13 +44,14 @@ def test_triton_kernels_interpreted_land_the_reference_bytes(monkeypatch):
     """The packer's Triton paths, grouped and per box, run in the CPU interpreter inside real senders.
 
     The odd model's shards start mid-block and one rank holds no rows. gloo stages the
-    grouped kernel's output; shm lets it store straight into the receiver's buffer.
+    grouped kernel's output; shm lets it store straight into the receiver's buffer, where
+    the second version replays the first one's recorded launches (amax, all-reduce, scales).
     """
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned senders inherit it
     cases = [Case(name=f"triton-{k}-{q}-{m}-{t}", model="odd", mesh=(4,), num_receivers=1, tp=1, quant=q, mode=m,
                   port=new_port(), transport=t, kernels=k, watermark_mb=0.05)
              for k, q, m, t in [("grouped", "fp8_block", "direct", "gloo"), ("per_box", "fp8_block", "reconstruct", "gloo"),
-                                ("grouped", "fp8_rowwise", "reconstruct", "shm")]]
+                                ("grouped", "fp8_rowwise", "reconstruct", "shm"), ("grouped", "fp8_block", "direct", "shm")]]
     check_cases(run_cases(cases, num_senders=4, num_receivers=1), cases, 1)
 
 
