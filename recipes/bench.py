@@ -185,6 +185,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
                              num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2], kernels=cfg.kernels))
         sender.close()
         torch.cuda.empty_cache()
+        dist.barrier()  # every sender rank unmapped the receivers' buffers, not only rank 0
         if rank == 0:
             store.set(f"closed/{cfg.job}", b"1")  # receivers may free buffers we mapped
     base_rows, run_id = {}, 0

@@ -171,7 +171,13 @@ def gpu_fp8_engine(rank: int, world_size: int, cfg: SyncConfig, *_: object) -> b
     model = replace_with_fp8_linear(build_model(tiny_llama_config(), seed=123, dtype=DTYPE),
                                     modules_to_not_convert=["lm_head"],
                                     quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128]))
+    # Buffers (the rotary inv_freq) are derived, not pushed: to_empty would leave them as
+    # whatever memory it got, so they are put back after it.
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     recv = WeightReceiver(model, config=cfg, commit="staged")
     recv.wait_for(1)
     recv.commit()
