@@ -188,6 +188,8 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
         dist.barrier()  # every sender rank unmapped the receivers' buffers, not only rank 0
         if rank == 0:
             store.set(f"closed/{cfg.job}", b"1")  # receivers may free buffers we mapped
+    if rank == 0:  # reported even if a baseline fails later (they hold more memory at once)
+        results.put(("rows", pickle.dumps(dict(ceilings=ceilings, rows=rows))))
     base_rows, run_id = {}, 0
     outbox = baselines.Outbox(store, spec.receivers) if rank == 0 else None
     for quant in sorted({c[0] for c in spec.configs}):
@@ -330,15 +332,22 @@ def run_case(name: str, args, ctx) -> dict:
     results = ctx.Queue()
     procs = start_job(ctx, trainer, spec.senders, results, spec, results, gpu_offset=0)
     procs += start_job(ctx, receiver, spec.receivers, results, spec, results, gpu_offset=case["receiver_gpu_offset"])
-    report = None
+    report, partial = None, None
     finished = 0
     try:
         while finished < len(procs):
             item = results.get(timeout=args.timeout)
             if item[0] == "bench":
                 report = pickle.loads(item[1])
+            elif item[0] == "rows":
+                partial = pickle.loads(item[1])
             elif item[2] == "error":
-                raise RuntimeError(f"case {name}: {item[0]} rank {item[1]} failed:\n{item[3]}")
+                error = f"case {name}: {item[0]} rank {item[1]} failed:\n{item[3]}"
+                if partial is None:
+                    raise RuntimeError(error)
+                print(error)  # fsdp_sync's rows are measured; the baselines are not
+                report = dict(partial, baselines={}, error=error.splitlines()[0] + " " + item[3].splitlines()[0])
+                break
             else:
                 finished += 1
     finally:
@@ -361,14 +370,19 @@ def _print_case(report: dict) -> None:
     print(head)
     for row in report["rows"]:
         med = statistics.median(row["times_s"])
-        funnel = statistics.median(report["baselines"][f"{row['quant']}/funnel"])
-        agbc = statistics.median(report["baselines"][f"{row['quant']}/allgather_broadcast"])
-        row.update(median_s=med, ratio=med / row["floor_s"], gbps=row["bytes"] / med / 1e9, funnel_s=funnel,
-                   allgather_broadcast_s=agbc, speedup_funnel=funnel / med, speedup_allgather_broadcast=agbc / med)
+        row.update(median_s=med, ratio=med / row["floor_s"], gbps=row["bytes"] / med / 1e9)
+        base = ""
+        for name in ("funnel", "allgather_broadcast"):
+            times = report["baselines"].get(f"{row['quant']}/{name}")
+            if times:  # absent when a baseline failed (report["error"] says how)
+                t = statistics.median(times)
+                row.update({f"{name}_s": t, f"speedup_{name}": t / med})
+                base += f"{t * 1e3:10.1f}{t / med:6.1f}"
+            else:
+                base += f"{'n/a':>10}{'':6}"
         print(f"  {row['quant']:<10}{row['mode']:<12}{row['transport']:<10}{row['bytes'] / 1e6:8.0f}"
               f"{row['floor_s'] * 1e3:10.2f}{med * 1e3:10.2f}{min(row['times_s']) * 1e3:8.2f}"
-              f"{max(row['times_s']) * 1e3:8.2f}{row['ratio']:7.2f}{row['gbps']:7.0f}{funnel * 1e3:10.1f}"
-              f"{row['speedup_funnel']:6.1f}{agbc * 1e3:10.1f}{row['speedup_allgather_broadcast']:6.1f}"
+              f"{max(row['times_s']) * 1e3:8.2f}{row['ratio']:7.2f}{row['gbps']:7.0f}{base}"
               f"{row['peak_extra_bytes'] / 2**20:9.0f}{row['watermark_bytes'] / 2**20:7.0f}")
     # Where a push's time goes on trainer rank 0 (busy time per stage of its median push).
     for row in report["rows"]:
@@ -413,19 +427,27 @@ def main(argv: list[str] | None = None) -> int:
         for binary, lines in report["nccl_tests"].items():
             print(f"nccl-tests {binary}:\n  " + "\n  ".join(lines[-4:]))
     ctx = spawn_context()
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    path = os.path.join(args.out, f"bench-{env['gpu'].replace(' ', '-')}-{stamp}.json")
     for name in args.cases:
         if gpus_needed(CASES[name]) > torch.cuda.device_count():
             print(f"\ncase {name} skipped: needs {gpus_needed(CASES[name])} GPUs, this machine has "
                   f"{torch.cuda.device_count()}")
             continue
-        report["cases"].append(run_case(name, args, ctx))
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    path = os.path.join(args.out, f"bench-{env['gpu'].replace(' ', '-')}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+        try:
+            report["cases"].append(run_case(name, args, ctx))
+        except Exception as e:  # noqa: BLE001 - the other cases still run and are written
+            print(f"\ncase {name} failed: {e}")
+            report["cases"].append(dict(case=name, error=str(e)))
+        _write(report, path)  # after every case: a later crash keeps what was measured
     print(f"\nwrote {path}")
     return 0
+
+
+def _write(report: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -28,6 +29,9 @@ FORMATS = ("fp8_block", "fp8_rowwise", "fp8_tensor")
 
 
 def _git_sha() -> str:
+    """GIT_SHA if set (a copied checkout's .git may be stale), else the checkout's HEAD."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
