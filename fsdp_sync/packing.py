@@ -77,7 +77,7 @@ class _Replay:
     group: object | None  # the shard group's process group, when its amaxes are all-reduced
     amax: object | None = None  # PreparedLaunch
     quantize: list = field(default_factory=list)  # PreparedLaunch per batch
-    copies: object | None = None  # PreparedCopies
+    copies: object | None = None  # PreparedLaunch of the small copies
     rest: list = field(default_factory=list)  # (dst, src) copies too large for one launch
     out: list = field(default_factory=list)
 

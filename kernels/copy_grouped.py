@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import _interpreting
+from .prepared import PreparedLaunch
 
 MAX_ELEMS = 1 << 16  # larger tensors go to copy_, which reaches the link's bandwidth on its own
 _VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -85,7 +86,7 @@ class GroupedCopies:
         self._pairs.setdefault(size, []).append((d2, s2))
         return True
 
-    def freeze(self) -> "PreparedCopies":
+    def freeze(self) -> PreparedLaunch:
         """The launches for everything added, tables on the device, to run now and again later."""
         launches = []
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
@@ -99,23 +100,8 @@ class GroupedCopies:
                 table[:, 1] = (table[:, 1] - dst_base.data_ptr()) // size
                 if self.device.type == "cuda":
                     table = table.to(self.device)
-                launches.append(((len(rows),), (table, src_base, dst_base)))
-        prepared = PreparedCopies(self.device, launches, [t for p in self._pairs.values() for pair in p for t in pair])
+                launches.append((_copy_boxes_kernel, (len(rows),), (table, src_base, dst_base),
+                                 dict(NUM_FIELDS=len(_FIELDS), TILE_R=_TILE_R, TILE_C=_TILE_C, num_warps=4)))
+        prepared = PreparedLaunch(self.device, launches, [t for p in self._pairs.values() for pair in p for t in pair])
         self._rows, self._pairs = {}, {}
         return prepared
-
-
-class PreparedCopies:
-    """Grouped copies with their tables built: ``launch()`` runs them on the current stream,
-    as often as needed. Holds every tensor they touch."""
-
-    def __init__(self, device: torch.device, launches: list[tuple], alive: list[torch.Tensor]):
-        self.device = device
-        self._launches = launches
-        self._alive = alive
-
-    def launch(self) -> None:
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            for grid, args in self._launches:
-                _copy_boxes_kernel[grid](*args, NUM_FIELDS=len(_FIELDS), TILE_R=_TILE_R, TILE_C=_TILE_C,
-                                         num_warps=4)

@@ -27,6 +27,7 @@ from fsdp_sync.boxes import Box
 from fsdp_sync.quant import FP8_DTYPE
 
 from .fp8_quant import _abs_max, _as_3d, _e4m3_bits, _num_warps, _plan_cells, _scale_of, _use_hw_cast
+from .prepared import PreparedLaunch
 
 # Columns of a row of the table, in the order the kernel loads them. ``x`` and ``q`` are
 # element offsets from the launch's base tensors; ``s`` is an address.
@@ -221,7 +222,7 @@ class GroupedCells:
         """One kernel per tile shape, input dtype and alignment class over everything added; then empty."""
         self.freeze().launch()
 
-    def freeze(self) -> "PreparedLaunch":
+    def freeze(self) -> PreparedLaunch:
         """The launches for everything added, tables on the device, to run now and again
         later (a plan replays the same boxes every push); this batch is emptied."""
         hw_cast = _use_hw_cast(self.device)
@@ -245,7 +246,7 @@ class GroupedCells:
                     table = table.pin_memory().to(self.device, non_blocking=True)
                     row_of = row_of.pin_memory().to(self.device, non_blocking=True)
                     # The pinned host blocks are not reused before these copies end (caching host allocator).
-                launches.append(((programs,), (table, row_of, x_base, q_base), dict(
+                launches.append((_grouped_cell_kernel, (programs,), (table, row_of, x_base, q_base), dict(
                     NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1], QUANTIZE=self.quantize,
                     FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec,
                     num_warps=_num_warps(tile[0] * tile[1]))))
@@ -256,22 +257,6 @@ class GroupedCells:
         self._values.clear()
         self._alive = []
         return prepared
-
-
-class PreparedLaunch:
-    """Grouped kernel launches with their tables built: ``launch()`` runs them, as often as
-    needed, on the current stream. Holds every tensor the tables point into, so their
-    memory cannot be reused while this lives; their values are read at each launch."""
-
-    def __init__(self, device: torch.device, launches: list[tuple], alive: list[torch.Tensor]):
-        self.device = device
-        self._launches = launches
-        self._alive = alive
-
-    def launch(self) -> None:
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            for grid, args, kwargs in self._launches:
-                _grouped_cell_kernel[grid](*args, **kwargs)
 
 
 def _vectorizable(x: torch.Tensor, xs: tuple[int, int, int], out: torch.Tensor | None,
