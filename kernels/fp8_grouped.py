@@ -276,7 +276,8 @@ def self_check(device: torch.device) -> str | None:
     """Why grouped launches cannot be trusted on ``device``, or None if they match ``fp8_quant``.
 
     Boxes that take each kernel variant a push uses (bf16 and fp32 128x128 blocks, bf16
-    rows; mid-block, transposed and 3-D), amax then quantize, compared bit for bit with
+    rows; mid-block, transposed and 3-D; 16-aligned ones, which take the VEC launches that
+    real models' shapes get, and the rest), amax then quantize, compared bit for bit with
     the per-box kernels. ``kernels=auto`` runs this once per process before grouping.
     """
     from . import fp8_quant
@@ -285,10 +286,14 @@ def self_check(device: torch.device) -> str | None:
         gen = torch.Generator().manual_seed(0)
         full = torch.randn(300, 260, generator=gen).to(torch.bfloat16).to(device)
         stacked = torch.randn(3, 140, 130, generator=gen).to(device)
+        aligned = torch.randn(256, 384, generator=gen).to(torch.bfloat16).to(device)
+        aligned_3d = torch.randn(2, 128, 256, generator=gen).to(torch.bfloat16).to(device)
         cases = [(Box((37, 0), (200, 260)), full, (128, 128)),
                  (Box((0, 5), (250, 250)), full.t().contiguous().t(), (128, 128)),
                  (Box((1, 20, 0), (2, 100, 130)), stacked, (1, 128, 128)),
-                 (Box((3, 0), (40, 260)), full, (1, 260))]
+                 (Box((3, 0), (40, 260)), full, (1, 260)),
+                 (Box((128, 0), (128, 384)), aligned, (128, 128)),
+                 (Box((1, 0, 0), (1, 128, 256)), aligned_3d, (1, 128, 128))]
         views = [box.view(t) for box, t, _ in cases]
         amax, quant = GroupedCells(device, quantize=False), GroupedCells(device, quantize=True)
         grids = [torch.empty(box.to_blocks(block).sizes, device=device) for box, _, block in cases]
@@ -306,7 +311,8 @@ def self_check(device: torch.device) -> str | None:
             if not (torch.equal(grid, want) and torch.equal(out.view(torch.uint8), expected.view(torch.uint8))):
                 return f"grouped and per-box kernels disagree on box {box} ({x.dtype}, block {block})"
         fused = GroupedCells(device, quantize=True, fused=True)
-        whole = [(full, (128, 128)), (stacked, (1, 128, 128)), (full, (1, 260))]
+        whole = [(full, (128, 128)), (stacked, (1, 128, 128)), (full, (1, 260)), (aligned, (128, 128)),
+                 (aligned_3d, (1, 128, 128))]
         results = [(torch.empty(t.shape, dtype=FP8_DTYPE, device=device),
                     torch.empty(Box.full(t.shape).to_blocks(block).sizes, device=device)) for t, block in whole]
         for (t, block), (out, scales) in zip(whole, results):

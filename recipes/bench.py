@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import platform
+import queue
 import statistics
 import subprocess
 import sys
@@ -336,7 +337,15 @@ def run_case(name: str, args, ctx) -> dict:
     finished = 0
     try:
         while finished < len(procs):
-            item = results.get(timeout=args.timeout)
+            try:
+                item = results.get(timeout=args.timeout)
+            except queue.Empty:  # a process died without a word (OOM killer) or hangs
+                error = f"case {name}: no message from the jobs within --timeout {args.timeout:.0f} s"
+                if partial is None:
+                    raise TimeoutError(error) from None
+                print(error)
+                report = dict(partial, baselines={}, error=error)
+                break
             if item[0] == "bench":
                 report = pickle.loads(item[1])
             elif item[0] == "rows":
@@ -429,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = spawn_context()
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     path = os.path.join(args.out, f"bench-{env['gpu'].replace(' ', '-')}-{stamp}.json")
+    _write(report, path)  # the environment (and nccl-tests) even if no case runs
     for name in args.cases:
         if gpus_needed(CASES[name]) > torch.cuda.device_count():
             print(f"\ncase {name} skipped: needs {gpus_needed(CASES[name])} GPUs, this machine has "
@@ -437,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report["cases"].append(run_case(name, args, ctx))
         except Exception as e:  # noqa: BLE001 - the other cases still run and are written
-            print(f"\ncase {name} failed: {e}")
-            report["cases"].append(dict(case=name, error=str(e)))
+            print(f"\ncase {name} failed: {e!r}")
+            report["cases"].append(dict(case=name, error=repr(e)))
         _write(report, path)  # after every case: a later crash keeps what was measured
     print(f"\nwrote {path}")
     return 0
