@@ -163,17 +163,21 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
         _verify(model, spec, store, cfg, rank)
         for _ in range(spec.warmup):
             sender.push().wait()
-        times, peaks, stages = [], [], []
+        times, peaks, stages, parts = [], [], [], []
         for _ in range(spec.repeats):
             dist.barrier()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             t0 = time.perf_counter()
-            result = sender.push().wait()
+            handle = sender.push()
+            t1 = time.perf_counter()
+            result = handle.wait()
             times.append(time.perf_counter() - t0)
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
             stages.append(result.stage_seconds)
+            # Where the wall time goes: announcing, the push thread, then the receivers' acks.
+            parts.append(dict(publish=t1 - t0, run=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
         if spec.profile_dir:
             _profiled_push(sender, os.path.join(spec.profile_dir, f"{cfg.job}-rank{rank}"), rank)
         peak = torch.tensor([max(peaks)], device=device)
@@ -183,7 +187,8 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             rows.append(dict(quant=quant, mode=mode, transport=transport, bytes=plan.stats.bytes_total,
                              floor_s=plan.stats.floor_s, times_s=times, peak_extra_bytes=int(peak.item()),
                              watermark_bytes=cfg.watermark_bytes, plan_s=plan.stats.plan_s,
-                             num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2], kernels=cfg.kernels))
+                             num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2], kernels=cfg.kernels,
+                             parts_s={k: statistics.median(p[k] for p in parts) for k in parts[0]}))
         sender.close()
         torch.cuda.empty_cache()
         dist.barrier()  # every sender rank unmapped the receivers' buffers, not only rank 0
@@ -276,8 +281,12 @@ def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
         store.wait([f"closed/{cfg.job}"])
         recv.close()
         del dests, recv
+        # Exported blocks wait in torch's IPC limbo until every sender unmapped them;
+        # collect them first, then hand the cache back, so a colocated trainer can use it.
+        torch.cuda.ipc_collect()
         torch.cuda.empty_cache()
-        torch.cuda.ipc_collect()  # exported blocks return to the allocator once the sender unmapped them
+        print(f"receiver {rank}: {cfg.job} closed, {torch.cuda.memory_reserved(device) / 2**30:.2f} GiB still "
+              f"reserved, {torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB free on the GPU", flush=True)
     quants = sorted({c[0] for c in spec.configs})
     inbox = baselines.Inbox(store, rank, max(baselines.capacity(shapes, q, GiB) for q in quants), device)
     layouts = [spec.layout(r) for r in range(spec.receivers)]
@@ -396,8 +405,9 @@ def _print_case(report: dict) -> None:
     # Where a push's time goes on trainer rank 0 (busy time per stage of its median push).
     for row in report["rows"]:
         stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.get("stage_s", {}).items())
+        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.get("parts_s", {}).items())
         print(f"  stages ms, {row['quant']} {row['mode']} {row['transport']} ({row.get('kernels', 'auto')} kernels): "
-              f"{stages}")
+              f"{stages}; wall: {parts}")
 
 
 def main(argv: list[str] | None = None) -> int:
