@@ -7,6 +7,7 @@ full tensors and every receiver's tensors back to the test as bytes.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -150,6 +151,8 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("trainer", rank, case.name, "after_fix", pack(f"{type(e).__name__}: {e}")))
         sender.close()
+        if case.extra.get("memory_back"):
+            barrier.wait(timeout=case.timeout_s)  # every sender unmapped the receivers' buffers
         if case.extra.get("late_close"):
             started = time.perf_counter()
             sender.close()  # a second close is a no-op: no second wait for the other ranks
@@ -159,6 +162,7 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
 def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) -> None:
     for case in cases:
         layout = case.layout(rank)
+        reserved = torch.cuda.memory_reserved() if case.device == "cuda" else 0
         dests = allocate_destinations(_shapes(case), layout=layout, quant=case.quant, device=_device(case))
         recv = WeightReceiver(dests, config=case.config(), layout=layout.name, layout_kwargs=layout.kwargs)
         for version in range(1, case.versions + 1):
@@ -183,3 +187,10 @@ def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) ->
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("receiver", rank, case.name, "after_fix", pack(f"{type(e).__name__}: {e}")))
         recv.close()
+        if case.extra.get("memory_back"):
+            barrier.wait(timeout=case.timeout_s)  # every sender closed: nobody maps our buffers now
+            del dests, recv
+            gc.collect()
+            torch.cuda.ipc_collect()  # exports whose senders all unmapped them leave torch's IPC limbo
+            torch.cuda.empty_cache()
+            results.put(("receiver", rank, case.name, "reserved", pack((reserved, torch.cuda.memory_reserved()))))

@@ -27,8 +27,15 @@ def test_colocated_fsdp2_to_tp2_ipc():
     (NCCL cannot serve this: it refuses two ranks of one communicator on one GPU.)
     """
     cases = all_cases("g22-ipc", model="llama", mesh=(2,), num_receivers=2, tp=2, transport="cuda_ipc",
-                      device="cuda")
-    check_cases(run_cases(cases, num_senders=2, num_receivers=2, receiver_gpu_offset=0), cases, 2)
+                      device="cuda", extra={"memory_back": True})
+    out = run_cases(cases, num_senders=2, num_receivers=2, receiver_gpu_offset=0)
+    check_cases(out, cases, 2)
+    # Both senders open every receiver's buffers; once they closed, each receiver gets its
+    # memory back (one export per sender: a shared one kept the blocks in torch's IPC limbo).
+    for case in cases:
+        for r in range(2):
+            before, after = out[("receiver", r, case.name, "reserved")]
+            assert after <= before, f"{case.name}: receiver {r} holds {after - before} bytes more after close"
 
 
 @needs_two

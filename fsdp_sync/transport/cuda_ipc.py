@@ -1,11 +1,16 @@
 """One-sided GPU transport over CUDA IPC: senders write straight into receivers' buffers.
 
-Receivers export their destination tensors once (CUDA IPC handles of the caching
-allocator's blocks), tagged with their GPU's UUID. A sender on the same host opens them
-once per plan on the local device with that UUID (device indices differ between
-processes), and the quantize kernel stores into them directly over NVLink: no staging,
-no separate copy. A push is complete when the sender's stream work is done and its done
-key is set; the receiver only waits for those keys.
+Receivers export their destination tensors once per plan (CUDA IPC handles of the
+caching allocator's blocks), tagged with their GPU's UUID, one export for each sender
+that writes to them. A sender on the same host opens its export on the local device with
+that UUID (device indices differ between processes), and the quantize kernel stores into
+them directly over NVLink: no staging, no separate copy. A push is complete when the
+sender's stream work is done and its done key is set; the receiver only waits for those keys.
+
+Why one export per sender: torch gives every export its own counter of the consumers
+that still map it, and a freed block whose counter is not zero waits in the producer's IPC
+limbo. Two senders opening one export drive its counter to -1, and the receiver's
+memory never comes back (the 32B colocated benchmark ran out of memory this way).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
+from ..control import ControlPlane
 from ..errors import SyncError
 from ..meta import device_id
 from ..plan import Task
@@ -30,6 +36,11 @@ def _refuse_expandable_segments() -> None:
                         "handles cannot export; unset it in PYTORCH_CUDA_ALLOC_CONF or use transport='nccl'")
 
 
+def handles_key(namespace: str, receiver: int, sender: int) -> str:
+    """Where receiver ``receiver`` puts the export that sender ``sender`` opens."""
+    return f"ipc/{namespace}/{receiver}/to/{sender}"
+
+
 def _local_device_of(uuid: str) -> int | None:
     for i in range(torch.cuda.device_count()):
         if device_id(torch.device("cuda", i)) == uuid:
@@ -42,16 +53,21 @@ class CudaIpcSend(MappedSend):
         super().__init__(*args, **kwargs)
         _refuse_expandable_segments()
         here = torch.device("cuda", torch.cuda.current_device())
+        rank = self.plan.rank
         for r in self.plan.receivers:
             meta = self.receivers[r]
             if meta.host != self.host:
-                raise SyncError(f"cuda_ipc needs one host: sender {self.plan.rank} is on {self.host!r} but receiver "
+                raise SyncError(f"cuda_ipc needs one host: sender {rank} is on {self.host!r} but receiver "
                                 f"{r} is on {meta.host!r}; use transport='nccl' or 'auto'")
-            handles = meta.transport_info["ipc"]
-            for name, (uuid, rebuild, args) in handles.items():
+        keys = {r: handles_key(self.namespace, r, rank) for r in self.plan.receivers}
+        # The receivers export when they load this plan, which they do once it is announced.
+        self.control.wait(list(keys.values()), describe=lambda missing: f"receivers "
+                          f"{sorted(r for r, k in keys.items() if k in missing)} to export their buffers to sender {rank}")
+        for r, key in keys.items():
+            for name, (uuid, rebuild, args) in self.control.get(key).items():
                 index = _local_device_of(uuid)
                 if index is None:
-                    raise SyncError(f"cuda_ipc: receiver {r}'s GPU {uuid} is not visible to sender {self.plan.rank} "
+                    raise SyncError(f"cuda_ipc: receiver {r}'s GPU {uuid} is not visible to sender {rank} "
                                     "(check CUDA_VISIBLE_DEVICES); use transport='nccl'")
                 if index != here.index and not torch.cuda.can_device_access_peer(here, index):
                     raise SyncError(f"cuda_ipc: GPU {here} cannot access peer GPU {index}; use transport='nccl'")
@@ -70,15 +86,25 @@ class CudaIpcSend(MappedSend):
 
 
 class CudaIpcRecv(ShmRecv):
-    """Waits for the senders' done keys exactly as the shared-memory transport does."""
+    """Exports its buffers to each sender of the plan, then waits for the senders' done
+    keys exactly as the shared-memory transport does."""
+
+    def __init__(self, control: ControlPlane, *args, **kwargs):
+        super().__init__(control, *args, **kwargs)
+        for s in self.plan.senders:
+            names = {t.dst for t in self.plan.arrivals if t.sender == s}
+            handles = {}
+            for name in sorted(names):
+                t = self.tensors[name]
+                rebuild, args = reduce_tensor(t)  # a new export, with its own consumer counter
+                handles[name] = (device_id(t.device), rebuild, args)
+            control.set(handles_key(self.namespace, self.plan.rank, s), handles)
 
     @staticmethod
     def prepare(tensors: dict[str, torch.Tensor], *, job: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Checks only, at registration: the exports are made per plan, one per sender."""
         _refuse_expandable_segments()
-        handles = {}
         for name, t in tensors.items():
             if not t.is_cuda:
                 raise SyncError(f"cuda_ipc: destination {name!r} is on {t.device}; it must be a CUDA tensor")
-            rebuild, args = reduce_tensor(t)
-            handles[name] = (device_id(t.device), rebuild, args)
-        return tensors, {"ipc": handles}
+        return tensors, {}
