@@ -24,8 +24,9 @@ from .control import (ControlPlane, PUSH_FAILURES, PUSH_LATEST, ack_key, done_ke
                       recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
 from .controller import Controller
 from .errors import PlanError, SyncError, SyncTimeout
-from .meta import SourceParam, clean_name, device_id, source_params
+from .meta import SourceParam, device_id, source_params
 from .packing import BucketPacker
+from .param_scan import ParamScan
 from .pipeline import ByteBudget, run_pipeline
 from .plan import SenderPlan
 from .trace import Trace
@@ -95,6 +96,7 @@ class WeightSender:
         self._plan: SenderPlan | None = None
         self._sources: dict[str, SourceParam] = {}
         self._sources_key: tuple | None = None
+        self._scan = ParamScan(model, self._mesh_ranks)
         self._groups: dict[tuple[int, ...], object] = {}
         self._meshes: dict[int, tuple[object, tuple[int, ...]]] = {}  # id -> (mesh kept alive, its ranks)
         self._transport = None
@@ -127,7 +129,7 @@ class WeightSender:
             raise ValueError(f"version {version} does not increase: version {self.version} was pushed already")
         seq = self.seq + 1
         try:
-            self._publish(seq, version)
+            local = self._publish(seq, version)
         except PlanError:
             self.seq = seq  # receivers saw the refusal under this push number: the next push is seq + 1
             raise
@@ -143,7 +145,7 @@ class WeightSender:
         if self._pack_stream is not None:
             handle._weights_ready = torch.cuda.Event()
             handle._weights_ready.record(torch.cuda.current_stream(self.device))
-        handle._thread = threading.Thread(target=self._run, args=(handle,), name=f"fsdp_sync-push-{seq}", daemon=True)
+        handle._thread = threading.Thread(target=self._run, args=(handle, local), name=f"fsdp_sync-push-{seq}", daemon=True)
         if self.config.wait_for_receivers:
             num_receivers = self._plan.num_receivers
             handle._after = lambda: self._wait_for_acks(seq, version, num_receivers)
@@ -227,23 +229,6 @@ class WeightSender:
             self.control.store.delete_key(key)
 
     # -- planning ----------------------------------------------------------------------
-    def _local_params(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.tensor import DTensor
-
-        # _local_tensor is what to_local() returns, without its autograd Function (~10 us a
-        # parameter, every push); this reads values only.
-        return {clean_name(n): (p._local_tensor if isinstance(p, DTensor) else p).detach()
-                for n, p in self.model.named_parameters()}
-
-    def _current_sources_key(self) -> tuple:
-        from torch.distributed.tensor import DTensor
-
-        key = []
-        for n, p in self.model.named_parameters():
-            layout = (tuple(p.placements), self._mesh_ranks(p.device_mesh)) if isinstance(p, DTensor) else None
-            key.append((n, tuple(p.shape), p.dtype, layout))
-        return tuple(key)
-
     def _mesh_ranks(self, mesh) -> tuple[int, ...]:
         """The mesh's ranks, once per mesh object: ``DeviceMesh.mesh`` is rebuilt on every
         access in recent torch (~70 us), and every push checks every parameter's mesh."""
@@ -252,9 +237,11 @@ class WeightSender:
             hit = self._meshes[id(mesh)] = (mesh, tuple(mesh.mesh.reshape(-1).tolist()))
         return hit[1]
 
-    def _publish(self, seq: int, version: int) -> None:
-        """Controller: plan if needed, then announce the push. Everyone: load the announced plan."""
-        key = self._current_sources_key()
+    def _publish(self, seq: int, version: int) -> dict[str, torch.Tensor]:
+        """Controller: plan if needed, then announce the push. Everyone: load the announced plan.
+
+        Returns this rank's local shards, by parameter name, for the push to read."""
+        key, local = self._scan.scan()
         if key != self._sources_key:
             self._sources = {s.name: s for s in source_params(self.model, world_size=self.world_size)}
             self._sources_key = key
@@ -268,11 +255,13 @@ class WeightSender:
             if self._announced is not None:
                 self._wait_until_ended(self._announced)
             generation = self.control.add(PUSH_FAILURES, 0)
-            self.control.set(push_key(seq), ("go", version, plan.fingerprint, generation))
+            announced = ("go", version, plan.fingerprint, generation)
+            self.control.set(push_key(seq), announced)
             self.control.set(PUSH_LATEST, seq)
             self._announced = seq
-        self.control.wait([push_key(seq)], describe=lambda _: f"trainer rank 0 to publish push {seq}")
-        announced = self.control.get(push_key(seq))
+        else:
+            self.control.wait([push_key(seq)], describe=lambda _: f"trainer rank 0 to publish push {seq}")
+            announced = self.control.get(push_key(seq))
         if announced[0] == "error":
             raise PlanError(announced[1])
         _, _, fp, generation = announced
@@ -280,6 +269,7 @@ class WeightSender:
             self._load_plan(fp, generation)
         elif generation != self._generation or self._transport is None:
             self._open_transport(generation)  # a push failed since: its connections may be unusable
+        return local
 
     def _wait_until_ended(self, seq: int) -> None:
         """Controller: every sender rank ended push ``seq`` (done or failed), so a failure
@@ -317,13 +307,12 @@ class WeightSender:
                                     kernels=self.config.kernels)
 
     # -- the push itself -----------------------------------------------------------------
-    def _run(self, handle: PushHandle) -> None:
+    def _run(self, handle: PushHandle, local: dict[str, torch.Tensor]) -> None:
         seq, plan = handle.seq, self._plan
         trace = Trace(self.rank)
         budget = ByteBudget(self.config.watermark_bytes)
         started = time.perf_counter()
         try:
-            local = self._local_params()
             if plan.gated:
                 # Staged or paused receivers open their buffers to this push explicitly.
                 self.control.wait([ready_key(seq, r) for r in plan.gated],

@@ -1,0 +1,59 @@
+"""ParamScan: the per-push walk over an FSDP2 model keeps its key while nothing changed,
+and notices a replaced or added parameter (one gloo process, real fully_shard)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from fsdp_sync.param_scan import ParamScan
+
+
+@pytest.fixture()
+def fsdp_model():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2, bias=False))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        yield model
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranks(mesh) -> tuple[int, ...]:
+    return tuple(mesh.mesh.reshape(-1).tolist())
+
+
+def test_key_is_reused_while_the_parameters_stay(fsdp_model):
+    scan = ParamScan(fsdp_model, _ranks)
+    key, local = scan.scan()
+    assert [k[0] for k in key] == ["0.weight", "0.bias", "1.weight"]
+    assert key[0][1:3] == ((4, 8), torch.float32) and key[0][3][1] == (0,)
+    for name, p in fsdp_model.named_parameters():
+        assert local[name].data_ptr() == p.to_local().data_ptr()  # the shard itself, not a copy
+        assert not local[name].requires_grad
+    again, _ = scan.scan()
+    assert again is key  # nothing changed: the same key object, not rebuilt
+
+    with torch.no_grad():  # an optimizer step writes in place: same objects, same key
+        for p in fsdp_model.parameters():
+            p.add_(1.0)
+    assert scan.scan()[0] is key
+
+
+def test_a_replaced_or_added_parameter_changes_the_key(fsdp_model):
+    scan = ParamScan(fsdp_model, _ranks)
+    key, _ = scan.scan()
+    fsdp_model[1].register_parameter("bias", nn.Parameter(torch.zeros(2)))
+    added, local = scan.scan()
+    assert added != key and added[-1] == ("1.bias", (2,), torch.float32, None)
+    assert torch.equal(local["1.bias"], torch.zeros(2)) and not local["1.bias"].requires_grad
+
+    old = fsdp_model[1].bias
+    fsdp_model[1].bias = nn.Parameter(torch.zeros(3))  # same name, another shape
+    replaced, _ = scan.scan()
+    assert replaced[-1][1] == (3,) and old is not fsdp_model[1].bias
