@@ -66,7 +66,7 @@ def _model(cfg: ModelConfig, task: Addition, device: torch.device) -> nn.Module:
                                num_attention_heads=cfg.num_attention_heads,
                                num_key_value_heads=cfg.num_key_value_heads,
                                max_position_embeddings=task.prompt_len + task.answer_len)
-    return build_model(config, seed=0, dtype=cfg.torch_dtype).to(device)
+    return build_model(config, seed=0, dtype=cfg.torch_dtype, device=device)
 
 
 # -- the trainer job ---------------------------------------------------------------------

@@ -19,11 +19,14 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**settings)
 
 
-def build_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """Built and initialized on ``device``: a multi-billion model's init on CPU takes minutes."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
     with torch.no_grad():
         for p in model.parameters():  # random everywhere (HF inits norms to ones)
             p.add_(torch.randn_like(p) * 0.02)
