@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from fsdp_sync.param_scan import ParamScan
+from fsdp_sync.param_scan import ParamScan, named_parameters
 
 
 @pytest.fixture()
@@ -57,3 +57,16 @@ def test_a_replaced_or_added_parameter_changes_the_key(fsdp_model):
     fsdp_model[1].bias = nn.Parameter(torch.zeros(3))  # same name, another shape
     replaced, _ = scan.scan()
     assert replaced[-1][1] == (3,) and old is not fsdp_model[1].bias
+
+
+def test_the_walk_matches_named_parameters():
+    """Same names, objects and order as nn.Module.named_parameters, shared modules and tied
+    parameters included (each reported once)."""
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(shared, nn.ReLU(), shared), nn.Linear(3, 3))
+    model[2].weight = model[0].weight  # tied
+    model[1].register_parameter("empty", None)
+    want = list(model.named_parameters())
+    got = named_parameters(model)
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert all(a is b for (_, a), (_, b) in zip(got, want))
