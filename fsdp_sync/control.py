@@ -58,6 +58,14 @@ class ControlPlane:
     def set(self, key: str, value: Any) -> None:
         self.store.set(key, pickle.dumps(value, protocol=4))
 
+    def set_many(self, values: dict[str, Any]) -> None:
+        """Several keys in one round trip to the store."""
+        self.store.multi_set(list(values), [pickle.dumps(v, protocol=4) for v in values.values()])
+
+    def counters(self, keys: Sequence[str]) -> list[int]:
+        """Values of counters (keys written by ``add``, which must exist), in one round trip."""
+        return [int(v) for v in self.store.multi_get(list(keys))]
+
     def get(self, key: str) -> Any:
         """The value of a key that is known to exist (check or wait first)."""
         return pickle.loads(self.store.get(key))

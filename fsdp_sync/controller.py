@@ -11,7 +11,7 @@ import logging
 from typing import Callable
 
 from .config import SyncConfig
-from .control import (RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, plan_sender_key,
+from .control import (PUSH_FAILURES, RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, plan_sender_key,
                       recv_meta_key, sender_host_key)
 from .meta import ReceiverMeta, SourceParam
 from .plan import Plan
@@ -29,11 +29,15 @@ class Controller:
         self.plan: Plan | None = None
         self.plan_key: tuple | None = None
         self.num_plans_built = 0
+        control.add(PUSH_FAILURES, 0)  # exists from now on, so it can be read with the epoch
 
-    def ensure_plan(self, sources_key: tuple, sources: Callable[[], list[SourceParam]]) -> Plan:
-        """The cached plan if its inputs are unchanged, else a new validated, published plan."""
-        if self.plan is not None and (sources_key, self.control.add(RECV_EPOCH, 0)) == self.plan_key:
-            return self.plan
+    def ensure_plan(self, sources_key: tuple, sources: Callable[[], list[SourceParam]]) -> tuple[Plan, int]:
+        """The cached plan if its inputs are unchanged, else a new validated, published plan;
+        with the count of failed pushes (the transports' generation), read in the same round trip."""
+        if self.plan is not None:  # receivers registered: the epoch exists
+            epoch, failures = self.control.counters([RECV_EPOCH, PUSH_FAILURES])
+            if (sources_key, epoch) == self.plan_key:
+                return self.plan, failures
         receivers = self._receivers()
         key = (sources_key, self.control.add(RECV_EPOCH, 0))
         places = self._sender_places()
@@ -50,7 +54,7 @@ class Controller:
         for r in range(plan.num_receivers):
             self.control.set(plan_receiver_key(plan.fingerprint, r), plan.for_receiver(r))
         self.plan, self.plan_key = plan, key
-        return plan
+        return plan, self.control.add(PUSH_FAILURES, 0)
 
     def _receivers(self) -> list[ReceiverMeta]:
         self.control.wait([RECV_COUNT], describe=lambda _: "the inference job to register its receivers "

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .control import (ControlPlane, PUSH_FAILURES, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
+from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
                       recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
 from .controller import Controller
 from .errors import PlanError, SyncError, SyncTimeout
@@ -246,18 +246,15 @@ class WeightSender:
             self._sources = {s.name: s for s in source_params(self.model, world_size=self.world_size)}
             self._sources_key = key
         if self.controller is not None:
-            try:
-                plan = self.controller.ensure_plan(key, lambda: list(self._sources.values()))
-            except PlanError as e:
-                self.control.set(push_key(seq), ("error", str(e)))
-                self.control.set(PUSH_LATEST, seq)
-                raise
-            if self._announced is not None:
+            if self._announced is not None:  # first, so its failure is in the count read next
                 self._wait_until_ended(self._announced)
-            generation = self.control.add(PUSH_FAILURES, 0)
+            try:
+                plan, generation = self.controller.ensure_plan(key, lambda: list(self._sources.values()))
+            except PlanError as e:
+                self.control.set_many({push_key(seq): ("error", str(e)), PUSH_LATEST: seq})
+                raise
             announced = ("go", version, plan.fingerprint, generation)
-            self.control.set(push_key(seq), announced)
-            self.control.set(PUSH_LATEST, seq)
+            self.control.set_many({push_key(seq): announced, PUSH_LATEST: seq})
             self._announced = seq
         else:
             self.control.wait([push_key(seq)], describe=lambda _: f"trainer rank 0 to publish push {seq}")
