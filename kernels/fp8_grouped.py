@@ -152,6 +152,13 @@ def _strides_3d(t: torch.Tensor) -> tuple[int, int, int] | None:
         return None
 
 
+def _grouped_warps(tile_elems: int) -> int:
+    """At most 4 warps a program: more cells in flight per SM. On an H100 a 1 GiB bf16
+    tensor in 128x128 cells ran at 1.78 TB/s with 16 warps (59% of a copy), 2.7 with 8,
+    2.96-3.03 with 4 and 2.83-2.86 with 2 (grouped x1 and x32, bits unchanged)."""
+    return min(4, _num_warps(tile_elems))
+
+
 class GroupedCells:
     """Collects boxes of one kind (amax or quantize) and runs them in one launch per tile shape.
 
@@ -249,7 +256,7 @@ class GroupedCells:
                 launches.append((_grouped_cell_kernel, (programs,), (table, row_of, x_base, q_base), dict(
                     NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1], QUANTIZE=self.quantize,
                     FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec,
-                    num_warps=_num_warps(tile[0] * tile[1]))))
+                    num_warps=_grouped_warps(tile[0] * tile[1]))))
         prepared = PreparedLaunch(self.device, launches, [t for v in self._values.values() for pair in v
                                                           for t in pair if t is not None] + self._alive)
         self._rows.clear()
