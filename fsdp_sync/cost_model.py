@@ -1,13 +1,13 @@
 """A small cost model of one push: each sender's pipeline stages and how they overlap.
 
-Pure arithmetic on a plan. Per sender and bucket it counts the work (copies and
-quantize calls launched from Python, bytes through HBM, NVLink, all-gathers and the NIC,
-RDMA work requests), turns the counts into seconds with a handful of constants, and
-replays the sender's pipeline: the producer thread packs bucket after bucket under the
-byte watermark, the GPU runs each bucket's kernels in launch order on one stream, the
-transfer thread stages and posts, the NIC sends. The push ends when the slowest sender
-is done or the busiest receive link has taken its bytes, whichever is later, plus a
-fixed cost for the control plane's handshakes. ``docs/simulate.md`` says which measured
+Pure arithmetic on a plan. Per sender and bucket it counts the work (Python per task,
+copies, bytes through HBM, NVLink, all-gathers, NCCL sends and the NIC, RDMA work
+requests), turns the counts into seconds with a handful of constants, and replays the
+sender's pipeline: the producer thread packs bucket after bucket under the byte
+watermark, the GPU runs each bucket's kernels in launch order on one stream, the
+transfer thread sends, the NIC drains. The push ends when the slowest sender is done or
+the busiest receive link has taken its bytes, whichever is later, plus a fixed cost for
+announcing the push and collecting the acks. ``docs/simulate.md`` says which measured
 run each constant comes from and what the model leaves out.
 """
 
@@ -22,23 +22,31 @@ from .boxes import Box
 from .config import LinkModel
 from .meta import ReceiverMeta, SourceParam
 from .plan import DATA, Plan, Task
+from .quant import get_quant_format
 
 _NUM_SLOTS = 2  # the rdma transport's staging slots (fsdp_sync.transport.rdma_wr.NUM_SLOTS)
-_CPU = ("launch", "quantize", "amax", "collective")
+_SMALL_COPY_ELEMS = 1 << 16  # fsdp_sync.kernels.copy_grouped.MAX_ELEMS: smaller copies share one launch
+_MAPPED = ("cuda_ipc", "auto")  # transports whose kernels store into a same-host receiver's buffers
+_CPU = ("bucket", "launch", "task", "quantize", "amax", "collective")
 _GPU = ("hbm", "quant", "gather", "peer")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Hardware:
-    """Link, memory and kernel speeds: GB/s, except the NIC's line rate in Gb/s."""
+    """Ceilings (GB/s, the NIC's line rate in Gb/s) and the fraction of them our kernels reach."""
 
     nic_gbit: float = 400.0  # one NIC's line rate
     nics_per_gpu: int = 1
     nic_efficiency: float = 0.97  # RDMA WRITE goodput over line rate, MB-sized writes (assumed)
-    nvlink_gbps: float = 394.0  # one GPU storing into a peer GPU's memory
-    hbm_gbps: float = 4212.0  # read + written bytes of a device-to-device copy
-    quant_gbps: float = 4100.0  # read + written bytes of the FP8 quantize kernel
+    # Defaults: the H100 ceilings of recipes.simulate.BENCH_RUN's case a, and nccl-tests on 2x H200.
+    nvlink_gbps: float = 393.0  # a 1 GiB copy into a peer GPU's memory
+    hbm_gbps: float = 2972.0  # read + written bytes of a 1 GiB device-to-device copy
+    sendrecv_gbps: float = 358.0  # a 1 GiB NCCL send to a peer GPU of the host, acknowledged
     allgather_gbps: float = 283.0  # bytes a rank receives per second in an all-gather inside a host
+    copy_efficiency: float = 1.0  # our copies on one GPU (strided slices), of hbm_gbps
+    quant_efficiency: float = 1.0  # the grouped FP8 quantize launch (read + written), of hbm_gbps
+    peer_copy_efficiency: float = 1.0  # our copies into a peer GPU, of nvlink_gbps
+    peer_store_efficiency: float = 1.0  # the quantize launch storing FP8 into a peer GPU, of nvlink_gbps
 
     @property
     def nic_gbps(self) -> float:
@@ -48,6 +56,10 @@ class Hardware:
     @property
     def nic_line_gbps(self) -> float:
         return self.nic_gbit / 8 * self.nics_per_gpu
+
+    @property
+    def quant_gbps(self) -> float:
+        return self.hbm_gbps * self.quant_efficiency
 
     def links(self) -> LinkModel:
         """What the planner balances with, at line rate, so the plan's floor is the ideal."""
@@ -59,10 +71,13 @@ class Hardware:
 class Overheads:
     """Seconds per unit of work that is not bytes."""
 
-    launch_s: float  # one copy launched from Python: an unquantized or scale task, a gather copy
-    quant_task_s: float  # one quantize_box call: checks, cell plan, Triton launch
-    amax_param_s: float  # one quantized parameter's amax grid and scales, per bucket
-    push_s: float  # per push: the control plane's go, done and ack handshakes
+    bucket_s: float  # a replayed bucket: its recorded launches and the scale arithmetic
+    launch_s: float  # one tensor copied by copy_all (foreach), beyond the small copies' one launch
+    task_s: float  # Python of one unquantized or scale task packed afresh (not replayed)
+    quant_task_s: float  # Python of one quantized task packed afresh: its staging, its cells queued
+    amax_param_s: float  # Python of one quantized parameter's scale grid, packed afresh
+    send_s: float = 0.0  # one NCCL send of a bucket's coalesced group: its Python and NCCL's per-op cost
+    push_s: float = 0.0  # per push: announcing it and collecting the receivers' acks
     write_s: float = 1e-6  # posting one RDMA WRITE (assumed)
     collective_s: float = 50e-6  # latency of one bucket's all-reduce or all-gather (assumed)
     funnel_param_s: float = 0.0  # the funnel baseline's handshakes per parameter
@@ -73,25 +88,32 @@ class BucketWork:
     """What one sender does for one bucket, as counts."""
 
     budget_bytes: int  # what the watermark charges (the plan's Bucket.nbytes)
-    launches: int = 0
-    quant_tasks: int = 0
-    amax_params: int = 0
+    replayed: bool = False  # its launches were recorded on an earlier push and run again
+    launches: int = 0  # tensors copied through copy_all
+    tasks: int = 0  # unquantized and scale tasks packed in Python (not replayed)
+    quant_tasks: int = 0  # quantized tasks packed in Python (not replayed)
+    amax_params: int = 0  # quantized params whose scale grid is set up in Python (not replayed)
     collectives: int = 0
-    hbm_bytes: float = 0.0  # read + written by copies on this GPU (amax reads, gather buffers, local copies)
-    quant_bytes: float = 0.0  # read + written by quantize kernels whose output stays on this GPU
+    hbm_bytes: float = 0.0  # read + written by copies on this GPU (gather buffers, local copies, amax reads)
+    quant_bytes: float = 0.0  # read + written by quantize launches whose output stays on this GPU
     gather_bytes: float = 0.0  # received by all-gathers inside the host
     gather_nic_bytes: float = 0.0  # received by all-gathers across hosts
-    peer_read_bytes: float = 0.0  # read here by kernels that store into peers (overlaps their stores)
-    nvlink_bytes: float = 0.0  # stored into peer GPUs of this host
+    peer_copy_bytes: float = 0.0  # stored into peer GPUs of this host by copies
+    peer_read_bytes: float = 0.0  # read here by quantize launches that store into peers
+    peer_store_bytes: float = 0.0  # stored into peer GPUs by those launches
+    sends: int = 0  # NCCL sends to receivers of this host (two-sided transport)
+    link_bytes: float = 0.0  # their bytes
     nic_bytes: float = 0.0  # sent through the NIC, after the transfer thread copies it into a staging slot
     writes: int = 0  # RDMA work requests
 
 
 @dataclass
 class Stages:
-    """Seconds per stage: CPU (producer thread), GPU (pack stream), staging, posting, NIC."""
+    """Seconds per stage: CPU (producer thread), GPU (pack stream), transfer thread, NIC."""
 
+    bucket: float = 0.0
     launch: float = 0.0
+    task: float = 0.0
     quantize: float = 0.0
     amax: float = 0.0
     collective: float = 0.0
@@ -99,6 +121,8 @@ class Stages:
     quant: float = 0.0
     gather: float = 0.0
     peer: float = 0.0
+    send: float = 0.0
+    link: float = 0.0
     fill: float = 0.0
     post: float = 0.0
     nic: float = 0.0
@@ -141,15 +165,19 @@ class Prediction:
 
 def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[ReceiverMeta], *,
                sender_hosts: Sequence[str], sender_devices: Sequence[str] | None = None,
-               max_write_bytes: int = 1 << 30, copy_single_rank_gathers: bool = False
-               ) -> dict[int, list[BucketWork]]:
+               transport: str = "auto", max_write_bytes: int = 1 << 30) -> dict[int, list[BucketWork]]:
     """Per sender, the work of every bucket it takes part in, in pipeline order.
 
-    This restates what ``fsdp_sync.packing`` and the transports do per bucket and task.
-    ``copy_single_rank_gathers`` reproduces code before 1a58172, whose reconstruct mode
-    copied through the flat gather buffers even for shard groups of one rank.
+    This restates what ``fsdp_sync.packing`` and the transports do per bucket and task on
+    GPU with grouped kernels (``kernels=auto``), in a push after the first. With a mapped
+    transport (``cuda_ipc``, or ``auto`` on one host) kernels store into same-host
+    receivers' buffers; otherwise every payload is packed into a buffer of its own and sent
+    (``nccl`` inside a host, RDMA across hosts). A bucket whose every task is stored
+    straight into its destination, in direct mode or by a shard group of one, is replayed:
+    its launches were recorded, so it pays no Python per task.
     """
     devices = sender_devices or [""] * len(sender_hosts)
+    mapped = transport in _MAPPED
     by_name = {s.name: s for s in sources}
     recv = {r.rank: r for r in receivers}
     held = {(s.name, g.ranks): dict(zip(g.ranks, g.boxes)) for s in sources for g in s.groups}
@@ -161,50 +189,67 @@ def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[R
     for b in plan.buckets:
         size = len(b.group)
         spans_hosts = len({sender_hosts[r] for r in b.group}) > 1
+        gathers = plan.mode == "reconstruct" and size > 1
         for s in b.group:
             w = BucketWork(b.nbytes)
+            mine_tasks = tasks_of.get((s, b.index), ())
+            w.replayed = (plan.mode == "direct" or size == 1) and all(
+                mapped and recv[t.receiver].host == sender_hosts[s] for t in mine_tasks)
             for name in b.params:
                 src = by_name[name]
-                mine = held[(name, b.group)][s].numel() * src.dtype.itemsize
-                read = src.nbytes if plan.mode == "reconstruct" else mine
-                if plan.mode == "reconstruct" and (size > 1 or copy_single_rank_gathers):
-                    # Zero the flat send buffer, copy the shard in, all-gather, copy each box out.
+                box = held[(name, b.group)][s]
+                mine = box.numel() * src.dtype.itemsize
+                if gathers:
+                    # Copy the shard into the flat send buffer, all-gather, copy each box out.
                     w.launches += 1 + size
-                    w.hbm_bytes += 3 * mine + 2 * src.nbytes
+                    w.hbm_bytes += 2 * mine + 2 * src.nbytes
                     if spans_hosts:
                         w.gather_nic_bytes += src.nbytes - mine
                     else:
                         w.gather_bytes += src.nbytes - mine
                 if name in b.quantized:
-                    w.amax_params += 1
-                    w.hbm_bytes += read
+                    w.amax_params += not w.replayed
+                    if not gathers:  # blocks a shard boundary cuts take an amax pass and the all-reduce
+                        block = get_quant_format(plan.fmt_of[name]).block_shape(src.shape)
+                        inner = box.whole_blocks(block, src.shape)
+                        w.hbm_bytes += (box.numel() - (inner.numel() if inner else 0)) * src.dtype.itemsize
             if size > 1 and (plan.mode == "reconstruct" or b.quantized):
                 w.collectives += 1
-            for t in tasks_of.get((s, b.index), ()):
-                _count_task(w, t, by_name, recv[t.receiver], sender_hosts[s], devices[s], max_write_bytes)
+            for t in mine_tasks:
+                _count_task(w, t, by_name, recv[t.receiver], sender_hosts[s], devices[s], mapped, max_write_bytes)
             out[s].append(w)
     return dict(out)
 
 
 def _count_task(w: BucketWork, t: Task, by_name: dict[str, SourceParam], receiver: ReceiverMeta, host: str,
-                device: str, max_write_bytes: int) -> None:
+                device: str, mapped: bool, max_write_bytes: int) -> None:
     quantized = t.kind == DATA and t.fmt != "none"
     read = t.src_box.numel() * by_name[t.src].dtype.itemsize if t.kind == DATA else t.nbytes
-    if quantized:
-        w.quant_tasks += 1
-    else:
-        w.launches += 1
-    if receiver.host == host and device and receiver.device == device:
+    if not w.replayed:
         if quantized:
-            w.quant_bytes += read + t.nbytes
+            w.quant_tasks += 1
         else:
-            w.hbm_bytes += read + t.nbytes
-    elif receiver.host == host:  # one kernel reads here and stores into the peer over NVLink
-        w.peer_read_bytes += read
-        w.nvlink_bytes += t.nbytes
-    else:  # a payload (quantized, or a view), which the transfer thread copies into a staging slot
-        if quantized:
+            w.tasks += 1
+    if mapped and receiver.host == host:  # stored straight into the receiver's buffer
+        local = bool(device) and receiver.device == device
+        if quantized and local:
             w.quant_bytes += read + t.nbytes
+        elif quantized:  # one launch reads here and stores into the peer over NVLink
+            w.peer_read_bytes += read
+            w.peer_store_bytes += t.nbytes
+        else:
+            w.launches += t.src_box.numel() > _SMALL_COPY_ELEMS
+            if local:
+                w.hbm_bytes += read + t.nbytes
+            else:
+                w.peer_copy_bytes += t.nbytes
+        return
+    if quantized:  # a payload of its own, then sent
+        w.quant_bytes += read + t.nbytes
+    if receiver.host == host:  # NCCL, one send per task
+        w.sends += 1
+        w.link_bytes += t.nbytes
+    else:  # the transfer thread copies the payload into a staging slot
         w.nic_bytes += t.nbytes
         w.writes += num_writes(t.dst_box, receiver.tensors[t.dst].shape, t.nbytes, max_write_bytes)
 
@@ -226,13 +271,19 @@ def num_writes(box: Box, shape: Sequence[int], nbytes: int, max_write_bytes: int
 def bucket_stages(w: BucketWork, hw: Hardware, ov: Overheads) -> Stages:
     """One bucket's counts in seconds per stage."""
     gb = 1e9
+    copy, peer_copy = hw.hbm_gbps * hw.copy_efficiency * gb, hw.nvlink_gbps * hw.peer_copy_efficiency * gb
+    # A launch storing into a peer is held back by the slower of its reads here and its stores over NVLink.
+    peer_quant = max(w.peer_read_bytes / (hw.quant_gbps * gb),
+                     w.peer_store_bytes / (hw.nvlink_gbps * hw.peer_store_efficiency * gb))
     return Stages(
-        launch=w.launches * ov.launch_s, quantize=w.quant_tasks * ov.quant_task_s,
-        amax=w.amax_params * ov.amax_param_s, collective=w.collectives * ov.collective_s,
-        hbm=w.hbm_bytes / (hw.hbm_gbps * gb), quant=w.quant_bytes / (hw.quant_gbps * gb),
+        bucket=ov.bucket_s if w.replayed else 0.0, launch=w.launches * ov.launch_s, task=w.tasks * ov.task_s,
+        quantize=w.quant_tasks * ov.quant_task_s, amax=w.amax_params * ov.amax_param_s,
+        collective=w.collectives * ov.collective_s,
+        hbm=w.hbm_bytes / copy, quant=w.quant_bytes / (hw.quant_gbps * gb),
         gather=w.gather_bytes / (hw.allgather_gbps * gb) + w.gather_nic_bytes / (hw.nic_gbps * gb),
-        peer=max(w.peer_read_bytes / (hw.hbm_gbps * gb), w.nvlink_bytes / (hw.nvlink_gbps * gb)),
-        fill=2 * w.nic_bytes / (hw.hbm_gbps * gb), post=w.writes * ov.write_s, nic=w.nic_bytes / (hw.nic_gbps * gb))
+        peer=w.peer_copy_bytes / peer_copy + peer_quant,
+        send=w.sends * ov.send_s, link=w.link_bytes / (hw.sendrecv_gbps * gb),
+        fill=2 * w.nic_bytes / copy, post=w.writes * ov.write_s, nic=w.nic_bytes / (hw.nic_gbps * gb))
 
 
 def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, watermark_bytes: int
@@ -242,9 +293,10 @@ def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, 
     The producer packs a bucket once the watermark admits it (an oversized one waits until
     nothing is in flight). The GPU runs its kernels in order on one stream as they are
     launched, so a bucket's kernels end no earlier than its last launch. The transfer
-    thread takes a packed bucket once its kernels are done; over RDMA it then waits for a
-    free staging slot, which the NIC frees two buckets later. A bucket leaves the
-    watermark once the transfer thread is done with it.
+    thread takes a packed bucket once its kernels are done. Over NCCL it issues the
+    bucket's sends as one group and waits for them. Over RDMA it waits for a free staging
+    slot, which the NIC frees two buckets later, copies into it and posts. A bucket leaves
+    the watermark once the transfer thread is done with it.
     """
     tl = SenderTimeline()
     cpu_clock = gpu_clock = xfer_clock = nic_clock = 0.0
@@ -261,6 +313,9 @@ def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, 
         cpu_clock = start + st.cpu
         gpu_clock = max(max(gpu_clock, start) + st.gpu, cpu_clock)
         xfer_clock = max(xfer_clock, gpu_clock)
+        if w.sends:
+            tl.first_out_s = tl.first_out_s or xfer_clock + st.send
+            xfer_clock += st.send + st.link
         if w.nic_bytes:
             if i >= _NUM_SLOTS:
                 xfer_clock = max(xfer_clock, nic_done[i - _NUM_SLOTS])
@@ -268,7 +323,7 @@ def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, 
             tl.first_out_s = tl.first_out_s or xfer_clock
             nic_clock = max(max(nic_clock, xfer_clock) + st.nic, xfer_clock + st.post)
             xfer_clock += st.post
-        elif w.nvlink_bytes and not tl.first_out_s:
+        elif (w.peer_copy_bytes or w.peer_store_bytes) and not tl.first_out_s:
             tl.first_out_s = start
         nic_done.append(nic_clock)
         in_flight.append((xfer_clock, w.budget_bytes))
