@@ -134,10 +134,11 @@ class ControlPlane:
             pause = min(pause * 2, self.poll_max_s)
 
     def first_error(self, keys: Sequence[str]) -> str | None:
-        """The value of the first existing error key among ``keys``, if any."""
+        """The value of the first existing error key among ``keys``, if any; an ack key
+        holding "ok" is no error."""
         for key in keys:
-            if self.store.check([key]):
-                return self.get(key)
+            if self.store.check([key]) and (value := self.get(key)) != "ok":
+                return value
         return None
 
 

@@ -263,9 +263,9 @@ class WeightSender:
             raise PlanError(announced[1])
         _, _, fp, generation = announced
         if self._plan is None or self._plan.fingerprint != fp:
-            self._load_plan(fp, generation)
+            self._load_plan(fp, generation, seq)
         elif generation != self._generation or self._transport is None:
-            self._open_transport(generation)  # a push failed since: its connections may be unusable
+            self._open_transport(generation, seq)  # a push failed since: its connections may be unusable
         return local
 
     def _wait_until_ended(self, seq: int) -> None:
@@ -277,17 +277,20 @@ class WeightSender:
         self.control.wait_each([(d, sender_error_key(seq, r)) for r, d in enumerate(done)],
                                describe=lambda ranks: f"sender ranks {ranks} to end push {seq}")
 
-    def _load_plan(self, fp: str, generation: int) -> None:
+    def _load_plan(self, fp: str, generation: int, seq: int) -> None:
         self._plan = self.control.get(plan_sender_key(fp, self.rank))
         self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
         for ranks in self._plan.groups:
             if ranks not in self._groups:
                 # Sync's own groups, so its collectives never interleave with FSDP's.
                 self._groups[ranks] = dist.new_group(list(ranks)) if len(ranks) > 1 else None
-        self._open_transport(generation)
+        self._open_transport(generation, seq)
 
-    def _open_transport(self, generation: int) -> None:
-        """The plan's transport (and the packer that may write through it), new for each generation."""
+    def _open_transport(self, generation: int, seq: int) -> None:
+        """The plan's transport (and the packer that may write through it), new for each generation.
+
+        Built inside push ``seq``: its setup stops waiting for peers once that push failed
+        elsewhere (a receiver that could not set up its side says so in its ack)."""
         receivers = {r: self.control.get(recv_meta_key(r)) for r in range(self._plan.num_receivers)}
         if self._transport is not None:
             if self._pack_stream is not None:
@@ -296,8 +299,10 @@ class WeightSender:
             self._transport = None  # a failed build below leaves none, and the next push builds again
             self._packer = None  # its recorded launches hold the old mappings
         send_cls, _ = get_transport(self._plan.transport)
+        errors = ([ack_key(seq, r) for r in range(self._plan.num_receivers)]
+                  + [sender_error_key(seq, s) for s in range(self.world_size)])
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host,
-                                   generation=generation)
+                                   generation=generation, abort=lambda: self.control.failure_in(seq, errors))
         self._generation = generation
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
                                     destination=self._transport.destination if self.config.fused_writes else None,

@@ -43,8 +43,9 @@ def resolve(sender_hosts: list[str], receivers: list[ReceiverMeta]) -> str:
 def prepare(tensors: dict[str, torch.Tensor], *, job: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Make receiver tensors reachable for whichever transport the plan will choose.
 
-    Exporting IPC handles or moving CPU tensors to shared memory costs nothing the
-    two-sided transports mind, so a receiver registers once for every choice.
+    GPU tensors are only checked here (the CUDA IPC exports are made per plan, one per
+    sender, if the plan chooses cuda_ipc); CPU tensors move to shared memory, which the
+    two-sided transports do not mind, so a receiver registers once for every choice.
     """
     if all(t.is_cuda for t in tensors.values()):
         return CudaIpcRecv.prepare(tensors, job=job, rank=rank)

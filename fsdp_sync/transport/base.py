@@ -8,7 +8,7 @@ arrival of a push has landed, or raise.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,13 +32,17 @@ class SendTransport(ABC):
     """The sending side, set up when a sender first sees a plan."""
 
     def __init__(self, control: ControlPlane, plan: SenderPlan, receivers: dict[int, ReceiverMeta],
-                 config: SyncConfig, host: str, *, generation: int = 0):
+                 config: SyncConfig, host: str, *, generation: int = 0,
+                 abort: Callable[[], str | None] | None = None):
+        """``abort()``: the reason to stop waiting for peers during setup (the push it is built
+        for failed elsewhere), or None."""
         self.control = control
         self.plan = plan
         self.receivers = receivers
         self.config = config
         self.host = host
         self.namespace = namespace(plan.fingerprint, generation)
+        self.abort = abort
 
     @abstractmethod
     def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:

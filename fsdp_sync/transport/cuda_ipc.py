@@ -41,6 +41,19 @@ def handles_key(namespace: str, receiver: int, sender: int) -> str:
     return f"ipc/{namespace}/{receiver}/to/{sender}"
 
 
+def _release(args_of_exports: list[tuple]) -> None:
+    """Give back exports this sender will not open. torch counts the consumers of each export
+    and keeps the receiver's block in its IPC limbo until that count is zero; an export
+    that nobody opens would hold the receiver's memory until it exits. Best effort, as
+    torch's own consumer side is (the receiver may be gone)."""
+    for args in args_of_exports:
+        storage_cls, device, counter, offset = args[4], args[6], args[11], args[12]
+        try:
+            storage_cls._release_ipc_counter(counter, offset, device=device)
+        except Exception:  # noqa: BLE001 - a gone producer leaves nothing to give back
+            pass
+
+
 def _local_device_of(uuid: str) -> int | None:
     for i in range(torch.cuda.device_count()):
         if device_id(torch.device("cuda", i)) == uuid:
@@ -52,7 +65,6 @@ class CudaIpcSend(MappedSend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _refuse_expandable_segments()
-        here = torch.device("cuda", torch.cuda.current_device())
         rank = self.plan.rank
         for r in self.plan.receivers:
             meta = self.receivers[r]
@@ -60,23 +72,41 @@ class CudaIpcSend(MappedSend):
                 raise SyncError(f"cuda_ipc needs one host: sender {rank} is on {self.host!r} but receiver "
                                 f"{r} is on {meta.host!r}; use transport='nccl' or 'auto'")
         keys = {r: handles_key(self.namespace, r, rank) for r in self.plan.receivers}
-        # The receivers export when they load this plan, which they do once it is announced.
-        self.control.wait(list(keys.values()), describe=lambda missing: f"receivers "
-                          f"{sorted(r for r, k in keys.items() if k in missing)} to export their buffers to sender {rank}")
-        for r, key in keys.items():
-            for name, (uuid, rebuild, args) in self.control.get(key).items():
-                index = _local_device_of(uuid)
-                if index is None:
-                    raise SyncError(f"cuda_ipc: receiver {r}'s GPU {uuid} is not visible to sender {rank} "
-                                    "(check CUDA_VISIBLE_DEVICES); use transport='nccl'")
-                if index != here.index and not torch.cuda.can_device_access_peer(here, index):
-                    raise SyncError(f"cuda_ipc: GPU {here} cannot access peer GPU {index}; use transport='nccl'")
-                # Open the handle in this device's context (with lazy peer access): the
-                # peer's memory then sits in our address space, so our kernels, Triton's
-                # pointer check included, address it like local memory; stores go over NVLink.
-                args = list(args)
-                args[6] = here.index
-                self.mapped[(r, name)] = rebuild(*args)
+        exports: dict[tuple[int, str], tuple] = {}
+        try:
+            # The receivers export when they load this plan, which they do once it is
+            # announced; one that fails instead records the push as failed (abort).
+            self.control.wait(list(keys.values()), abort=self.abort, describe=lambda missing: f"receivers "
+                              f"{sorted(r for r, k in keys.items() if k in missing)} to export their buffers "
+                              f"to sender {rank}")
+            for r, key in keys.items():
+                exports.update({(r, name): export for name, export in self.control.get(key).items()})
+            self._open(exports)
+        except BaseException:
+            try:
+                for r, key in keys.items():  # exports not read yet: the wait ended early
+                    if self.control.has(key) and not any(k[0] == r for k in exports):
+                        exports.update({(r, name): export for name, export in self.control.get(key).items()})
+            except Exception:  # noqa: BLE001 - the store is gone: give back what was read
+                pass
+            _release([export[2] for k, export in exports.items() if k not in self.mapped])
+            raise
+
+    def _open(self, exports: dict[tuple[int, str], tuple]) -> None:
+        here = torch.device("cuda", torch.cuda.current_device())
+        for (r, name), (uuid, rebuild, args) in exports.items():
+            index = _local_device_of(uuid)
+            if index is None:
+                raise SyncError(f"cuda_ipc: receiver {r}'s GPU {uuid} is not visible to sender {self.plan.rank} "
+                                "(check CUDA_VISIBLE_DEVICES); use transport='nccl'")
+            if index != here.index and not torch.cuda.can_device_access_peer(here, index):
+                raise SyncError(f"cuda_ipc: GPU {here} cannot access peer GPU {index}; use transport='nccl'")
+            # Open the handle in this device's context (with lazy peer access): the
+            # peer's memory then sits in our address space, so our kernels, Triton's
+            # pointer check included, address it like local memory; stores go over NVLink.
+            args = list(args)
+            args[6] = here.index
+            self.mapped[(r, name)] = rebuild(*args)
 
     def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
         for task, data in items:
