@@ -45,7 +45,8 @@ class ParamScan:
     def __init__(self, model: nn.Module, mesh_ranks: Callable[[object], tuple[int, ...]]):
         self.model = model
         self.mesh_ranks = mesh_ranks  # DeviceMesh -> its ranks, cached by the caller
-        self._seen: list[tuple[str, nn.Parameter, object]] = []  # (name, param, spec): held, so ids stay unique
+        # (name, param, DTensor spec, or (shape, dtype) of a plain tensor): held, so ids stay unique
+        self._seen: list[tuple[str, nn.Parameter, object]] = []
         self._key: tuple = ()
         self._names: list[str] = []
         self._dtensor: list[bool] = []
@@ -57,7 +58,7 @@ class ParamScan:
 
         params = named_parameters(self.model)
         if not self._unchanged(params):
-            self._seen = [(n, p, getattr(p, "_spec", None)) for n, p in params]
+            self._seen = [(n, p, _layout_of(p)) for n, p in params]
             self._names = [clean_name(n) for n, _ in params]
             self._dtensor = [isinstance(p, DTensor) for _, p in params]
             self._key = tuple((n, tuple(p.shape), p.dtype, (tuple(p.placements), self.mesh_ranks(p.device_mesh))
@@ -73,7 +74,19 @@ class ParamScan:
     def _unchanged(self, params: list[tuple[str, nn.Parameter]]) -> bool:
         if len(params) != len(self._seen):
             return False
-        for (name, p), (seen_name, seen_p, spec) in zip(params, self._seen):
-            if p is not seen_p or name != seen_name or getattr(p, "_spec", None) is not spec:
+        for (name, p), (seen_name, seen_p, layout) in zip(params, self._seen):
+            if p is not seen_p or name != seen_name:
+                return False
+            spec = getattr(p, "_spec", None)
+            if spec is not None and spec is not layout:  # a DTensor's spec is replaced, never edited
+                return False
+            if spec is None and layout != (p.shape, p.dtype):  # p.data = ... or .half() keep the object
                 return False
         return True
+
+
+def _layout_of(p: torch.Tensor) -> object:
+    """What tells a parameter's layout changed: its DTensor spec object, or a plain tensor's
+    shape and dtype (assigning ``p.data`` or casting the module keeps the Parameter)."""
+    spec = getattr(p, "_spec", None)
+    return spec if spec is not None else (p.shape, p.dtype)

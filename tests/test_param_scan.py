@@ -70,3 +70,18 @@ def test_the_walk_matches_named_parameters():
     got = named_parameters(model)
     assert [n for n, _ in got] == [n for n, _ in want]
     assert all(a is b for (_, a), (_, b) in zip(got, want))
+
+
+def test_a_plain_parameter_cast_or_resized_in_place_changes_the_key():
+    """Casting a module or assigning ``p.data`` keeps the Parameter object: the key must
+    still follow its dtype and shape (review finding; DTensors get a new spec instead)."""
+    model = nn.Linear(4, 4, bias=False)
+    scan = ParamScan(model, _ranks)
+    key, _ = scan.scan()
+    model.half()
+    cast, local = scan.scan()
+    assert cast[0][2] == torch.float16 and local["weight"].dtype == torch.float16
+    model.weight.data = torch.zeros(8, 4, dtype=torch.float16)
+    resized, _ = scan.scan()
+    assert resized[0][1] == (8, 4)
+    assert scan.scan()[0] is resized  # unchanged since: reused
