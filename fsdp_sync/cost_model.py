@@ -190,6 +190,11 @@ def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[R
         size = len(b.group)
         spans_hosts = len({sender_hosts[r] for r in b.group}) > 1
         gathers = plan.mode == "reconstruct" and size > 1
+        # Direct mode all-reduces a bucket's amaxes only where a shard boundary cuts a block
+        # on some rank of the group (the packer learns it on the first push).
+        reduces = plan.mode == "direct" and size > 1 and any(
+            _cuts_a_block(by_name[name], held[(name, b.group)][r], plan.fmt_of[name])
+            for name in b.quantized for r in b.group)
         for s in b.group:
             w = BucketWork(b.nbytes)
             mine_tasks = tasks_of.get((s, b.index), ())
@@ -213,12 +218,18 @@ def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[R
                         block = get_quant_format(plan.fmt_of[name]).block_shape(src.shape)
                         inner = box.whole_blocks(block, src.shape)
                         w.hbm_bytes += (box.numel() - (inner.numel() if inner else 0)) * src.dtype.itemsize
-            if size > 1 and (plan.mode == "reconstruct" or b.quantized):
+            if gathers or reduces:
                 w.collectives += 1
             for t in mine_tasks:
                 _count_task(w, t, by_name, recv[t.receiver], sender_hosts[s], devices[s], mapped, max_write_bytes)
             out[s].append(w)
     return dict(out)
+
+
+def _cuts_a_block(src: SourceParam, box: Box, fmt: str) -> bool:
+    """Whether ``box`` holds part of a block (of ``fmt``) and not all of it."""
+    inner = box.whole_blocks(get_quant_format(fmt).block_shape(src.shape), src.shape)
+    return box.numel() > (inner.numel() if inner is not None else 0)
 
 
 def _count_task(w: BucketWork, t: Task, by_name: dict[str, SourceParam], receiver: ReceiverMeta, host: str,

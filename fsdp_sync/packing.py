@@ -2,7 +2,8 @@
 
 * direct: each rank quantizes only the rows it holds. Blocks that straddle a shard
   boundary get their scale from one all-reduce(MAX) of per-block amax over the shard
-  group, one collective per bucket.
+  group, one collective per bucket; a bucket none of whose blocks a boundary cuts on any
+  rank (learned on its first push, with the same collective) skips it afterwards.
 * reconstruct: the shard group rebuilds the bucket's full tensors with one
   all-gather per dtype, then the planned rank quantizes and slices each task.
 
@@ -125,6 +126,7 @@ class BucketPacker:
         self._pieces: dict[int, list[tuple]] = {}  # per task: see _pieces_of
         self._amax_parts: dict[tuple[int, str], list[tuple]] = {}  # per (bucket, param): see _amax_boxes
         self._replays: dict[int, _Replay] = {}  # per bucket, see _Replay
+        self._reduce: dict[int, bool] = {}  # per bucket, direct mode: whether any rank holds a cut block
         self._replayable = False  # within one pack: every launch so far can be recorded
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
@@ -293,11 +295,17 @@ class BucketPacker:
             blocks[name] = fmt.block_shape(src.shape)
             shapes[name] = fmt.scale_shape(src.shape)
         sizes = [Box.full(shape).numel() for shape in shapes.values()]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
-        grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(flat.split(sizes), shapes.values()))))
+        n = sum(sizes)
+        group = self.groups[bucket.group] if self.plan.mode == "direct" and len(bucket.group) > 1 and n else None
+        decide = group is not None and bucket.index not in self._reduce
+        flat = torch.zeros(n + (1 if decide else 0), dtype=torch.float32, device=self.device)
+        amax = flat[:n]
+        grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(amax.split(sizes), shapes.values()))))
         batch = self._amax_batch()
+        cut = False  # this rank holds part of a block that a shard boundary cuts
         for name, grid in grids.items():
             for box, rel, cells in self._amax_boxes(bucket.index, name, held_boxes[name], inner.get(name), blocks[name]):
+                cut = True
                 x, region = held[name][rel], grid[cells]
                 if batch is None or not batch.add(x, box, blocks[name], region):
                     region.copy_(self.ops.block_amax(x, box, blocks[name]))
@@ -305,11 +313,16 @@ class BucketPacker:
         prepared = batch.freeze() if batch is not None and len(batch) else None
         if prepared is not None:
             prepared.launch()
-        group = self.groups[bucket.group] if self.plan.mode == "direct" and len(bucket.group) > 1 and grids else None
-        if group is not None:
+        if group is not None and self._reduce.get(bucket.index, True):
+            if decide and cut:
+                flat[n] = 1.0
             all_reduce_amax(flat, group)
-        scales = scales_from_amax(flat)
-        replay = _Replay(tuple(held[name].data_ptr() for name in bucket.params), flat, scales, group, prepared)
+            if decide:  # the extra element, reduced with the rest: does any rank hold a cut block?
+                self._reduce[bucket.index] = bool(flat[n].item())  # one sync, on the first push only
+        if group is not None and not self._reduce[bucket.index]:
+            group = None  # every block of the bucket is whole on one rank: later pushes skip the collective
+        scales = scales_from_amax(amax)
+        replay = _Replay(tuple(held[name].data_ptr() for name in bucket.params), amax, scales, group, prepared)
         return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values())))), replay
 
     def _amax_boxes(self, bucket: int, name: str, whole: Box, inner: Box | None,

@@ -55,6 +55,24 @@ def test_triton_kernels_interpreted_land_the_reference_bytes(monkeypatch):
     check_cases(run_cases(cases, num_senders=4, num_receivers=1), cases, 1)
 
 
+def test_direct_mode_skips_the_amax_all_reduce_where_no_block_is_cut(monkeypatch):
+    """FSDP over 2 ranks of the tiny Llama cuts every weight at a multiple of 128 rows: no
+    rank holds part of a block, so after the first push no bucket all-reduces amaxes (the
+    second version replays without it and still lands the reference bytes). The odd model
+    over 4 ranks cuts blocks, and one of its ranks holds no rows: every rank keeps the
+    collective there (one that skipped it alone would hang the others)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for model, senders, cut in (("llama", 2, False), ("odd", 4, True)):
+        case = Case(name=f"skip-reduce-{model}", model=model, mesh=(senders,), num_receivers=1, tp=1,
+                    quant="fp8_block", mode="direct", port=new_port(), transport="shm", kernels="grouped",
+                    watermark_mb=0.05 if model == "odd" else 256.0, extra={"report_reduce": True})
+        out = run_cases([case], num_senders=senders, num_receivers=1)
+        check_cases(out, [case], 1)
+        decisions = [out[("trainer", r, case.name, "reduce")] for r in range(senders)]
+        assert all(d == decisions[0] for d in decisions), decisions  # the ranks agree
+        assert decisions[0] and any(v for _, v in decisions[0]) == cut, decisions[0]
+
+
 def test_fused_scales_with_tp_slices_interpreted(monkeypatch):
     """Grouped kernels on a tiny Llama into TP=2 receivers: whole-block params take the fused
     one-read path (one sender; reconstruct), row-wise blocks cut by row-parallel slices fall
