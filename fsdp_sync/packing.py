@@ -113,13 +113,15 @@ class BucketPacker:
 
     def __init__(self, plan: SenderPlan, sources: dict[str, SourceParam], groups: dict[tuple[int, ...], object],
                  device: torch.device, destination: Callable[[Task], torch.Tensor | None] | None = None,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", remote: Callable[[Task], bool] | None = None):
+        """``remote(task)``: whether ``destination(task)`` is on a peer GPU (see GroupedCells.freeze)."""
         self.plan = plan
         self.sources = sources
         self.groups = groups
         self.device = device
         self.ops, self.grouped = _kernels_for(device, kernels)
         self.destination = destination or (lambda task: None)
+        self.remote = remote or (lambda task: False)
         self.tasks_of: dict[int, list[Task]] = defaultdict(list)
         self._slices: dict[tuple[int, Box], tuple[slice, ...]] = {}  # tasks live as long as the plan
         self._inner: dict[int, dict[str, Box]] = {}  # per bucket: see _inner_boxes
@@ -383,7 +385,8 @@ class BucketPacker:
         target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
         for box, whole, rel, blocks in self._pieces_of(task, inner, block):
             x, dst, region = part[rel], target[rel], grid[blocks]
-            if batches["fused" if whole else "two_pass"].add(x, box, block, region, out=dst, shape=shape):
+            if batches["fused" if whole else "two_pass"].add(x, box, block, region, out=dst, shape=shape,
+                                                             remote=direct and self.remote(task)):
                 continue
             self._replayable = False  # the batch refused it (strides too large): not recorded
             if whole:  # this rank holds these blocks whole

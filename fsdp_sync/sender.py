@@ -306,7 +306,7 @@ class WeightSender:
         self._generation = generation
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
                                     destination=self._transport.destination if self.config.fused_writes else None,
-                                    kernels=self.config.kernels)
+                                    kernels=self.config.kernels, remote=self._transport.writes_to_peer)
 
     # -- the push itself -----------------------------------------------------------------
     def _run(self, handle: PushHandle, local: dict[str, torch.Tensor]) -> None:

@@ -39,10 +39,14 @@ _VEC = 16  # elements: what VEC launches promise of offsets, strides, widths and
 
 
 @triton.jit
-def _grouped_cell_kernel(table, row_of, x_base, q_base, NUM_FIELDS: tl.constexpr,
+def _grouped_cell_kernel(table, row_of, order, x_base, q_base, NUM_FIELDS: tl.constexpr,
                          TILE_R: tl.constexpr, TILE_C: tl.constexpr, QUANTIZE: tl.constexpr,
-                         FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr, VEC: tl.constexpr):
+                         FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr, VEC: tl.constexpr,
+                         PERMUTED: tl.constexpr):
     """One cell (= one scale block) of the box in row ``row_of[pid]`` of ``table``.
+
+    PERMUTED: program ``i`` runs cell ``order[i]`` (see ``GroupedCells.freeze``: cells that
+    store into a peer GPU spread evenly among those that store locally).
 
     QUANTIZE: FP8 of the cell with the block's scale, stored at ``q``; with FROM_AMAX the
     cell is a whole block, whose scale it computes and stores at ``s`` first (one read).
@@ -57,6 +61,8 @@ def _grouped_cell_kernel(table, row_of, x_base, q_base, NUM_FIELDS: tl.constexpr
     are several times slower.
     """
     pid = tl.program_id(0)
+    if PERMUTED:
+        pid = tl.load(order + pid)
     row = table + tl.load(row_of + pid).to(tl.int64) * NUM_FIELDS
     x_off = tl.load(row + 0)
     sxb = tl.load(row + 3)
@@ -178,14 +184,17 @@ class GroupedCells:
         self._rows: dict[tuple, list[list[int]]] = defaultdict(list)
         self._programs: dict[tuple, int] = defaultdict(int)
         self._values: dict[tuple, list[tuple[torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
+        self._remote: dict[tuple, list[bool]] = defaultdict(list)
         self._alive: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return sum(len(rows) for rows in self._rows.values())
 
     def add(self, x: torch.Tensor, box: Box, block: Sequence[int], scales: torch.Tensor,
-            out: torch.Tensor | None = None, *, shape: Sequence[int] | None = None) -> bool:
+            out: torch.Tensor | None = None, *, shape: Sequence[int] | None = None, remote: bool = False) -> bool:
         """Queue the box ``box`` held as ``x``; False (nothing queued) if it needs ``fp8_quant``.
+
+        ``remote``: ``out`` lies on a peer GPU (its stores cross NVLink); see ``freeze``.
 
         ``scales`` is float32 of the shape ``box.to_blocks(block)``, any strides: the scales
         to quantize with, or where each block's amax (or, fused, its scale) goes. ``out``
@@ -222,6 +231,7 @@ class GroupedCells:
                                 *ss, *box.sizes[-2:], *plan.skip, *plan.num_cells, *plan.block, self._programs[key]])
         self._programs[key] += batch * plan.num_cells[0] * plan.num_cells[1]
         self._values[key].append((x, out))
+        self._remote[key].append(remote)
         self._alive.append(scales)
         return True
 
@@ -231,7 +241,12 @@ class GroupedCells:
 
     def freeze(self) -> PreparedLaunch:
         """The launches for everything added, tables on the device, to run now and again
-        later (a plan replays the same boxes every push); this batch is emptied."""
+        later (a plan replays the same boxes every push); this batch is emptied.
+
+        Where a launch stores both into a peer GPU and locally, its programs are reordered
+        so that the two kinds spread evenly over the grid: in box order, long runs of local
+        cells (HBM-bound) and of peer cells (NVLink-bound) would use one link at a time.
+        """
         hw_cast = _use_hw_cast(self.device)
         launches = []
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
@@ -249,21 +264,45 @@ class GroupedCells:
                 programs = self._programs[key]
                 counts = torch.tensor([r[-1] for r in rows[1:]] + [programs]) - table[:, -1]
                 row_of = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), counts)
+                order = interleaved_order(torch.repeat_interleave(torch.tensor(self._remote[key]), counts))
                 if self.device.type == "cuda":
                     table = table.pin_memory().to(self.device, non_blocking=True)
                     row_of = row_of.pin_memory().to(self.device, non_blocking=True)
+                    if order is not None:
+                        order = order.pin_memory().to(self.device, non_blocking=True)
                     # The pinned host blocks are not reused before these copies end (caching host allocator).
-                launches.append((_grouped_cell_kernel, (programs,), (table, row_of, x_base, q_base), dict(
+                launches.append((_grouped_cell_kernel, (programs,), (table, row_of, row_of if order is None else order,
+                                                                     x_base, q_base), dict(
                     NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1], QUANTIZE=self.quantize,
-                    FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec,
+                    FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec, PERMUTED=order is not None,
                     num_warps=_grouped_warps(tile[0] * tile[1]))))
         prepared = PreparedLaunch(self.device, launches, [t for v in self._values.values() for pair in v
                                                           for t in pair if t is not None] + self._alive)
         self._rows.clear()
         self._programs.clear()
         self._values.clear()
+        self._remote.clear()
         self._alive = []
         return prepared
+
+
+def interleaved_order(remote: torch.Tensor) -> torch.Tensor | None:
+    """A program order (int32) in which the cells flagged ``remote`` and the others are each
+    spread evenly over the grid, keeping their own order; None if only one kind is present.
+
+    Each cell's place is the fraction of its kind issued before it, so at any point of the
+    grid both kinds have progressed alike: the scheduler then keeps NVLink and HBM busy at
+    once, and the launch takes about the longer of the two instead of their sum.
+    """
+    remote = remote.to(torch.bool)
+    n_remote = int(remote.sum())
+    if n_remote in (0, remote.numel()):
+        return None
+    place = torch.empty(remote.numel(), dtype=torch.float64)
+    place[remote] = (torch.arange(n_remote, dtype=torch.float64) + 0.5) / n_remote
+    n_local = remote.numel() - n_remote
+    place[~remote] = (torch.arange(n_local, dtype=torch.float64) + 0.5) / n_local
+    return torch.argsort(place, stable=True).to(torch.int32)
 
 
 def _vectorizable(x: torch.Tensor, xs: tuple[int, int, int], out: torch.Tensor | None,

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 from fsdp_sync.boxes import Box  # noqa: E402
 from fsdp_sync.kernels import fp8_quant as K  # noqa: E402
-from fsdp_sync.kernels.fp8_grouped import GroupedCells  # noqa: E402
+from fsdp_sync.kernels.fp8_grouped import GroupedCells, interleaved_order  # noqa: E402
 from fsdp_sync.quant import FP8_DTYPE, get_quant_format  # noqa: E402
 from tests.test_kernels import DEVICE, assert_same_bits, make_input, with_special_values  # noqa: E402
 
@@ -75,6 +75,47 @@ def test_quantize_many_boxes_into_strided_outputs_in_one_launch():
         expected = K.reference_quantize_box(x, box, scales[name], box.to_blocks(block), block)
         assert_same_bits(outs[name], expected)
         assert buffers[name][0].eq(0x55).all() and buffers[name][-2:].eq(0x55).all(), name
+
+
+def test_cells_stored_into_a_peer_spread_among_the_local_ones():
+    """The order is a permutation that keeps each kind's own order and mixes the kinds
+    evenly: in every tenth of the grid each kind has about a tenth of its cells."""
+    remote = torch.tensor([False] * 600 + [True] * 200 + [False] * 200)
+    order = interleaved_order(remote)
+    assert sorted(order.tolist()) == list(range(1000))
+    kinds = remote[order.long()]
+    for part in range(10):
+        window = kinds[part * 100:(part + 1) * 100]
+        assert int(window.sum()) == 20, (part, int(window.sum()))
+    assert order[kinds].tolist() == list(range(600, 800))  # each kind keeps its order
+    assert interleaved_order(torch.zeros(5, dtype=torch.bool)) is None
+    assert interleaved_order(torch.ones(5, dtype=torch.bool)) is None
+
+
+def test_a_launch_with_peer_and_local_cells_gives_the_same_bits():
+    """Flagging some boxes remote reorders the programs (PERMUTED), never what they compute."""
+    tensors = [with_special_values(make_input((300, 400), seed=1)), make_input((256, 512), seed=7),
+               make_input((2, 130, 256), seed=8)]
+    fmt = get_quant_format("fp8_block")
+    results = []
+    for remote in ((False, False, False), (False, True, False)):
+        group = GroupedCells(DEVICE, quantize=True, fused=True)
+        outs, grids = [], []
+        for x, flag in zip(tensors, remote):
+            box, block = Box.full(x.shape), fmt.block_shape(x.shape)
+            outs.append(torch.full(x.shape, 0x55, dtype=torch.uint8, device=DEVICE).view(FP8_DTYPE))
+            grids.append(torch.full(box.to_blocks(block).sizes, -1.0, device=DEVICE))
+            assert group.add(x, box, block, grids[-1], out=outs[-1], shape=x.shape, remote=flag)
+        prepared = group.freeze()
+        assert any(kw["PERMUTED"] for *_, kw in prepared._launches) == any(remote)
+        prepared.launch()
+        results.append((outs, grids))
+    for got, want in zip(results[1][0] + results[1][1], results[0][0] + results[0][1]):
+        assert_same_bits(got, want)
+    for x, out, grid in zip(tensors, *results[0]):
+        box, block = Box.full(x.shape), fmt.block_shape(x.shape)
+        assert_same_bits(grid, K.scales_from_amax(K.reference_block_amax(x, box, block)))
+        assert_same_bits(out, K.reference_quantize_box(x, box, grid, box.to_blocks(block), block))
 
 
 def test_boxes_whose_cells_are_not_blocks_are_left_to_the_caller():
@@ -213,19 +254,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fsdp_sync.kernels.fp8_grouped import _NUM_FIELDS, _grouped_cell_kernel
 
-vec, quantize = json.loads(sys.argv[1])
-signature = {"table": "*i64", "row_of": "*i32", "x_base": "*i16", "q_base": "*u8"}
+vec, quantize, permuted = json.loads(sys.argv[1])
+signature = {"table": "*i64", "row_of": "*i32", "order": "*i32", "x_base": "*i16", "q_base": "*u8"}
 constants = dict(NUM_FIELDS=_NUM_FIELDS, TILE_R=128, TILE_C=128, QUANTIZE=quantize, FROM_AMAX=True,
-                 HW_CAST=True, VEC=vec)
+                 HW_CAST=True, VEC=vec, PERMUTED=permuted)
 signature.update({name: "constexpr" for name in constants})
 aligned = [["tt.divisibility", 16]]  # what Triton's launcher makes of 16-aligned pointers
-source = ASTSource(_grouped_cell_kernel, signature, constexprs=constants, attrs={(2,): aligned, (3,): aligned})
+source = ASTSource(_grouped_cell_kernel, signature, constexprs=constants, attrs={(3,): aligned, (4,): aligned})
 ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16}).asm["ptx"]
 print(json.dumps(sorted(set(re.findall(r"(?:ld|st)\\.global\\.[\\w.]+", ptx)))))
 """
 
 
-def _global_accesses(vec: bool, quantize: bool) -> set[str]:
+def _global_accesses(vec: bool, quantize: bool, permuted: bool = False) -> set[str]:
     """The global loads and stores of the grouped kernel compiled for sm_90, which needs no
     GPU; in a subprocess, since this module may run under the interpreter."""
     import json
@@ -233,7 +274,7 @@ def _global_accesses(vec: bool, quantize: bool) -> set[str]:
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps([vec, quantize])],
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps([vec, quantize, permuted])],
                          capture_output=True, text=True, env=env, timeout=300)
     if run.returncode != 0:
         pytest.skip(f"cannot compile for sm_90 here: {run.stderr.strip().splitlines()[-1:]}")
@@ -247,6 +288,8 @@ def test_aligned_launches_compile_to_16_byte_accesses(quantize):
     offsets need the hints, and an address cast to a pointer would lose them."""
     fast, slow = _global_accesses(True, quantize), _global_accesses(False, quantize)
     assert "ld.global.v4.b32" in fast and "ld.global.b16" not in fast, fast
+    permuted = _global_accesses(True, quantize, permuted=True)  # cells in interleaved order
+    assert "ld.global.v4.b32" in permuted and "ld.global.b16" not in permuted, permuted
     assert "ld.global.b16" in slow, slow
     if quantize:
         assert "st.global.v4.b32" in fast and "st.global.b8" not in fast, fast

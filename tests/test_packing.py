@@ -61,8 +61,10 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
     sender = plan(sources, receivers, watermark_bytes=1 << 30).for_sender(0)
     dests = {(m.rank, n): torch.full(d.shape, 7, dtype=d.dtype) if d.dtype != torch.float8_e4m3fn
              else torch.zeros(d.shape, dtype=d.dtype) for m in receivers for n, d in m.tensors.items()}
+    # Receiver 1 stands for a peer GPU: its cells are interleaved with receiver 0's in each launch.
     packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="grouped",
-                          destination=lambda t: t.dst_box.view(dests[(t.receiver, t.dst)]))
+                          destination=lambda t: t.dst_box.view(dests[(t.receiver, t.dst)]),
+                          remote=lambda t: t.receiver == 1)
     reference = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="reference")
     gen = torch.Generator().manual_seed(1)
     local = {s.name: (torch.randn(s.shape, generator=gen) * 3).to(torch.bfloat16) for s in sources}
@@ -77,6 +79,7 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
     check(0)
     replays = dict(packer._replays)
     assert set(replays) == {b.index for b in sender.buckets}
+    assert any(kw["PERMUTED"] for r in replays.values() for launch in r.quantize for *_, kw in launch._launches)
     for name in local:  # an optimizer step: in place, new values
         local[name].mul_(-2).add_(0.5)
     check(1)

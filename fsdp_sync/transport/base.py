@@ -56,6 +56,11 @@ class SendTransport(ABC):
         is one-sided; then no staging copy and no transfer step is needed."""
         return None
 
+    def writes_to_peer(self, task: Task) -> bool:
+        """Whether stores into ``destination(task)`` cross to another GPU (NVLink), which the
+        packer uses to mix such stores with local ones in one launch."""
+        return False
+
     def finish(self) -> None:
         """Called once per push after the last bucket: wait for writes still in flight."""
 

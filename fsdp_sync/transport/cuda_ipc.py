@@ -72,6 +72,7 @@ class CudaIpcSend(MappedSend):
                 raise SyncError(f"cuda_ipc needs one host: sender {rank} is on {self.host!r} but receiver "
                                 f"{r} is on {meta.host!r}; use transport='nccl' or 'auto'")
         keys = {r: handles_key(self.namespace, r, rank) for r in self.plan.receivers}
+        self._peer: dict[int, bool] = {}  # receiver -> its GPU is not ours
         exports: dict[tuple[int, str], tuple] = {}
         try:
             # The receivers export when they load this plan, which they do once it is
@@ -107,6 +108,10 @@ class CudaIpcSend(MappedSend):
             args = list(args)
             args[6] = here.index
             self.mapped[(r, name)] = rebuild(*args)
+            self._peer[r] = index != here.index
+
+    def writes_to_peer(self, task: Task) -> bool:
+        return self._peer.get(task.receiver, False)
 
     def send(self, items: list[tuple[Task, torch.Tensor | None]]) -> None:
         for task, data in items:
