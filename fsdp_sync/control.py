@@ -66,6 +66,10 @@ class ControlPlane:
         """Values of counters (keys written by ``add``, which must exist), in one round trip."""
         return [int(v) for v in self.store.multi_get(list(keys))]
 
+    def get_many(self, keys: Sequence[str]) -> list[Any]:
+        """The values of keys known to exist, in one round trip."""
+        return [pickle.loads(v) for v in self.store.multi_get(list(keys))] if keys else []
+
     def get(self, key: str) -> Any:
         """The value of a key that is known to exist (check or wait first)."""
         return pickle.loads(self.store.get(key))

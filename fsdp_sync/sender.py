@@ -366,7 +366,7 @@ class WeightSender:
         keys = [ack_key(seq, r) for r in range(num_receivers)]
         self.control.wait(keys, describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
                           f"to commit version {version}")
-        failures = [a for a in (self.control.get(k) for k in keys) if a != "ok"]
+        failures = [a for a in self.control.get_many(keys) if a != "ok"]
         if failures:
             raise SyncError(f"version {version} did not land: " + "; ".join(failures))
 
