@@ -1,14 +1,19 @@
 """The model's parameters as a push sees them: their layout key and local shards, cheaply.
 
-Every push must walk the module tree (a parameter may have been added or replaced since
-the last one), but FSDP2 keeps the same sharded DTensor objects from step to step. While
-each parameter is the same object with the same DTensor spec as last time, the layout
-key and the cleaned names are reused: a push of an 8B model then spends well under a
-millisecond here, where rebuilding the key every time cost ~3 ms on the H100 machine's CPU.
+Every push must look at the whole module tree (a parameter may have been added or
+replaced since the last one), but FSDP2 keeps the same modules, dicts and sharded DTensor
+objects from step to step. So the first push walks the tree and keeps a snapshot of it:
+the ids and keys of every entry of every module's ``_parameters`` and ``_modules``, and
+each DTensor's spec. Later pushes compare the tree with the snapshot in a few C-level
+passes (``map``/``chain`` over the dicts, no Python per module) and reuse the layout key
+while it matches. On the H100 machine's CPU the per-push Python walk of a 32B model (967
+modules, 707 parameters) took ~2.4 ms, on the critical path of every push.
 """
 
 from __future__ import annotations
 
+import operator
+from itertools import chain
 from typing import Callable
 
 import torch
@@ -16,16 +21,24 @@ from torch import nn
 
 from .meta import clean_name
 
+_PARAMS = operator.attrgetter("_parameters")
+_CHILDREN = operator.attrgetter("_modules")
+_SPEC = operator.attrgetter("_spec")
+_LOCAL = operator.attrgetter("_local_tensor")
+_NEEDS_GRAD = operator.attrgetter("requires_grad")
 
-def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``list(model.named_parameters())``, same names and order, without its generator chain:
-    ~4x faster on a transformers model of ~500 modules (1.9 -> 0.5 ms here)."""
+
+def _walk(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[nn.Module]]:
+    """(``list(model.named_parameters())``, every module once, in ``named_modules`` order),
+    without nn.Module's generator chain."""
     out: list[tuple[str, nn.Parameter]] = []
+    modules: list[nn.Module] = []
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> None:
         seen_modules.add(id(module))
+        modules.append(module)
         for name, p in module._parameters.items():
             if p is not None and id(p) not in seen_params:
                 seen_params.add(id(p))
@@ -35,58 +48,81 @@ def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 walk(child, prefix + name + ".")
 
     walk(model, "")
-    return out
+    return out, modules
+
+
+def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``list(model.named_parameters())``, same names and order, ~4x faster."""
+    return _walk(model)[0]
+
+
+def _tree_state(modules: list[nn.Module]) -> tuple[list[int], list[str]]:
+    """Ids and keys of every entry of the modules' ``_parameters`` and ``_modules`` dicts.
+
+    The snapshot holds every module and parameter it saw, so no new object can take
+    one of their ids: equal ids mean the same objects in the same places.
+    """
+    dicts = list(map(_PARAMS, modules))
+    dicts += map(_CHILDREN, modules)
+    return list(map(id, chain.from_iterable(map(dict.values, dicts)))), list(chain.from_iterable(dicts))
 
 
 class ParamScan:
-    """Walks ``model.named_parameters()`` once per push; rebuilds the key only when a
-    parameter object or its DTensor spec changed."""
+    """Gives each push the layout key and local shards; walks the tree only when it changed."""
 
     def __init__(self, model: nn.Module, mesh_ranks: Callable[[object], tuple[int, ...]]):
         self.model = model
         self.mesh_ranks = mesh_ranks  # DeviceMesh -> its ranks, cached by the caller
-        # (name, param, DTensor spec, or (shape, dtype) of a plain tensor): held, so ids stay unique
-        self._seen: list[tuple[str, nn.Parameter, object]] = []
+        self._modules: list[nn.Module] = []
+        self._tree: tuple | None = None
         self._key: tuple = ()
-        self._names: list[str] = []
-        self._dtensor: list[bool] = []
+        # DTensor parameters: held (ids stay unique), their clean names, their specs' ids
+        self._dtensors: list[nn.Parameter] = []
+        self._dnames: list[str] = []
+        self._specs: list[object] = []
+        # plain parameters: held, names, (shape, dtype) (``p.data = ...`` or ``.half()`` keep the object)
+        self._plain: list[nn.Parameter] = []
+        self._pnames: list[str] = []
+        self._plain_layout: list[tuple] = []
 
     def scan(self) -> tuple[tuple, dict[str, torch.Tensor]]:
         """(layout key, {clean name: local shard}). The key compares equal while the model's
-        parameter layout (names, shapes, dtypes, placements, meshes) is unchanged."""
-        from torch.distributed.tensor import DTensor
-
-        params = named_parameters(self.model)
-        if not self._unchanged(params):
-            self._seen = [(n, p, _layout_of(p)) for n, p in params]
-            self._names = [clean_name(n) for n, _ in params]
-            self._dtensor = [isinstance(p, DTensor) for _, p in params]
-            self._key = tuple((n, tuple(p.shape), p.dtype, (tuple(p.placements), self.mesh_ranks(p.device_mesh))
-                               if dt else None) for (n, p), dt in zip(params, self._dtensor))
-        local = {}
-        for name, (_, p), dt in zip(self._names, params, self._dtensor):
-            # _local_tensor is what to_local() returns, without its autograd Function (~10 us
-            # a parameter); values are only read, so a tensor that needs no grad is used as is.
-            t = p._local_tensor if dt else p
-            local[name] = t.detach() if t.requires_grad else t
+        parameter layout (names, shapes, dtypes, placements, meshes) is unchanged, and is
+        the same object while nothing was replaced."""
+        if not self._unchanged():
+            self._rebuild()
+        # _local_tensor is what to_local() returns, without its autograd Function (~10 us
+        # a parameter). FSDP2 may swap it (reset_sharded_param): read it every push.
+        local = dict(zip(self._dnames, map(_LOCAL, self._dtensors)))
+        local.update(zip(self._pnames, self._plain))
+        if any(map(_NEEDS_GRAD, local.values())):  # values are only read
+            local = {n: t.detach() if t.requires_grad else t for n, t in local.items()}
         return self._key, local
 
-    def _unchanged(self, params: list[tuple[str, nn.Parameter]]) -> bool:
-        if len(params) != len(self._seen):
+    def _unchanged(self) -> bool:
+        if self._tree is None:
             return False
-        for (name, p), (seen_name, seen_p, layout) in zip(params, self._seen):
-            if p is not seen_p or name != seen_name:
+        try:
+            if _tree_state(self._modules) != self._tree:
                 return False
-            spec = getattr(p, "_spec", None)
-            if spec is not None and spec is not layout:  # a DTensor's spec is replaced, never edited
-                return False
-            if spec is None and layout != (p.shape, p.dtype):  # p.data = ... or .half() keep the object
-                return False
-        return True
+        except TypeError:  # a module's dicts are not dicts: walk every time
+            return False
+        if list(map(_SPEC, self._dtensors)) != self._specs:  # a spec is replaced, never edited
+            return False
+        return [(p.shape, p.dtype) for p in self._plain] == self._plain_layout
 
+    def _rebuild(self) -> None:
+        from torch.distributed.tensor import DTensor
 
-def _layout_of(p: torch.Tensor) -> object:
-    """What tells a parameter's layout changed: its DTensor spec object, or a plain tensor's
-    shape and dtype (assigning ``p.data`` or casting the module keeps the Parameter)."""
-    spec = getattr(p, "_spec", None)
-    return spec if spec is not None else (p.shape, p.dtype)
+        params, self._modules = _walk(self.model)
+        self._tree = _tree_state(self._modules)
+        dt = [isinstance(p, DTensor) for _, p in params]
+        self._dtensors = [p for (_, p), d in zip(params, dt) if d]
+        self._dnames = [clean_name(n) for (n, _), d in zip(params, dt) if d]
+        self._specs = list(map(_SPEC, self._dtensors))
+        self._plain = [p for (_, p), d in zip(params, dt) if not d]
+        self._pnames = [clean_name(n) for (n, _), d in zip(params, dt) if not d]
+        self._plain_layout = [(p.shape, p.dtype) for p in self._plain]
+        self._key = tuple((n, tuple(p.shape), p.dtype,
+                           (tuple(p.placements), self.mesh_ranks(p.device_mesh)) if d else None)
+                          for (n, p), d in zip(params, dt))

@@ -85,3 +85,26 @@ def test_a_plain_parameter_cast_or_resized_in_place_changes_the_key():
     resized, _ = scan.scan()
     assert resized[0][1] == (8, 4)
     assert scan.scan()[0] is resized  # unchanged since: reused
+
+
+def test_a_new_module_or_a_renamed_parameter_changes_the_key(fsdp_model):
+    scan = ParamScan(fsdp_model, _ranks)
+    key, _ = scan.scan()
+    fsdp_model.add_module("head", nn.Linear(2, 2, bias=False))
+    grown, local = scan.scan()
+    assert grown[-1][0] == "head.weight" and "head.weight" in local
+    head = fsdp_model.head
+    head._parameters["w"] = head._parameters.pop("weight")  # same object, another name
+    renamed, local = scan.scan()
+    assert renamed[-1][0] == "head.w" and set(local) >= {"head.w"} and "head.weight" not in local
+
+
+def test_local_shards_follow_a_swapped_local_tensor(fsdp_model):
+    """FSDP2 may point a sharded parameter at new storage (``reset_sharded_param``): the
+    layout is the same, but the push must read the new tensor."""
+    scan = ParamScan(fsdp_model, _ranks)
+    key, _ = scan.scan()
+    p = fsdp_model[0].weight
+    p._local_tensor = p._local_tensor.clone() + 1
+    again, local = scan.scan()
+    assert again is key and local["0.weight"] is p._local_tensor
