@@ -16,7 +16,8 @@ def copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], *, non_blocking: bo
 
     Large tensors take ``copy_`` alone: foreach splits them into launches of a few
     hundred blocks each (an embedding shard of the 32B model took 19 of them, at ~76%
-    of the H100's copy bandwidth), where ``copy_`` is one launch at full speed.
+    of the H100's copy bandwidth), where ``copy_`` is one launch at full speed. They run
+    first, so destinations must not overlap (no caller's do).
     """
     small = []
     for dst, src in pairs:

@@ -56,15 +56,18 @@ def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return _walk(model)[0]
 
 
-def _tree_state(modules: list[nn.Module]) -> tuple[list[int], list[str]]:
-    """Ids and keys of every entry of the modules' ``_parameters`` and ``_modules`` dicts.
+def _tree_state(modules: list[nn.Module]) -> tuple[list[int], list[int], list[str]]:
+    """Sizes of the modules' ``_parameters`` and ``_modules`` dicts, and the ids and keys of
+    all their entries (sizes too: an entry moved from the end of one dict to the start of
+    the next would leave the other two lists as they were).
 
     The snapshot holds every module and parameter it saw, so no new object can take
     one of their ids: equal ids mean the same objects in the same places.
     """
     dicts = list(map(_PARAMS, modules))
     dicts += map(_CHILDREN, modules)
-    return list(map(id, chain.from_iterable(map(dict.values, dicts)))), list(chain.from_iterable(dicts))
+    return (list(map(len, dicts)), list(map(id, chain.from_iterable(map(dict.values, dicts)))),
+            list(chain.from_iterable(dicts)))
 
 
 class ParamScan:
@@ -76,7 +79,8 @@ class ParamScan:
         self._modules: list[nn.Module] = []
         self._tree: tuple | None = None
         self._key: tuple = ()
-        # DTensor parameters: held (ids stay unique), their clean names, their specs' ids
+        # DTensor parameters: held (ids stay unique), their clean names, their specs. The
+        # snapshot also holds every module, so a removed one is freed at the next rebuild.
         self._dtensors: list[nn.Parameter] = []
         self._dnames: list[str] = []
         self._specs: list[object] = []
@@ -115,7 +119,10 @@ class ParamScan:
         from torch.distributed.tensor import DTensor
 
         params, self._modules = _walk(self.model)
-        self._tree = _tree_state(self._modules)
+        try:
+            self._tree = _tree_state(self._modules)
+        except TypeError:  # a module's _parameters or _modules is no dict: walk every push
+            self._tree = None
         dt = [isinstance(p, DTensor) for _, p in params]
         self._dtensors = [p for (_, p), d in zip(params, dt) if d]
         self._dnames = [clean_name(n) for (n, _), d in zip(params, dt) if d]

@@ -47,3 +47,9 @@ def test_a_failure_is_counted_and_then_found(control):
     assert control.failure_in(5, keys) is None  # another push's failure is not this one's
     control.record_failure(5)
     assert control.add(PUSH_FAILURES, 0) == 2
+
+
+def test_get_many_reads_values_in_order_in_one_call(control):
+    control.set_many({"a": ("go", 1), "b": "ok", "c": [3]})
+    assert control.get_many(["c", "a", "b"]) == [[3], ("go", 1), "ok"]
+    assert control.get_many([]) == []

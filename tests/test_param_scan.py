@@ -3,6 +3,8 @@ and notices a replaced or added parameter (one gloo process, real fully_shard)."
 
 from __future__ import annotations
 
+from collections import UserDict
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -108,3 +110,30 @@ def test_local_shards_follow_a_swapped_local_tensor(fsdp_model):
     p._local_tensor = p._local_tensor.clone() + 1
     again, local = scan.scan()
     assert again is key and local["0.weight"] is p._local_tensor
+
+
+def test_an_entry_moved_to_the_next_module_changes_the_key():
+    """Ids and keys alone stay the same when an entry moves from the end of one dict to the
+    start of the next in walk order: the dicts' sizes tell (review finding)."""
+    model = nn.Module()
+    model.a, model.b = nn.Module(), nn.Module()
+    model.a.x = nn.Linear(2, 2)
+    scan = ParamScan(model, _ranks)
+    key, _ = scan.scan()
+    x = model.a.x
+    del model.a.x
+    model.b.x = x
+    moved, local = scan.scan()
+    assert [k[0] for k in moved] == ["b.x.weight", "b.x.bias"] and set(local) == {"b.x.weight", "b.x.bias"}
+
+
+
+
+def test_a_module_whose_dicts_are_not_dicts_is_walked_every_push():
+    model = nn.Sequential(nn.Linear(2, 2))
+    model[0]._parameters = UserDict(model[0]._parameters)  # no dict: the snapshot cannot read it
+    scan = ParamScan(model, _ranks)
+    key, _ = scan.scan()
+    assert [k[0] for k in key] == ["0.weight", "0.bias"]
+    model[0].register_parameter("extra", nn.Parameter(torch.zeros(1)))
+    assert scan.scan()[0][-1][0] == "0.extra"
