@@ -189,6 +189,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
                              watermark_bytes=cfg.watermark_bytes, plan_s=plan.stats.plan_s,
                              num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2], kernels=cfg.kernels,
                              parts_s={k: statistics.median(p[k] for p in parts) for k in parts[0]}))
+            print(row_line(spec.case, rows[-1]), flush=True)  # in the log even if the run is cut short
         sender.close()
         torch.cuda.empty_cache()
         dist.barrier()  # every sender rank unmapped the receivers' buffers, not only rank 0
@@ -376,6 +377,17 @@ def run_case(name: str, args, ctx) -> dict:
     report.update(case=name, model=model, about=case["about"])
     _print_case(report)
     return report
+
+
+def row_line(case: str, row: dict) -> str:
+    """One measured configuration on one line, printed as soon as it is timed: a run killed
+    later (a timeout, a baseline's crash) still leaves it in the log, where the table and
+    the JSON come only at the end of the case."""
+    med = statistics.median(row["times_s"])
+    return (f"measured case {case} {row['quant']} {row['mode']} {row['transport']}: median {med * 1e3:.2f} ms "
+            f"(min {min(row['times_s']) * 1e3:.2f}, max {max(row['times_s']) * 1e3:.2f}, {len(row['times_s'])} pushes), "
+            f"floor {row['floor_s'] * 1e3:.2f} ms, ratio {med / row['floor_s']:.2f}, {row['bytes'] / 1e6:.0f} MB, "
+            f"peak extra {row['peak_extra_bytes'] / 2**20:.0f} MB")
 
 
 def _print_case(report: dict) -> None:

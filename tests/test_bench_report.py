@@ -1,6 +1,6 @@
 """recipes.bench's table: fsdp_sync's rows are reported even when a baseline could not run."""
 
-from recipes.bench import _print_case
+from recipes.bench import _print_case, row_line
 
 
 def _report(baselines: dict) -> dict:
@@ -22,3 +22,9 @@ def test_rows_with_and_without_baselines(capsys):
     out = capsys.readouterr().out
     assert out.count("n/a") == 2 and "5.50" in out
     assert "speedup_funnel" not in failed["rows"][0] and failed["rows"][0]["ratio"] > 1
+
+
+def test_a_timed_row_prints_on_one_line():
+    line = row_line("c", _report({})["rows"][0])
+    assert line.startswith("measured case c fp8_block direct cuda_ipc: median 5.50 ms")
+    assert "ratio 1.38" in line and "floor 4.00 ms" in line and "3 pushes" in line and "\n" not in line
