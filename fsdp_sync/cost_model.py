@@ -39,9 +39,9 @@ class Hardware:
     nics_per_gpu: int = 1
     nic_efficiency: float = 0.97  # RDMA WRITE goodput over line rate, MB-sized writes (assumed)
     # Defaults: the H100 ceilings of recipes.simulate.BENCH_RUN's case a, and nccl-tests on 2x H200.
-    nvlink_gbps: float = 393.0  # a 1 GiB copy into a peer GPU's memory
-    hbm_gbps: float = 2972.0  # read + written bytes of a 1 GiB device-to-device copy
-    sendrecv_gbps: float = 358.0  # a 1 GiB NCCL send to a peer GPU of the host, acknowledged
+    nvlink_gbps: float = 392.0  # a 1 GiB copy into a peer GPU's memory
+    hbm_gbps: float = 2931.0  # read + written bytes of a 1 GiB device-to-device copy
+    sendrecv_gbps: float = 341.0  # a 1 GiB NCCL send to a peer GPU of the host, acknowledged
     allgather_gbps: float = 283.0  # bytes a rank receives per second in an all-gather inside a host
     copy_efficiency: float = 1.0  # our copies on one GPU (strided slices), of hbm_gbps
     quant_efficiency: float = 1.0  # the grouped FP8 quantize launch (read + written), of hbm_gbps
@@ -72,7 +72,7 @@ class Overheads:
     """Seconds per unit of work that is not bytes."""
 
     bucket_s: float  # a replayed bucket: its recorded launches and the scale arithmetic
-    launch_s: float  # one tensor copied by copy_all (foreach), beyond the small copies' one launch
+    launch_s: float  # one tensor copied by copy_all (foreach, or copy_ from 16 Mi elements on)
     task_s: float  # Python of one unquantized or scale task packed afresh (not replayed)
     quant_task_s: float  # Python of one quantized task packed afresh: its staging, its cells queued
     amax_param_s: float  # Python of one quantized parameter's scale grid, packed afresh
@@ -101,6 +101,7 @@ class BucketWork:
     peer_copy_bytes: float = 0.0  # stored into peer GPUs of this host by copies
     peer_read_bytes: float = 0.0  # read here by quantize launches that store into peers
     peer_store_bytes: float = 0.0  # stored into peer GPUs by those launches
+    peer_in_bytes: float = 0.0  # stored into this GPU by the quantize launches of other senders of the bucket
     sends: int = 0  # NCCL sends to receivers of this host (two-sided transport)
     link_bytes: float = 0.0  # their bytes
     nic_bytes: float = 0.0  # sent through the NIC, after the transfer thread copies it into a staging slot
@@ -195,8 +196,17 @@ def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[R
         reduces = plan.mode == "direct" and size > 1 and any(
             _cuts_a_block(by_name[name], held[(name, b.group)][r], plan.fmt_of[name])
             for name in b.quantized for r in b.group)
+        # FP8 that the group's quantize launches store into each GPU over NVLink, from another GPU.
+        stored_in: dict[str, int] = defaultdict(int)
+        if mapped:
+            for s in b.group:
+                for t in tasks_of.get((s, b.index), ()):
+                    r = recv[t.receiver]
+                    if (t.kind == DATA and t.fmt != "none" and r.host == sender_hosts[s] and r.device
+                            and not _same_device(devices[s], r.device)):
+                        stored_in[r.device] += t.nbytes
         for s in b.group:
-            w = BucketWork(b.nbytes)
+            w = BucketWork(b.nbytes, peer_in_bytes=stored_in.get(devices[s], 0) if devices[s] else 0)
             mine_tasks = tasks_of.get((s, b.index), ())
             w.replayed = (plan.mode == "direct" or size == 1) and all(
                 mapped and recv[t.receiver].host == sender_hosts[s] for t in mine_tasks)
@@ -226,6 +236,11 @@ def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[R
     return dict(out)
 
 
+def _same_device(sender_device: str, receiver_device: str) -> bool:
+    """Whether a receiver's buffers live on the sender's GPU (unknown devices: assume not)."""
+    return bool(sender_device) and receiver_device == sender_device
+
+
 def _cuts_a_block(src: SourceParam, box: Box, fmt: str) -> bool:
     """Whether ``box`` holds part of a block (of ``fmt``) and not all of it."""
     inner = box.whole_blocks(get_quant_format(fmt).block_shape(src.shape), src.shape)
@@ -242,7 +257,7 @@ def _count_task(w: BucketWork, t: Task, by_name: dict[str, SourceParam], receive
         else:
             w.tasks += 1
     if mapped and receiver.host == host:  # stored straight into the receiver's buffer
-        local = bool(device) and receiver.device == device
+        local = _same_device(device, receiver.device)
         if quantized and local:
             w.quant_bytes += read + t.nbytes
         elif quantized:  # one launch reads here and stores into the peer over NVLink
@@ -283,18 +298,32 @@ def bucket_stages(w: BucketWork, hw: Hardware, ov: Overheads) -> Stages:
     """One bucket's counts in seconds per stage."""
     gb = 1e9
     copy, peer_copy = hw.hbm_gbps * hw.copy_efficiency * gb, hw.nvlink_gbps * hw.peer_copy_efficiency * gb
-    # A launch storing into a peer is held back by the slower of its reads here and its stores over NVLink.
-    peer_quant = max(w.peer_read_bytes / (hw.quant_gbps * gb),
-                     w.peer_store_bytes / (hw.nvlink_gbps * hw.peer_store_efficiency * gb))
     return Stages(
         bucket=ov.bucket_s if w.replayed else 0.0, launch=w.launches * ov.launch_s, task=w.tasks * ov.task_s,
         quantize=w.quant_tasks * ov.quant_task_s, amax=w.amax_params * ov.amax_param_s,
         collective=w.collectives * ov.collective_s,
-        hbm=w.hbm_bytes / copy, quant=w.quant_bytes / (hw.quant_gbps * gb),
+        hbm=w.hbm_bytes / copy, quant=quantize_launch_s(w, hw),
         gather=w.gather_bytes / (hw.allgather_gbps * gb) + w.gather_nic_bytes / (hw.nic_gbps * gb),
-        peer=w.peer_copy_bytes / peer_copy + peer_quant,
+        peer=w.peer_copy_bytes / peer_copy,
         send=w.sends * ov.send_s, link=w.link_bytes / (hw.sendrecv_gbps * gb),
         fill=2 * w.nic_bytes / copy, post=w.writes * ov.write_s, nic=w.nic_bytes / (hw.nic_gbps * gb))
+
+
+def quantize_launch_s(w: BucketWork, hw: Hardware) -> float:
+    """Seconds of a bucket's grouped quantize launch: the slower of its HBM traffic and its NVLink stores.
+
+    One launch holds the bucket's cells, and where it stores both here and into a peer GPU
+    its programs alternate between the two kinds (``kernels.fp8_grouped.interleaved_order``),
+    so HBM and NVLink are busy at once rather than one after the other. Through this GPU's
+    HBM go every byte the launch reads, the FP8 it stores here, and the FP8 that other
+    senders' launches of the same bucket store into this GPU meanwhile; over NVLink, the
+    FP8 it stores into peers.
+    """
+    if not (w.quant_bytes or w.peer_read_bytes):
+        return 0.0
+    gb = 1e9
+    hbm = (w.quant_bytes + w.peer_read_bytes + w.peer_in_bytes) / (hw.quant_gbps * gb)
+    return max(hbm, w.peer_store_bytes / (hw.nvlink_gbps * hw.peer_store_efficiency * gb))
 
 
 def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, watermark_bytes: int

@@ -159,6 +159,17 @@ def test_count_work_replays_only_buckets_stored_straight_into_their_destinations
     assert sum(w.hbm_bytes for w in ipc) == 0  # one rank holds every block whole: no amax pass
 
 
+def test_quantize_launch_is_bound_by_the_slower_of_hbm_and_nvlink():
+    hw = cm.Hardware(hbm_gbps=1.0, nvlink_gbps=1.0, peer_store_efficiency=0.5)  # 1 GB/s HBM, 0.5 GB/s stores
+    local = cm.BucketWork(1, quant_bytes=3e9)
+    assert cm.quantize_launch_s(local, hw) == pytest.approx(3.0)
+    mixed = cm.BucketWork(1, quant_bytes=3e9, peer_read_bytes=2e9, peer_store_bytes=1e9, peer_in_bytes=1e9)
+    assert cm.quantize_launch_s(mixed, hw) == pytest.approx(6.0)  # HBM: 3 + 2 + 1 GB; NVLink 2 s
+    link_bound = cm.BucketWork(1, quant_bytes=1e9, peer_read_bytes=2e9, peer_store_bytes=4e9)
+    assert cm.quantize_launch_s(link_bound, hw) == pytest.approx(8.0)
+    assert cm.quantize_launch_s(cm.BucketWork(1, peer_in_bytes=1e9), hw) == 0.0  # no launch of its own
+
+
 @pytest.mark.parametrize("model,billions", [("kimi_k2", 1026), ("deepseek_v3", 671), ("qwen3_235b", 235)])
 def test_scale_models_have_their_published_sizes(model, billions):
     total = sum(sm.numel(shape) for _, shape in sm.param_shapes(model))
