@@ -5,10 +5,11 @@
 
 It builds shapes-only metadata (``recipes.scale_models``), runs the real planner, counts
 each sender's work per bucket and predicts the push with ``fsdp_sync.cost_model``. Every
-constant that is not a ceiling or an assumption is fitted on one benchmark run
-(BENCH_RUN, 2x H100, code 86ffe14): Python costs from its traced stage spans, the per-push
-cost from its wall-time parts, kernel efficiencies and NCCL costs from single rows (see
-``calibrate``); the grouped quantize kernel's speed comes from KERNEL_LOG. ``--validate``
+constant that is not a ceiling or an assumption comes from one benchmark run (BENCH_RUN,
+2x H100, code eaed402) and the kernel benchmark of the same code on the same card kind
+(KERNEL_RUN): Python costs from the run's traced stage spans, the per-push cost from its
+wall-time parts, the grouped quantize launch's speed here and into a peer from
+KERNEL_RUN, copy efficiencies and NCCL costs fitted on single rows (see ``calibrate``). ``--validate``
 rebuilds the benchmark's own plans and compares the model with every measured row. The
 last line is ``<model> <N>-><M> predicted_s=<x> floor_s=<y> plan_s=<planning seconds>``.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import resource
 import statistics
 import sys
@@ -38,14 +38,13 @@ from fsdp_sync.sharding import shard_groups
 from recipes import scale_models as sm
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_RUN = ROOT / "bench_results/bench-NVIDIA-H100-80GB-HBM3-20261126T111006-86ffe14.json"  # 2x H100 NV18, git 86ffe14
-# The grouped quantize kernel alone on the same kind of H100 (git cc69404, same kernel as 86ffe14):
-# BENCH_RUN launched it with 16 warps a program; 105eabb caps it at 4.
-KERNEL_LOG = ROOT / "bench_results/kernels-grouped-warps-H100-20261126T1123-cc69404.log"
-BENCH_WARPS = 16
+BENCH_RUN = ROOT / "bench_results/bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  # 2x H100 NV18, git eaed402
+# recipes.bench_kernels at the same commit on the same kind of H100: the grouped quantize launch
+# (4 warps a program since 105eabb) as pushes replay it, on one GPU and storing into a peer.
+KERNEL_RUN = ROOT / "bench_results/kernels-NVIDIA-H100-80GB-HBM3-20261126T125656-eaed402.json"
+GROUPED, GROUPED_PEER = "fp8_block grouped x32", "fp8_block grouped fused -> peer"  # KERNEL_RUN's kernels
 # Rows whose measured time fits one constant each, in this order (case, quant, mode, transport).
 FITTED_ON = {"peer_copy_efficiency": ("a", "none", "direct", "cuda_ipc"),
-             "peer_store_efficiency": ("a", "fp8_block", "direct", "cuda_ipc"),
              "copy_efficiency": ("b", "none", "direct", "cuda_ipc"),
              "send_s": ("a", "none", "direct", "nccl"),
              "allgather_gbps": ("b", "none", "reconstruct", "cuda_ipc")}
@@ -163,16 +162,27 @@ def predict_row(r: BenchRow, fit: Fit) -> cm.Prediction:
                       watermark_bytes=r.raw["watermark_bytes"])
 
 
-def kernel_efficiency(log: str, warps: int = BENCH_WARPS) -> float:
-    """The grouped quantize launch at ``warps`` warps a program over a device copy, from KERNEL_LOG."""
-    copy = float(re.search(r"^copy (\d+) GB/s", log, flags=re.M).group(1))
-    grouped = float(re.search(rf"^grouped x1 num_warps {warps}: (\d+) GB/s", log, flags=re.M).group(1))
-    return grouped / copy
+def kernel_efficiency(kernels: dict, kernel: str) -> float:
+    """A kernel's speed over its reference in KERNEL_RUN (``ratio_to_copy``): a device copy for
+    kernels on one GPU, a copy of the same FP8 bytes into the peer for those storing there."""
+    (row,) = [r for r in kernels["results"] if r["kernel"] == kernel]
+    return row["ratio_to_copy"]
 
 
-def calibrate(report: dict, rows: list[BenchRow], kernel_log: str) -> Fit:
-    """Every fitted constant, from BENCH_RUN's rows (trainer rank 0's spans) and KERNEL_LOG.
+def check_same_code(report: dict, kernels: dict) -> None:
+    """BENCH_RUN and KERNEL_RUN must come from one commit and one kind of GPU."""
+    bench, kern = report["environment"], kernels["env"]
+    if bench["gpu"] != kern["gpu"] or not (bench["git_sha"].startswith(kern["git_sha"][:7])
+                                           and kern["git_sha"].startswith(bench["git_sha"][:7])):
+        raise ValueError(f"BENCH_RUN ({bench['gpu']}, git {bench['git_sha'][:7]}) and KERNEL_RUN "
+                         f"({kern['gpu']}, git {kern['git_sha'][:7]}) differ")
 
+
+def calibrate(report: dict, rows: list[BenchRow], kernels: dict) -> Fit:
+    """Every fitted constant, from BENCH_RUN's rows (trainer rank 0's spans) and KERNEL_RUN.
+
+    * the grouped quantize launch, on one GPU and storing into a peer: KERNEL_RUN's
+      ratios to a device copy and to a peer copy;
     * per push: the median over all rows of the wall time outside the push thread
       (announcing the push, then the receivers' acks);
     * a replayed bucket and a copied tensor: least squares over the cuda_ipc direct rows
@@ -194,7 +204,9 @@ def calibrate(report: dict, rows: list[BenchRow], kernel_log: str) -> Fit:
     quant_tasks = sum(w.quant_tasks for w in fp8.work[0])
     quant_task_s = (fp8.raw["stage_s"]["quantize"] - task_s * sum(w.tasks for w in fp8.work[0])) / quant_tasks
     amax_param_s = fp8.raw["stage_s"]["amax"] / sum(w.amax_params for w in fp8.work[0])
-    fit = Fit({"quant_efficiency": kernel_efficiency(kernel_log)},
+    check_same_code(report, kernels)
+    fit = Fit({"quant_efficiency": kernel_efficiency(kernels, GROUPED),
+               "peer_store_efficiency": kernel_efficiency(kernels, GROUPED_PEER)},
               cm.Overheads(bucket_s=bucket_s, launch_s=launch_s, task_s=task_s, quant_task_s=quant_task_s,
                            amax_param_s=amax_param_s, push_s=push_s), dict(FITTED_ON))
     for name, key in FITTED_ON.items():
@@ -265,17 +277,18 @@ def funnel(planned: Planned, hw: cm.Hardware, ov: cm.Overheads) -> float:
                              quantized={n for n, f in fmt_of.items() if f != "none"})
 
 
-def describe_fit(fit: Fit) -> list[str]:
+def describe_fit(report: dict, fit: Fit) -> list[str]:
     ov, hw = fit.ov, fit.hw
-    return [f"constants fitted on {BENCH_RUN.name} (git 86ffe14) and {KERNEL_LOG.name}:",
+    return [f"constants fitted on {BENCH_RUN.name} (git {report['environment']['git_sha'][:7]}) "
+            f"and {KERNEL_RUN.name}:",
             f"  per push {ov.push_s * 1e3:.2f} ms; replayed bucket {ov.bucket_s * 1e6:.0f} us, copied tensor "
             f"{ov.launch_s * 1e6:.1f} us; packed afresh: task {ov.task_s * 1e6:.1f} us, quantize task "
             f"{ov.quant_task_s * 1e6:.1f} us, scale grid {ov.amax_param_s * 1e6:.1f} us; "
             f"NCCL send {ov.send_s * 1e6:.1f} us",
             f"  of the ceilings: copies {hw['copy_efficiency']:.1%} of HBM, quantize launch "
-            f"{hw['quant_efficiency']:.1%} of HBM ({BENCH_WARPS} warps), copies into a peer "
-            f"{hw['peer_copy_efficiency']:.1%} and quantize stores into a peer {hw['peer_store_efficiency']:.1%} "
-            f"of NVLink; all-gather {hw['allgather_gbps']:.0f} GB/s received per rank"]
+            f"{hw['quant_efficiency']:.1%} of HBM, copies into a peer {hw['peer_copy_efficiency']:.1%} and "
+            f"quantize stores into a peer {hw['peer_store_efficiency']:.1%} of NVLink; all-gather "
+            f"{hw['allgather_gbps']:.0f} GB/s received per rank"]
 
 
 def print_validation(report: dict, rows: list[BenchRow], fit: Fit) -> None:
@@ -302,7 +315,7 @@ def fitted() -> tuple[dict, list[BenchRow], Fit]:
     """BENCH_RUN, its rows and the constants fitted on them."""
     report = json.loads(BENCH_RUN.read_text())
     rows = bench_rows(report)
-    return report, rows, calibrate(report, rows, KERNEL_LOG.read_text())
+    return report, rows, calibrate(report, rows, json.loads(KERNEL_RUN.read_text()))
 
 
 def _stage_lines(p: cm.Prediction) -> list[str]:
@@ -310,8 +323,8 @@ def _stage_lines(p: cm.Prediction) -> list[str]:
     return ["  slowest sender, busy seconds per stage:",
             f"    CPU  tasks {s.task:.3f}  quantize tasks {s.quantize:.3f}  scale grids {s.amax:.3f}  copies "
             f"{s.launch:.3f}  replayed buckets {s.bucket:.3f}  collectives {s.collective:.3f}  = {s.cpu:.3f}",
-            f"    GPU  copies {s.hbm:.3f}  quantize {s.quant:.3f}  all-gather {s.gather:.3f}  NVLink stores "
-            f"{s.peer:.3f}  = {s.gpu:.3f}",
+            f"    GPU  copies {s.hbm:.3f}  quantize launches {s.quant:.3f}  all-gather {s.gather:.3f}  "
+            f"copies into peers {s.peer:.3f}  = {s.gpu:.3f}",
             f"    staging {s.fill:.3f}  WR posting {s.post:.3f}  NIC {s.nic:.3f}",
             f"  sender pipeline (overlapped) {p.senders_s:.3f} s, busiest receive link {p.receive_bound_s:.3f} s, "
             f"plan floor {p.floor_s:.3f} s -> {p.binding} binds",
@@ -358,7 +371,7 @@ def plan_at_scale(args: argparse.Namespace, hw: cm.Hardware) -> Planned:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     report, rows, fit = fitted()
-    print("\n".join(describe_fit(fit)))
+    print("\n".join(describe_fit(report, fit)))
     if args.validate:
         print_validation(report, validate(rows, fit), fit)
     ov = fit.ov if args.push_s is None else replace(fit.ov, push_s=args.push_s)

@@ -37,11 +37,25 @@ def _row(rows, *key):
     return next(r for r in rows if r.key == key)
 
 
-def test_calibration_reads_the_h100_run_of_86ffe14():
-    assert simulate.BENCH_RUN.name.endswith("-86ffe14.json")
+# Measured by BENCH_RUN, and missed by the model for a reason it does not model (docs/simulate.md).
+KNOWN_MISS = ("b", "fp8_block", "reconstruct", "cuda_ipc")
+
+
+def test_calibration_reads_the_h100_runs_of_eaed402():
+    assert simulate.BENCH_RUN.name.endswith("-eaed402.json") and simulate.KERNEL_RUN.name.endswith("-eaed402.json")
     report = json.loads(simulate.BENCH_RUN.read_text())
-    assert report["environment"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    kernels = json.loads(simulate.KERNEL_RUN.read_text())
+    assert report["environment"]["gpu"] == kernels["env"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert report["environment"]["git_sha"].startswith("eaed402") and kernels["env"]["git_sha"].startswith("eaed402")
     assert [len(c["rows"]) for c in report["cases"]] == [8, 4]
+    simulate.check_same_code(report, kernels)
+
+
+def test_calibration_refuses_a_kernel_run_of_other_code():
+    old = json.loads((simulate.ROOT / "bench_results/bench-NVIDIA-H100-80GB-HBM3-20261126T111006-86ffe14.json")
+                     .read_text())
+    with pytest.raises(ValueError, match="86ffe14.*eaed402"):
+        simulate.check_same_code(old, json.loads(simulate.KERNEL_RUN.read_text()))
 
 
 def test_python_costs_come_from_case_a_nccl_spans(rows, fit):
@@ -60,29 +74,74 @@ def test_python_costs_come_from_case_a_nccl_spans(rows, fit):
 
 def test_fitted_efficiencies_are_physical(fit):
     hw = fit.hw
-    for name in ("copy_efficiency", "peer_copy_efficiency", "peer_store_efficiency"):
+    for name in ("copy_efficiency", "peer_copy_efficiency"):
         assert 0.5 < hw[name] <= 1.0, name
-    # The grouped launch at 16 warps, from the kernel sweep: 1780 of a copy's 2998 GB/s.
-    assert hw["quant_efficiency"] == pytest.approx(1780 / 2998)
-    assert simulate.kernel_efficiency(simulate.KERNEL_LOG.read_text(), 4) > 0.95
-    assert 100 < hw["allgather_gbps"] < 349  # below the NCCL send/recv ceiling that case b measured
+    # KERNEL_RUN: the grouped launch at 4 warps a program, 2966 of a copy's 2998 GB/s (16 warps, as
+    # 86ffe14 launched it, had 1780), and storing into the peer 367 of a peer copy's 394 GB/s.
+    assert hw["quant_efficiency"] == pytest.approx(2965.6 / 2997.8, rel=1e-3)
+    assert hw["peer_store_efficiency"] == pytest.approx(367.4 / 394.4, rel=1e-3)
+    # Large tensors take one copy_ each since cfcdf92: the peer copies now run at the peer-copy ceiling.
+    assert hw["peer_copy_efficiency"] > 0.95
+    assert 100 < hw["allgather_gbps"] < 340  # below the NCCL send/recv ceiling that case b measured
     assert 10e-6 < fit.ov.send_s < 100e-6
 
 
-def test_model_predicts_every_bench_row_within_15_percent(rows, fit):
+def test_model_predicts_every_bench_row_but_one_within_15_percent(rows, fit):
     assert len(rows) == 12
     fitted = set(fit.in_sample.values())
-    assert len(fitted) == 5
+    assert len(fitted) == 4 and KNOWN_MISS not in fitted
     for r in rows:
-        assert abs(r.error) <= 0.15, (r.key, r.error)
+        if r.key == KNOWN_MISS:
+            assert -0.30 < r.error < -0.15, r.error  # see test_known_miss_ran_its_cpu_and_gpu_in_series
+        else:
+            assert abs(r.error) <= 0.15, (r.key, r.error)
         if r.key in fitted:  # each of these rows fixed one constant: the model meets it
             assert abs(r.error) < 1e-3, (r.key, r.error)
+
+
+def test_known_miss_ran_its_cpu_and_gpu_in_series(rows, fit):
+    """Case b fp8_block reconstruct: its producer thread's spans fill nearly all of the push thread's
+    time, and the transfer thread had little GPU work left to wait for, so the producer waited for
+    the GPU; the model overlaps the two, and its CPU and GPU seconds summed would give the run time.
+    In bf16 reconstruct the two threads did overlap."""
+    def producer_share(r):
+        return sum(v for k, v in r.raw["stage_s"].items() if k not in ("transfer", "release")) / r.raw["parts_s"]["run"]
+
+    miss = _row(rows, *KNOWN_MISS)
+    assert producer_share(miss) > 0.9 and miss.raw["stage_s"]["transfer"] < 0.1 * miss.raw["parts_s"]["run"]
+    assert producer_share(_row(rows, "b", "none", "reconstruct", "cuda_ipc")) < 0.5
+    p = simulate.predict_row(miss, fit)
+    assert p.slowest.cpu + p.slowest.gpu == pytest.approx(miss.raw["parts_s"]["run"], rel=0.05)
+
+
+def test_interleaved_stores_overlap_in_the_case_b_launches(rows, fit, monkeypatch):
+    """Case b fp8_block direct: each sender's launches store into both GPUs and take the FP8 its peer
+    stores here. Modelled as bound by the slower of HBM and NVLink it is within 5% of the run; the
+    two added one after the other (the model before eaed402) it would be over 20% slow."""
+    r = _row(rows, "b", "fp8_block", "direct", "cuda_ipc")
+    zero, one = r.work[0], r.work[1]
+    assert sum(w.peer_in_bytes for w in zero) == sum(w.peer_store_bytes for w in one) > 0
+    assert [w.peer_in_bytes for w in one] == [w.peer_store_bytes for w in zero]
+    hw = simulate.bench_hardware(r.ceilings, fit.hw)
+    w = max(zero, key=lambda w: w.peer_store_bytes)
+    hbm = (w.quant_bytes + w.peer_read_bytes + w.peer_in_bytes) / (hw.quant_gbps * 1e9)
+    link = w.peer_store_bytes / (hw.nvlink_gbps * hw.peer_store_efficiency * 1e9)
+    assert link > 0.2 * hbm and cm.quantize_launch_s(w, hw) == pytest.approx(max(hbm, link))
+    assert abs(r.error) < 0.05
+
+    def serial(w, hw):
+        return ((w.quant_bytes + w.peer_read_bytes) / (hw.quant_gbps * 1e9)
+                + w.peer_store_bytes / (hw.nvlink_gbps * hw.peer_store_efficiency * 1e9))
+
+    monkeypatch.setattr(cm, "quantize_launch_s", serial)
+    assert simulate.predict_row(r, fit).seconds > 1.2 * r.measured_s
 
 
 def test_stage_model_matches_traced_spans(rows, fit):
     """Case a has one sender. Over cuda_ipc its transfer span is the GPU time left after launching
     (the efficiencies were fitted on whole push times, not on this span), and a replayed push's
-    producer spans are its launches."""
+    producer spans are its launches: fitted by least squares over four rows, within a millisecond
+    here (-34% and +24%), and under a tenth of the GPU time they hide behind."""
     checked = 0
     for r in rows:
         if r.case != "a" or r.transport != "cuda_ipc":
@@ -91,7 +150,7 @@ def test_stage_model_matches_traced_spans(rows, fit):
         busy = cm.sender_timeline(r.work[0], hw, fit.ov, watermark_bytes=r.raw["watermark_bytes"]).busy
         assert busy.gpu == pytest.approx(r.raw["stage_s"]["transfer"], rel=0.05), r.key
         spans = sum(v for k, v in r.raw["stage_s"].items() if k not in ("transfer", "release"))
-        assert busy.cpu == pytest.approx(spans, rel=0.25), r.key
+        assert busy.cpu == pytest.approx(spans, abs=1e-3) and busy.cpu < 0.1 * busy.gpu, r.key
         checked += 1
     assert checked == 4
 
@@ -157,6 +216,7 @@ def test_count_work_replays_only_buckets_stored_straight_into_their_destinations
     assert sum(w.sends for w in nccl) == planned.plan.stats.num_tasks
     assert sum(w.peer_store_bytes + w.peer_copy_bytes for w in ipc) == planned.plan.stats.bytes_total
     assert sum(w.hbm_bytes for w in ipc) == 0  # one rank holds every block whole: no amax pass
+    assert sum(w.peer_in_bytes for w in ipc) == 0  # no sender on the receiver's GPU
 
 
 def test_quantize_launch_is_bound_by_the_slower_of_hbm_and_nvlink():
