@@ -264,7 +264,10 @@ class GroupedCells:
                 programs = self._programs[key]
                 counts = torch.tensor([r[-1] for r in rows[1:]] + [programs]) - table[:, -1]
                 row_of = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), counts)
-                order = interleaved_order(torch.repeat_interleave(torch.tensor(self._remote[key]), counts))
+                remote = self._remote[key]
+                # Per program only where the launch mixes both kinds: staged pushes pack afresh every time.
+                order = (interleaved_order(torch.repeat_interleave(torch.tensor(remote), counts))
+                         if 0 < sum(remote) < len(remote) else None)
                 if self.device.type == "cuda":
                     table = table.pin_memory().to(self.device, non_blocking=True)
                     row_of = row_of.pin_memory().to(self.device, non_blocking=True)
