@@ -11,6 +11,7 @@ from fsdp_sync import expected_destinations, mismatches
 from recipes.jobs import free_port, spawn_context, start_job, unpack
 from tests import sync_workers
 from tests.sync_workers import Case
+from tests.timeouts import scaled
 
 QUANTS = ("none", "fp8_block", "fp8_rowwise", "fp8_tensor")
 MODES = ("direct", "reconstruct")
@@ -33,6 +34,7 @@ def run_cases(cases: list[Case], *, num_senders: int, num_receivers: int, timeou
                        gpu_offset=receiver_gpu_offset)
     out: dict = {}
     finished: dict[str, int] = defaultdict(int)
+    timeout_s = scaled(timeout_s)
     deadline = time.monotonic() + timeout_s
     try:
         while finished["trainer"] < num_senders or finished["receiver"] < num_receivers:

@@ -11,6 +11,7 @@ import torch
 from fsdp_sync import SyncConfig
 from recipes.jobs import free_port, spawn_context, start_job, unpack
 from tests import commit_workers
+from tests.timeouts import scaled
 
 
 def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = False, trainers: int = 2,
@@ -18,14 +19,14 @@ def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = 
          watermark_mb: float = 256.0) -> dict:
     """With ``gpu``, trainer rank r runs on GPU r and the engine on the last GPU."""
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"torn-{transport}", transport=transport,
-                     timeout_s=timeout_s, watermark_mb=watermark_mb)
+                     timeout_s=scaled(timeout_s), watermark_mb=watermark_mb)
     ctx = spawn_context()
     results = ctx.Queue()
     procs = start_job(ctx, trainer, trainers, results, cfg, num_versions, kill_at, gpu,
                       gpu_offset=0 if gpu else None)
     procs += start_job(ctx, engine, 1, results, cfg, num_versions, kill_at, gpu,
                        gpu_offset=-1 if gpu else None)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + scaled(240)
     try:
         while time.monotonic() < deadline:
             try:
@@ -37,7 +38,7 @@ def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = 
                 return unpack(payload)
             if status == "error" and not kill_at:
                 raise AssertionError(f"{name} rank {rank}: {payload}")
-        raise TimeoutError("the engine did not finish")
+        raise TimeoutError(f"the engine did not finish within {scaled(240):.0f}s")
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from fsdp_sync import SyncConfig
 from recipes.config_store import SYNC_GROUPS, GRPOJob, register_configs, to_job
+from tests.timeouts import scaled
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml"))
@@ -83,7 +84,7 @@ def test_bad_values_fail_in_the_dataclasses(overrides, match):
 
 def test_the_cli_takes_overrides():
     out = subprocess.run([sys.executable, "-m", "recipes.grpo", "--cfg", "job", "quant=fp8_block", "transport=shm",
-                          "recipe.steps=7"], capture_output=True, text=True, timeout=120, cwd=CONF.parent)
+                          "recipe.steps=7"], capture_output=True, text=True, timeout=scaled(120), cwd=CONF.parent)
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert (cfg.sync.quant, cfg.sync.transport, cfg.recipe.steps) == ("fp8_block", "shm", 7)
@@ -91,4 +92,4 @@ def test_the_cli_takes_overrides():
 
 def test_the_library_does_not_import_hydra():
     code = "import sys, fsdp_sync; sys.exit(any(m in sys.modules for m in ('hydra', 'omegaconf')))"
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], timeout=scaled(120)).returncode == 0

@@ -8,6 +8,7 @@ import torch
 from fsdp_sync import LayoutSpec, SyncConfig, expected_destinations, mismatches
 from recipes.jobs import free_port, next_message, spawn_context, start_job, unpack
 from tests import consumer_workers
+from tests.timeouts import scaled
 
 
 def _run(cfg: SyncConfig, trainer, engine) -> tuple:
@@ -18,7 +19,7 @@ def _run(cfg: SyncConfig, trainer, engine) -> tuple:
     got = {}
     try:
         while len(got) < 3:
-            name, rank, _status, payload = next_message(results, procs, 120)
+            name, rank, _status, payload = next_message(results, procs, scaled(120))
             got[(name, rank)] = payload
     finally:
         for p in procs:
@@ -31,7 +32,7 @@ def _run(cfg: SyncConfig, trainer, engine) -> tuple:
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
 def test_logits_match_the_fsdp_trainer_exactly(transport):
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"consumer-{transport}", transport=transport,
-                     timeout_s=60)
+                     timeout_s=scaled(60))
     trained, served = _run(cfg, consumer_workers.trainer, consumer_workers.engine)
     assert served.shape == trained.shape
     assert torch.equal(served, trained)
@@ -45,7 +46,7 @@ def test_transformers_fp8_model_receives_block_fp8():
     The 99% / 3% bound is for a real model with the GPU FP8 matmul, not run here.
     """
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job="consumer-fp8", transport="shm", quant="fp8_block",
-                     timeout_s=60)
+                     timeout_s=scaled(60))
     trained, served = _run(cfg, consumer_workers.trainer_with_weights, consumer_workers.fp8_engine)
     want = expected_destinations(trained["full"], layout=LayoutSpec("identity"), quant="fp8_block")
     assert mismatches(served["params"], want) == []

@@ -11,13 +11,15 @@ import torch
 
 from recipes.grpo_loss import group_advantages
 from recipes.grpo_task import Addition, decode
+from tests.timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _grpo(tmp_path: Path, *overrides: str) -> tuple[list[dict], str]:
-    command = [sys.executable, "-m", "recipes.grpo", "recipe=smoke", f"hydra.run.dir={tmp_path}", *overrides]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    command = [sys.executable, "-m", "recipes.grpo", "recipe=smoke", f"hydra.run.dir={tmp_path}",
+               f"recipe.timeout_s={scaled(120)}", f"pipeline.timeout_s={scaled(60)}", *overrides]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=scaled(240), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert (tmp_path / "grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

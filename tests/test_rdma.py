@@ -37,6 +37,7 @@ from fsdp_sync.transport.rdma_wr import (NUM_SLOTS, Arrivals, Region, RegionTabl
                                          build_schedule, contiguous_runs, fill_slot, imm_of, unwrap_imm)
 from fsdp_sync.boxes import Box
 from tests.planner_fixtures import receivers_for, sources_on
+from tests.timeouts import scaled
 
 WHEEL_PLATFORM = platform.machine() == "x86_64" and sys.version_info < (3, 13)  # where pyverbs 56.0rc1 has wheels
 
@@ -181,8 +182,8 @@ def test_rdma_is_a_registered_transport():
 @pytest.fixture
 def control():
     port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
-    yield ControlPlane(store, "rdma-test", timeout_s=5.0)
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=scaled(10)), wait_for_workers=False)
+    yield ControlPlane(store, "rdma-test", timeout_s=scaled(5.0))
 
 
 def test_no_device_is_a_clear_error_on_both_sides(control):
@@ -367,7 +368,7 @@ def test_endpoints_meet_through_the_store(control):
 
     def receiver() -> None:
         publish(control, fp, RECV, recv_ep)
-        got["senders"] = wait_endpoints(control, fp, SEND, [0, 1], timeout_s=5)
+        got["senders"] = wait_endpoints(control, fp, SEND, [0, 1], timeout_s=scaled(5))
         control.set(connected_key(fp, 0), True)
 
     thread = threading.Thread(target=receiver)
@@ -375,7 +376,7 @@ def test_endpoints_meet_through_the_store(control):
     for s in (0, 1):
         time.sleep(0.05)  # the receiver waits for senders that come late
         publish(control, fp, SEND, Endpoint(s, f"mlx5_0:1@train{s}", "InfiniBand", {0: QpEndpoint(20 + s, 3, 6, "fe80::2", 4)}))
-    peers = wait_endpoints(control, fp, RECV, [0], timeout_s=5)
+    peers = wait_endpoints(control, fp, RECV, [0], timeout_s=scaled(5))
     thread.join(5)
     assert peers == {0: recv_ep}
     assert {s: e.qps[0].qpn for s, e in got["senders"].items()} == {0: 20, 1: 21}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import replace
 
 import pytest
@@ -249,15 +248,13 @@ def test_training_layout_holds_whole_experts_and_shards_the_rest_in_a_node():
 
 
 def test_small_kimi_plans_at_full_rank_count_and_the_receive_link_binds():
-    """Four Kimi-K2 layers, 256 -> 128 (EP 32 x 4): planned and predicted in a few seconds."""
+    """Four Kimi-K2 layers, 256 -> 128 (EP 32 x 4): planned and predicted (planning time: recipes.simulate)."""
     sources, hosts = sm.training_sources("kimi_k2", sm.Training(), num_layers=4)
     receivers = sm.receivers_for("kimi_k2", sources, sm.inference_layout("ep32", 128), quant="fp8_block")
     hw = cm.Hardware()
     devices = [f"gpu{r}" for r in range(256)]
-    started = time.perf_counter()
     plan = build_plan(sources, receivers, sender_hosts=hosts, mode="direct", links=hw.links(),
                       watermark_bytes=1 << 31, sender_devices=devices)
-    assert time.perf_counter() - started < 20
     ov = cm.Overheads(bucket_s=3e-4, launch_s=2e-6, task_s=6e-6, quant_task_s=90e-6, amax_param_s=50e-6, push_s=0.003)
     work = cm.count_work(plan, sources, receivers, sender_hosts=hosts, sender_devices=devices)
     nic_in = cm.receive_nic_bytes(plan, receivers, hosts)
