@@ -17,12 +17,12 @@ if _importlib_util.find_spec(__name__ + ".kernels") is None:
 
 from .config import LinkModel, SyncConfig
 from .destinations import allocate_destinations, expected_destinations, mismatches
-from .errors import PlanError, SyncError, SyncTimeout
+from .errors import PlanError, SyncError, SyncTimeout, TrainerGone
 from .meta import LayoutSpec
 from .receiver import WeightReceiver
 from .sender import PushHandle, PushResult, WeightSender
 
 __all__ = [
     "LayoutSpec", "LinkModel", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError", "SyncTimeout",
-    "WeightReceiver", "WeightSender", "allocate_destinations", "expected_destinations", "mismatches",
+    "TrainerGone", "WeightReceiver", "WeightSender", "allocate_destinations", "expected_destinations", "mismatches",
 ]

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from .quant import DEFAULT_QUANT_SKIP, QUANT_FORMATS
 
+# Bumped whenever what the two jobs exchange on the control plane changes meaning.
+PROTOCOL_VERSION = 2
+SHARED_SETTINGS = ("quant", "mode")  # SyncConfig fields both jobs must set alike
 MODES = ("direct", "reconstruct")
 TRANSPORTS = ("auto", "gloo", "shm", "cuda_ipc", "nccl", "rdma")  # see fsdp_sync.transport
 # auto: grouped Triton launches on GPU, the torch reference on CPU. grouped / per_box force
@@ -44,6 +47,9 @@ class SyncConfig:
     transport: str = "gloo"
     watermark_mb: float = 256.0  # bound on a sender's temporary bytes in flight
     timeout_s: float = 120.0  # any wait on a peer longer than this is an error
+    # Reaching the control-plane store (a receiver may start before the trainer hosts it).
+    # Apart from timeout_s: a push's short deadline must not make connecting fail on a busy host.
+    connect_timeout_s: float = 60.0
     wait_for_receivers: bool = True  # push().wait() returns once every receiver committed
     trace_dir: str | None = None  # write a Chrome trace of each push per rank here
     fused_writes: bool = True  # one-sided transports: kernels store straight into the destination
@@ -61,14 +67,19 @@ class SyncConfig:
             raise ValueError(f"SyncConfig.kernels={self.kernels!r} is not one of {list(KERNELS)}")
         if self.watermark_mb <= 0:
             raise ValueError(f"SyncConfig.watermark_mb must be > 0, got {self.watermark_mb}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"SyncConfig.timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SyncConfig.{name} must be > 0, got {getattr(self, name)}")
         host, sep, port = self.control.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"SyncConfig.control={self.control!r} must be host:port")
         if isinstance(self.links, dict):
             self.links = LinkModel(**self.links)
         self.quant_skip = tuple(self.quant_skip)
+
+    def shared_settings(self) -> dict[str, object]:
+        """What a receiver registers and the controller compares with its own, before planning."""
+        return {"protocol": PROTOCOL_VERSION, **{name: getattr(self, name) for name in SHARED_SETTINGS}}
 
     @property
     def control_host(self) -> str:

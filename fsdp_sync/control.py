@@ -34,6 +34,7 @@ class ControlPlane:
 
     def __init__(self, store: dist.Store, job: str, timeout_s: float):
         self.root = store
+        self.job = job
         self.store = dist.PrefixStore(f"fsdp_sync/{job}/", store)
         self.timeout_s = timeout_s
         self.poll_max_s = _POLL_MAX_S
@@ -43,15 +44,19 @@ class ControlPlane:
         self.poll_max_s = min(_POLL_MAX_S, max(_POLL_FLOOR_S, count / _CHECKS_PER_S))
 
     @classmethod
-    def connect(cls, config: SyncConfig, *, serve: bool) -> "ControlPlane":
-        """Open the store at ``config.control``; ``serve`` hosts it (the trainer's rank 0)."""
+    def connect(cls, config: SyncConfig, *, serve: bool, connect_timeout_s: float | None = None) -> "ControlPlane":
+        """Open the store at ``config.control``; ``serve`` hosts it (the trainer's rank 0).
+
+        A client retries for ``connect_timeout_s`` (default ``SyncConfig.connect_timeout_s``)."""
+        timeout = config.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
         try:
             store = dist.TCPStore(config.control_host, config.control_port, is_master=serve,
-                                  timeout=timedelta(seconds=config.timeout_s), wait_for_workers=False)
+                                  timeout=timedelta(seconds=timeout), wait_for_workers=False)
         except (RuntimeError, dist.DistStoreError) as e:
             role = "host" if serve else "reach"
+            first = (str(e).strip().splitlines() or [""])[0]  # the rest is C++ frames
             raise SyncError(f"cannot {role} the control plane at {config.control} "
-                            f"(SyncConfig.control): {e}") from e
+                            f"(SyncConfig.control) within {timeout:.0f}s: {first}") from e
         return cls(store, config.job, config.timeout_s)
 
     # -- values -------------------------------------------------------------------------
@@ -154,6 +159,7 @@ def recv_meta_key(rank: int) -> str:
 RECV_COUNT = "recv/count"
 RECV_EPOCH = "recv/epoch"
 PUSH_LATEST = "push/latest"
+CLOSED = "closed"  # announced as a push by a closing trainer: its receivers stop waiting for it
 PUSH_FAILURES = "push/failures"  # pushes that failed somewhere: transports are rebuilt after one
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 from .config import SyncConfig
 from .control import (PUSH_FAILURES, RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, plan_sender_key,
                       recv_meta_key, sender_host_key)
+from .errors import PlanError
 from .meta import ReceiverMeta, SourceParam
 from .plan import Plan
 from .planner import build_plan
@@ -39,6 +40,7 @@ class Controller:
             if (sources_key, epoch) == self.plan_key:
                 return self.plan, failures
         receivers = self._receivers()
+        check_shared_settings(self.config, receivers)
         key = (sources_key, self.control.add(RECV_EPOCH, 0))
         places = self._sender_places()
         plan = build_plan(sources(), receivers, sender_hosts=[h for h, _ in places], mode=self.config.mode,
@@ -70,3 +72,24 @@ class Controller:
         self.control.wait(keys, describe=lambda ks: f"sender ranks {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} to start")
         return [self.control.get(k) for k in keys]
 
+
+
+def check_shared_settings(config: SyncConfig, receivers: list[ReceiverMeta]) -> None:
+    """Refuse, before planning, receivers whose shared settings differ from the trainer's.
+
+    A receiver built with ``quant="none"`` beside a trainer's ``fp8_block`` would otherwise
+    take full-precision bytes without a word; every such difference is named with both values.
+    """
+    ours = config.shared_settings()
+    problems = []
+    for name, value in ours.items():
+        theirs: dict[object, list[int]] = {}
+        for meta in receivers:
+            got = meta.settings.get(name, "<unset: an older fsdp_sync>")
+            if got != value:
+                theirs.setdefault(got, []).append(meta.rank)
+        for got, ranks in theirs.items():
+            what = "the control-plane protocol" if name == "protocol" else f"SyncConfig.{name}"
+            problems.append(f"{what} is {value!r} on the trainer but {got!r} on receiver ranks {ranks}")
+    if problems:
+        raise PlanError("the trainer and the inference job must share these settings: " + "; ".join(problems))

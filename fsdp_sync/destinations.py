@@ -13,22 +13,32 @@ from typing import Mapping, Sequence
 import torch
 
 from .layouts import make_layout
-from .meta import LayoutSpec, SourceParam
+from .meta import LayoutSpec, SourceParam, as_layout_spec, with_tp_defaults
 from .quant import DEFAULT_QUANT_SKIP, get_quant_format, reference_quantize, scale_name, should_quantize
+from .world import job_rank_and_size
 
 
 def _pieces(name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: LayoutSpec):
     return make_layout(layout).pieces(SourceParam(name, tuple(shape), dtype, ()))
 
 
-def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dtype]], *, layout: LayoutSpec,
-                          quant: str = "none", quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP,
+def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dtype] | torch.Tensor], *,
+                          layout: LayoutSpec | str, layout_kwargs: dict | None = None, quant: str = "none",
+                          quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP,
                           device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Empty destination tensors (and FP8 scale tensors) for sources given as name -> (shape, dtype)."""
+    """Empty destination tensors (and FP8 scale tensors) for sources given as name -> (shape, dtype)
+    or name -> tensor (e.g. a model's state_dict, read for shapes and dtypes only).
+
+    ``layout`` is a LayoutSpec, or a layout name with ``layout_kwargs``, as WeightReceiver takes it;
+    a TP layout given neither ``tp_rank`` nor ``tp_size`` slices this process's job world, as the
+    receiver will (torchrun's RANK and WORLD_SIZE).
+    """
+    layout = with_tp_defaults(as_layout_spec(layout, layout_kwargs), *job_rank_and_size())
     fmt = get_quant_format(quant)
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for name, (shape, dtype) in sources.items():
+    for name, source in sources.items():
+        shape, dtype = (tuple(source.shape), source.dtype) if isinstance(source, torch.Tensor) else source
         quantized = fmt.is_quantized and should_quantize(name, shape, quant_skip)
         for piece in _pieces(name, shape, dtype, layout):
             ends = shapes.setdefault(piece.dst, [0] * len(piece.dst_box.ends))
@@ -47,9 +57,11 @@ def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dty
     return out
 
 
-def expected_destinations(full: Mapping[str, torch.Tensor], *, layout: LayoutSpec, quant: str = "none",
+def expected_destinations(full: Mapping[str, torch.Tensor], *, layout: LayoutSpec | str,
+                          layout_kwargs: dict | None = None, quant: str = "none",
                           quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP) -> dict[str, torch.Tensor]:
     """What a receiver must hold after a push of the full tensors ``full``: the reference, sliced."""
+    layout = as_layout_spec(layout, layout_kwargs)
     fmt = get_quant_format(quant)
     shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
     device = next(iter(full.values())).device if full else "cpu"

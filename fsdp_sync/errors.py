@@ -11,3 +11,8 @@ class PlanError(ValueError):
 
 class SyncTimeout(SyncError, TimeoutError):
     """A peer did not answer within the configured timeout."""
+
+
+class TrainerGone(SyncError):
+    """The trainer job closed, or its control plane went away; the receiver keeps its last version
+    and re-registers when a trainer comes back."""

@@ -51,6 +51,29 @@ class LayoutSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# Layouts that slice for tensor parallelism: tp_rank/tp_size default to the receiver's rank and world.
+TP_LAYOUTS = ("hf_tp", "vllm", "sglang")
+
+
+def as_layout_spec(layout: "LayoutSpec | str", kwargs: dict[str, Any] | None = None) -> LayoutSpec:
+    """A LayoutSpec from either a spec or a layout name with its kwargs (not both kinds of kwargs)."""
+    if isinstance(layout, LayoutSpec):
+        if kwargs:
+            raise ValueError(f"layout is a LayoutSpec ({layout.name!r}) and layout_kwargs were given too: "
+                             "put the kwargs in the LayoutSpec")
+        return layout
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be a layout name or a LayoutSpec, got {type(layout).__name__}")
+    return LayoutSpec(layout, dict(kwargs or {}))
+
+
+def with_tp_defaults(spec: LayoutSpec, rank: int, world_size: int) -> LayoutSpec:
+    """A TP layout given neither tp_rank nor tp_size slices the receiver's world: rank of world_size."""
+    if spec.name not in TP_LAYOUTS or "tp_rank" in spec.kwargs or "tp_size" in spec.kwargs:
+        return spec
+    return LayoutSpec(spec.name, {**spec.kwargs, "tp_rank": rank, "tp_size": world_size})
+
+
 @dataclass(frozen=True)
 class ReceiverMeta:
     """What a receiver rank registers on the control plane."""
@@ -63,6 +86,7 @@ class ReceiverMeta:
     transport_info: dict[str, Any] = field(default_factory=dict)
     gated: bool = False  # senders must wait for this receiver's ready key before writing
     device: str = ""  # GPU UUID (or "" on CPU): tells the planner which pairs share a device
+    settings: dict[str, Any] = field(default_factory=dict)  # SyncConfig settings both sides must share
 
 
 def device_id(device: torch.device) -> str:

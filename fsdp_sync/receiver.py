@@ -24,20 +24,22 @@ import time
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .claims import RankClaim
 from .config import SyncConfig
-from .control import (PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
+from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
                       push_key, ready_key, recv_meta_key)
-from .errors import PlanError, SyncError, SyncTimeout
-from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors, device_id
+from .errors import PlanError, SyncError, SyncTimeout, TrainerGone
+from .meta import LayoutSpec, ReceiverMeta, as_layout_spec, clean_name, dest_tensors, device_id, with_tp_defaults
 from .plan import ReceiverPlan
 from .transport import get_transport
+from .world import job_rank_and_size
 
 log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.005  # how late an idle receiver may notice a push
 _IDLE_POLL_MIN_S = 0.00005  # right after a push it looks again soon: back-to-back pushes
+_RECONNECT_MIN_S, _RECONNECT_MAX_S = 0.2, 5.0  # backoff while no trainer hosts the control plane
 COMMIT_MODES = ("in_place", "staged")
 
 
@@ -45,7 +47,7 @@ class WeightReceiver:
     """Receives pushed weights into ``module_or_tensors`` (an nn.Module or a dict of named tensors)."""
 
     def __init__(self, module_or_tensors: nn.Module | dict[str, torch.Tensor], *, config: SyncConfig,
-                 layout: str = "identity", layout_kwargs: dict | None = None, rank: int | None = None,
+                 layout: str | LayoutSpec = "identity", layout_kwargs: dict | None = None, rank: int | None = None,
                  world_size: int | None = None, host: str | None = None, commit: str = "in_place",
                  pause: Callable[[], None] | None = None, resume: Callable[[], None] | None = None):
         if commit not in COMMIT_MODES:
@@ -55,7 +57,8 @@ class WeightReceiver:
         self.config = config
         self.commit_mode = commit
         self._pause, self._resume = pause, resume
-        self.rank, self.world_size = _rank_and_size(rank, world_size)
+        self.rank, self.world_size = job_rank_and_size(rank, world_size)
+        self.layout = with_tp_defaults(as_layout_spec(layout, layout_kwargs), self.rank, self.world_size)
         self.host = host or socket.gethostname()
         live = _named_tensors(module_or_tensors)
         if config.transport == "auto":
@@ -78,15 +81,14 @@ class WeightReceiver:
         gated = commit == "staged" or pause is not None
         devices = {t.device for t in staging.values()}
         self.meta = ReceiverMeta(self.rank, self.host, dest_tensors(staging.items()),
-                                 LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info, gated,
-                                 device_id(next(iter(devices))) if len(devices) == 1 else "")
-        self.control = ControlPlane.connect(config, serve=False)
-        self._seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
-        # Epoch first: once the controller sees every meta, every epoch bump is counted.
-        self.control.add(RECV_EPOCH, 1)
-        self.control.set(recv_meta_key(self.rank), self.meta)
-        if self.rank == 0:
-            self.control.set(RECV_COUNT, self.world_size)
+                                 self.layout, config.quant, info, gated,
+                                 device_id(next(iter(devices))) if len(devices) == 1 else "",
+                                 config.shared_settings())
+        self.control: ControlPlane | None = None
+        self._claim: RankClaim | None = None
+        self._register(ControlPlane.connect(config, serve=False))
+        self._gone: str | None = None  # why no trainer is there now (closed, or its store went away)
+        self._backoff = _RECONNECT_MIN_S
         self.version: int | None = None  # the version the engine sees in self.tensors
         self.landed_version: int | None = None  # the newest version whose every byte landed
         self._staging_lock = threading.Lock()  # held while a push writes or commit() reads staging
@@ -101,41 +103,60 @@ class WeightReceiver:
         self._thread = threading.Thread(target=self._loop, name=f"fsdp_sync-recv-{self.rank}", daemon=True)
         self._thread.start()
 
+    def _register(self, control: ControlPlane) -> None:
+        """Claim this rank on ``control`` and publish the metadata the controller plans from."""
+        claim = RankClaim(control, self.rank)
+        self.control, self._claim = control, claim
+        self._seq = control.get(PUSH_LATEST) if control.has(PUSH_LATEST) else 0
+        # Epoch first: once the controller sees every meta, every epoch bump is counted.
+        control.add(RECV_EPOCH, 1)
+        control.set(recv_meta_key(self.rank), self.meta)
+        if self.rank == 0:
+            control.set(RECV_COUNT, self.world_size)
+
     def wait_for(self, version: int | None = None, timeout: float | None = None) -> int:
-        """Block until ``version`` (default: any version newer than now) has landed; return it.
+        """The newest landed version once it is at least ``version``; with no ``version``, the
+        newest landed one, waiting only until a first version landed.
 
         In ``in_place`` mode a landed version is the one the engine sees; in ``staged``
         mode call ``commit()`` to make it so. Raises the error of a failed push (the
-        version did not move), or SyncTimeout.
+        version did not move), TrainerGone at once while no trainer is there to push the
+        version asked for, or SyncTimeout after ``timeout`` (default ``SyncConfig.timeout_s``).
         """
         timeout = self.config.timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._cond:
-            start = self.landed_version
             while True:
                 if self._error is not None:
                     error, self._error = self._error, None
                     raise error
+                if self._claim is not None and self._claim.contested:
+                    contested, self._claim.contested = self._claim.contested, None
+                    raise SyncError(f"receiver rank {self.rank} of job {self.config.job!r} was refused to a second "
+                                    f"process ({contested}): give each process of the inference job its own rank")
                 current = self.landed_version
-                if current is not None:
-                    if version is not None and current >= version:
-                        return current
-                    if version is None and (start is None or current > start):
-                        return current
+                if current is not None and (version is None or current >= version):
+                    return current
+                want = "a first version" if version is None else f"version {version}"
+                if self._gone is not None:
+                    raise TrainerGone(f"receiver {self.rank}: no {want}: {self._gone} (have {current})")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    want = "a new version" if version is None else f"version {version}"
                     raise SyncTimeout(f"receiver {self.rank}: no {want} within {timeout:.1f}s (have {current})")
                 self._cond.wait(min(left, 0.1))
 
     def commit(self) -> int | None:
         """Staged mode: make the newest landed version the live one; returns the live version.
 
-        Waits while a push is writing the shadow copy, since what it holds is then partial.
+        Never waits for a push: while one writes the shadow copy (what it holds is then
+        partial), the live version stays and is returned at once; the next call after
+        that push landed makes it live. Safe to call between every pair of forward passes.
         """
         if self.commit_mode != "staged":
             raise RuntimeError("commit() is for commit='staged'; in_place versions are live once landed")
-        with self._staging_lock:
+        if not self._staging_lock.acquire(blocking=False):
+            return self.version
+        try:
             landed = self.landed_version
             if self._staging_valid and landed is not None and (self.version is None or landed > self.version):
                 for name, live in self.tensors.items():
@@ -143,6 +164,8 @@ class WeightReceiver:
                 with self._cond:
                     self.version = landed
                     self._cond.notify_all()
+        finally:
+            self._staging_lock.release()
         return self.version
 
     def close(self) -> None:
@@ -150,6 +173,8 @@ class WeightReceiver:
         self._thread.join(timeout=5)
         if self._transport is not None:
             self._transport.close()
+        if self._claim is not None:
+            self._claim.release()
         from .transport.shm import remove_files
 
         remove_files(self._transport_info)
@@ -158,6 +183,9 @@ class WeightReceiver:
     def _loop(self) -> None:
         pause = _IDLE_POLL_MIN_S
         while not self._stop.is_set():
+            if self.control is None:
+                self._reconnect()
+                continue
             seq = self._seq + 1
             try:
                 if not self.control.has(push_key(seq)):
@@ -170,7 +198,10 @@ class WeightReceiver:
             except BaseException as e:  # noqa: BLE001 - handed to wait_for
                 if self._stop.is_set():
                     return
-                log.error("fsdp_sync receiver %d: %s", self.rank, e)
+                if not self._control_alive():
+                    self._lose_control(e)
+                    continue
+                log.error("fsdp_sync receiver %d: %s", self.rank, _first_line(e))
                 try:
                     if not isinstance(e, PlanError):  # a refused plan moved no bytes
                         self.control.record_failure(seq)
@@ -180,8 +211,6 @@ class WeightReceiver:
                 with self._cond:
                     self._error = e
                     self._cond.notify_all()
-                if not self._control_alive():
-                    return
 
     def _control_alive(self) -> bool:
         try:
@@ -190,8 +219,60 @@ class WeightReceiver:
         except Exception:  # noqa: BLE001 - any failure means the store is unreachable
             return False
 
+    def _lose_control(self, error: BaseException) -> None:
+        """The store went away: keep the last version, drop what belonged to that trainer, and
+        look for the next one. A push cut short by it fails like any other."""
+        with self._cond:
+            if self._gone is None:
+                self._gone = f"the trainer's control plane at {self.config.control} went away ({_first_line(error)})"
+                log.warning("fsdp_sync receiver %d: %s; serving version %s and reconnecting", self.rank,
+                            self._gone, self.version)
+            self._cond.notify_all()
+        self._drop_trainer()
+
+    def _drop_trainer(self) -> None:
+        if self._transport is not None:
+            try:
+                self._transport.close()
+            except Exception:  # noqa: BLE001 - its peers are gone
+                pass
+            self._transport = None
+        if self._claim is not None:
+            self._claim.release()
+        self._plan, self._claim, self.control = None, None, None
+        self._backoff = _RECONNECT_MIN_S
+
+    def _reconnect(self) -> None:
+        """Once a trainer hosts the control plane again, claim this rank and register there."""
+        if self._stop.wait(self._backoff):
+            return
+        self._backoff = min(self._backoff * 2, _RECONNECT_MAX_S)
+        try:
+            control = ControlPlane.connect(self.config, serve=False, connect_timeout_s=self._backoff)
+        except SyncError:
+            return  # nobody hosts it yet
+        try:
+            self._register(control)
+        except Exception as e:  # noqa: BLE001 - a duplicate rank, or the store went away again
+            log.error("fsdp_sync receiver %d: could not register again: %s", self.rank, _first_line(e))
+            with self._cond:
+                self._error = e if isinstance(e, SyncError) else TrainerGone(f"receiver {self.rank}: {e}")
+                self._cond.notify_all()
+            return
+        self._generation = 0
+        log.info("fsdp_sync receiver %d: registered with the trainer at %s again", self.rank, self.config.control)
+        with self._cond:
+            self._gone = None
+            self._cond.notify_all()
+
     def _land(self, seq: int) -> None:
         announced = self.control.get(push_key(seq))
+        if announced[0] == CLOSED:
+            with self._cond:
+                self._gone = f"the trainer closed (job {self.config.job!r})"
+                self._cond.notify_all()
+            log.info("fsdp_sync receiver %d: %s; serving version %s", self.rank, self._gone, self.version)
+            return
         if announced[0] == "error":
             raise PlanError(announced[1])
         _, version, fp, generation = announced
@@ -213,6 +294,8 @@ class WeightReceiver:
         if self.commit_mode == "staged":
             with self._staging_lock:
                 self._staging_valid = False  # partial until this push lands; a failure leaves it so
+                with self._cond:  # the shadow no longer holds the landed version: only the live one is left
+                    self.landed_version = self.version
                 self.control.set(ready_key(seq, self.rank), True)
                 self._transport.receive(seq, self.config.timeout_s)
                 self._landed(version, live=False)
@@ -254,16 +337,10 @@ class WeightReceiver:
             self._cond.notify_all()
 
 
-def _rank_and_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        if dist.is_initialized():
-            rank = dist.get_rank() if rank is None else rank
-            world_size = dist.get_world_size() if world_size is None else world_size
-        else:
-            rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"receiver rank {rank} is outside [0, world_size={world_size})")
-    return rank, world_size
+def _first_line(error: BaseException) -> str:
+    """An error's first line: torch's store errors carry pages of C++ frames after it."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def _named_tensors(module_or_tensors: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

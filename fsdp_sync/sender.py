@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .control import (ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
+from .control import (CLOSED, ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
                       recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
 from .controller import Controller
 from .errors import PlanError, SyncError, SyncTimeout
@@ -57,6 +57,7 @@ class PushHandle:
     _outcome: dict = field(default_factory=dict)
     _weights_ready: object = None  # a CUDA event after the step that produced these weights
     _after: Callable[[], None] | None = None
+    _on_result: Callable[["PushResult"], None] | None = None
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -70,6 +71,9 @@ class PushHandle:
         if self._after is not None:
             self._after()
             self._after = None
+        if self._on_result is not None:
+            self._on_result(self._outcome["result"])
+            self._on_result = None
         return self._outcome["result"]
 
 
@@ -104,6 +108,7 @@ class WeightSender:
         self._announced: int | None = None  # controller: the last push it announced with "go"
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
+        self._last_result: PushResult | None = None
         self._progress = progress
         self._pack_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._hooks: list = []
@@ -120,11 +125,17 @@ class WeightSender:
         """The newest push, also when attach() started it: its ``wait()`` gives the PushResult."""
         return self._inflight
 
+    @property
+    def last_result(self) -> PushResult | None:
+        """The PushResult of the newest push that was waited for (by you, or by attach's next
+        step); None before one was."""
+        return self._last_result
+
     def push(self, version: int | None = None) -> PushHandle:
-        """Start pushing the current weights as ``version`` (default: last + 1)."""
+        """Start pushing the current weights as ``version`` (default: the last pushed + 1, first 1)."""
         if self._inflight is not None and not self._inflight.done():
             self._inflight.wait()
-        version = (0 if self.version is None else self.version + 1) if version is None else int(version)
+        version = (1 if self.version is None else self.version + 1) if version is None else int(version)
         if self.version is not None and version <= self.version:
             raise ValueError(f"version {version} does not increase: version {self.version} was pushed already")
         seq = self.seq + 1
@@ -141,7 +152,7 @@ class WeightSender:
                                  f"{seq}: {e!r}")
             raise
         self.seq, self.version = seq, version
-        handle = PushHandle(version, seq)
+        handle = PushHandle(version, seq, _on_result=self._keep_result)
         if self._pack_stream is not None:
             handle._weights_ready = torch.cuda.Event()
             handle._weights_ready.record(torch.cuda.current_stream(self.device))
@@ -152,6 +163,9 @@ class WeightSender:
         handle._thread.start()
         self._inflight = handle
         return handle
+
+    def _keep_result(self, result: PushResult) -> None:
+        self._last_result = result
 
     def attach(self, optimizer: torch.optim.Optimizer, *, overlap: bool = False) -> None:
         """Push after every ``optimizer.step()``.
@@ -206,17 +220,19 @@ class WeightSender:
         self._leave_control_plane(wait_for_peers=not failed)
 
     def _leave_control_plane(self, *, wait_for_peers: bool) -> None:
-        """The rank hosting the store waits for every sender rank to close first.
+        """The controller waits for every sender rank to close, then tells the receivers.
 
-        Its exit takes the store down; a rank still reading its last acks would then fail
-        with a closed connection. After a failed push a peer may be dead, so the host
-        waits 2 s at most; otherwise a rank that never closes costs it one timeout.
+        When it hosts the store, its exit takes the store down: a rank still reading its
+        last acks would then fail with a closed connection. After a failed push a peer may
+        be dead, so it waits 2 s at most; otherwise a rank that never closes costs it one
+        timeout. The receivers hear "closed" as the next push: they keep their version and
+        stop waiting for this trainer.
         """
         try:
             self.control.set(sender_closed_key(self.rank), True)
         except Exception:  # noqa: BLE001 - the store is gone already: nobody is left to wait for us
             return
-        if not self._hosts_store:
+        if self.controller is None:
             return
         keys = [sender_closed_key(r) for r in range(self.world_size)]
         try:
@@ -225,6 +241,8 @@ class WeightSender:
                               describe=lambda missing: f"trainer ranks closing their senders ({missing})")
         except SyncTimeout as e:
             warnings.warn(f"fsdp_sync: closing the control plane anyway: {e}", stacklevel=3)
+        self.seq += 1
+        self.control.set_many({push_key(self.seq): (CLOSED,), PUSH_LATEST: self.seq})
         for key in keys:
             self.control.store.delete_key(key)
 

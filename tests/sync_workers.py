@@ -19,6 +19,7 @@ from torch import nn
 from fsdp_sync import LayoutSpec, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
 from recipes.jobs import pack
 from recipes.tiny_llama import apply_fsdp, build_model, param_shapes, tiny_llama_config
+from tests.timeouts import scaled
 
 DTYPE = torch.bfloat16
 
@@ -41,6 +42,9 @@ class Case:
     extra: dict = field(default_factory=dict)
     device: str = "cpu"  # "cuda": each process on its own GPU (see recipes.jobs.start_job)
     kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.timeout_s = scaled(self.timeout_s)  # once, in the test process: workers get the pickled value
 
     def config(self) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port}", job=self.name, quant=self.quant, mode=self.mode,
@@ -179,13 +183,13 @@ def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) ->
             barrier.wait(timeout=case.timeout_s)
         if case.extra.get("add_param"):
             try:
-                recv.wait_for(timeout=case.timeout_s)
+                recv.wait_for(case.versions + 1, timeout=case.timeout_s)  # the refused push raises here
                 results.put(("receiver", rank, case.name, "add_param", pack("no error")))
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("receiver", rank, case.name, "add_param", pack(f"{type(e).__name__}: {e}")))
             try:
                 results.put(("receiver", rank, case.name, "after_fix",
-                             pack(f"version {recv.wait_for(timeout=case.timeout_s)}")))
+                             pack(f"version {recv.wait_for(case.versions + 1, timeout=case.timeout_s)}")))
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 results.put(("receiver", rank, case.name, "after_fix", pack(f"{type(e).__name__}: {e}")))
         recv.close()

@@ -1,0 +1,42 @@
+"""A trainer job for the first-hour and fleet tests: pushes the versions it is told, waiting for
+the test between pushes when asked, then closes. Every weight of version v holds the value v."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fsdp_sync import SyncConfig, WeightSender
+
+
+def model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64)).to(torch.bfloat16)
+
+
+def trainer(rank: int, world_size: int, cfg: SyncConfig, versions: list[int], gate: str | None) -> str:
+    """Pushes ``versions``; before each one after the first, waits for the test to set key ``gate``/v."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    net = fully_shard(model(), mesh=init_device_mesh("cpu", (world_size,)))
+    sender = WeightSender(net, cfg)
+    outcome = []
+    for i, v in enumerate(versions):
+        if gate is not None and i > 0:
+            while not sender.control.has(f"{gate}/{v}"):
+                time.sleep(0.01)
+            dist.barrier()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.to_local().fill_(v)
+        try:
+            sender.push(v).wait()
+            outcome.append(f"{v}: ok")
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            outcome.append(f"{v}: {type(e).__name__}: {e}")
+            break
+    sender.close()
+    return "\n".join(outcome)
