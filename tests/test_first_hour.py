@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import textwrap
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -51,6 +52,13 @@ def test_torchrun_jobs_from_the_readme_land_three_versions_bit_exact(tmp_path):
             want = expected_destinations(full, layout="hf_tp", layout_kwargs={"tp_rank": rank, "tp_size": 2},
                                          quant="fp8_block")
             assert mismatches(got, want) == [], f"receiver {rank} version {version}"
+
+
+@pytest.mark.parametrize("path,tag", [("recipes/example_trainer.py", "trainer"), ("recipes/example_engine.py", "engine")])
+def test_the_readme_shows_the_code_the_torchrun_test_runs(path, tag):
+    region = (ROOT / path).read_text().split(f"# --8<-- [{tag}]\n")[1]
+    code = textwrap.dedent(region.rsplit("\n", 1)[0])  # up to the closing marker's line
+    assert code.strip() and code in (ROOT / "README.md").read_text()
 
 
 def test_receiver_rank_comes_from_torchrun_environment(monkeypatch):
