@@ -9,6 +9,7 @@ and watch error keys, so a dead or failed peer ends in an error, never a hang.
 from __future__ import annotations
 
 import pickle
+import socket
 import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -27,6 +28,25 @@ _POLL_MIN_S = 0.00005
 _POLL_FLOOR_S = 0.00025
 _POLL_MAX_S = 0.005
 _CHECKS_PER_S = 100_000
+
+
+def _listening(host: str, port: int, timeout_s: float) -> bool:
+    """Whether something accepts connections at host:port within ``timeout_s``.
+
+    Probed with plain sockets first: a TCPStore client that retries logs every failed try
+    with pages of C++ frames, and a receiver waiting for its trainer to start is no error.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.05
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                return True
+        except OSError:
+            if time.monotonic() + pause > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 class ControlPlane:
@@ -49,6 +69,9 @@ class ControlPlane:
 
         A client retries for ``connect_timeout_s`` (default ``SyncConfig.connect_timeout_s``)."""
         timeout = config.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
+        if not serve and not _listening(config.control_host, config.control_port, timeout):
+            raise SyncError(f"cannot reach the control plane at {config.control} (SyncConfig.control) within "
+                            f"{timeout:.0f}s: nothing listens there (is the trainer running, with the same control?)")
         try:
             store = dist.TCPStore(config.control_host, config.control_port, is_master=serve,
                                   timeout=timedelta(seconds=timeout), wait_for_workers=False)

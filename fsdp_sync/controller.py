@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    def __init__(self, control: ControlPlane, config: SyncConfig, num_senders: int):
+    def __init__(self, control: ControlPlane, config: SyncConfig, num_senders: int, run_id: str = ""):
         self.control = control
+        self.run_id = run_id
         self.config = config
         self.num_senders = num_senders
         self.plan: Plan | None = None
@@ -46,6 +47,8 @@ class Controller:
         plan = build_plan(sources(), receivers, sender_hosts=[h for h, _ in places], mode=self.config.mode,
                           links=self.config.links, watermark_bytes=self.config.watermark_bytes,
                           sender_devices=[d for _, d in places])
+        # Per run: a restarted trainer on a store that outlived it never meets the old run's keys.
+        plan.fingerprint = f"{plan.fingerprint}.{self.run_id}" if self.run_id else plan.fingerprint
         plan.transport = self.config.transport if self.config.transport != "auto" else resolve_auto(
             [h for h, _ in places], receivers)
         self.num_plans_built += 1

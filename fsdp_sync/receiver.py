@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .claims import RankClaim
+from .claims import Claim, receiver_claim
 from .config import SyncConfig
 from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
                       push_key, ready_key, recv_meta_key)
@@ -85,7 +85,7 @@ class WeightReceiver:
                                  device_id(next(iter(devices))) if len(devices) == 1 else "",
                                  config.shared_settings())
         self.control: ControlPlane | None = None
-        self._claim: RankClaim | None = None
+        self._claim: Claim | None = None
         self._register(ControlPlane.connect(config, serve=False))
         self._gone: str | None = None  # why no trainer is there now (closed, or its store went away)
         self._backoff = _RECONNECT_MIN_S
@@ -105,7 +105,7 @@ class WeightReceiver:
 
     def _register(self, control: ControlPlane) -> None:
         """Claim this rank on ``control`` and publish the metadata the controller plans from."""
-        claim = RankClaim(control, self.rank)
+        claim = receiver_claim(control, self.rank)
         self.control, self._claim = control, claim
         self._seq = control.get(PUSH_LATEST) if control.has(PUSH_LATEST) else 0
         # Epoch first: once the controller sees every meta, every epoch bump is counted.

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +23,7 @@ from torch import nn
 from .config import SyncConfig
 from .control import (CLOSED, ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
                       recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
+from .claims import Claim, trainer_claim
 from .controller import Controller
 from .errors import PlanError, SyncError, SyncTimeout
 from .meta import SourceParam, device_id, source_params
@@ -92,9 +94,10 @@ class WeightSender:
         self.host = host or socket.gethostname()
         self.device = device or _model_device(model)
         self._hosts_store = self.rank == 0 and config.host_control
-        self.control = ControlPlane.connect(config, serve=self._hosts_store)
+        self._claim: Claim | None = None
+        self.control = self._join_control_plane()
         self.control.set(sender_host_key(self.rank), (self.host, device_id(self.device)))
-        self.controller = Controller(self.control, config, self.world_size) if self.rank == 0 else None
+        self.controller = Controller(self.control, config, self.world_size, self.run_id) if self.rank == 0 else None
         self.version: int | None = None
         self.seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
         self._plan: SenderPlan | None = None
@@ -114,6 +117,30 @@ class WeightSender:
         self._hooks: list = []
         self._closed = False
         self.stall_s: list[float] = []  # per attached optimizer step: time step() waited for pushes
+
+    def _join_control_plane(self) -> ControlPlane:
+        """Rank 0 hosts (or reaches) the store and claims the job for a new run; every rank
+        learns the outcome through the trainer's own group, not through the store.
+
+        So the ranks of a second trainer job under the same job name never join the first
+        job's store as its senders: its rank 0 cannot bind the port or take the claim, and
+        all its ranks raise that same error, while the running job goes on.
+        """
+        outcome: list = [None, None]  # run id, or the error rank 0 met
+        control = None
+        if self.rank == 0:
+            run_id = uuid.uuid4().hex[:12]
+            try:
+                control = ControlPlane.connect(self.config, serve=self._hosts_store)
+                self._claim = trainer_claim(control, run_id)
+                outcome[0] = run_id
+            except SyncError as e:
+                outcome[1] = str(e)
+        dist.broadcast_object_list(outcome, src=0, device=self.device if self.device.type == "cuda" else None)
+        self.run_id, error = outcome
+        if error is not None:
+            raise SyncError(f"trainer rank {self.rank}: {error}" if self.rank else error)
+        return control if control is not None else ControlPlane.connect(self.config, serve=False)
 
     @property
     def num_plans_built(self) -> int:
@@ -218,6 +245,8 @@ class WeightSender:
             self._transport.close()
         self._packer = None  # its recorded launches hold the receivers' mapped tensors
         self._leave_control_plane(wait_for_peers=not failed)
+        if self._claim is not None:
+            self._claim.release()
 
     def _leave_control_plane(self, *, wait_for_peers: bool) -> None:
         """The controller waits for every sender rank to close, then tells the receivers.

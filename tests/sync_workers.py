@@ -49,6 +49,7 @@ class Case:
     def config(self) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port}", job=self.name, quant=self.quant, mode=self.mode,
                           transport=self.transport, timeout_s=self.timeout_s, watermark_mb=self.watermark_mb,
+                          connect_timeout_s=scaled(60),
                           kernels=self.kernels)
 
     def layout(self, receiver: int) -> LayoutSpec:

@@ -19,7 +19,7 @@ def _run(transport: str, num_versions: int, kill_at: int | None, *, gpu: bool = 
          watermark_mb: float = 256.0) -> dict:
     """With ``gpu``, trainer rank r runs on GPU r and the engine on the last GPU."""
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"torn-{transport}", transport=transport,
-                     timeout_s=scaled(timeout_s), watermark_mb=watermark_mb)
+                     timeout_s=scaled(timeout_s), watermark_mb=watermark_mb, connect_timeout_s=scaled(60))
     ctx = spawn_context()
     results = ctx.Queue()
     procs = start_job(ctx, trainer, trainers, results, cfg, num_versions, kill_at, gpu,

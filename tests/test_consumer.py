@@ -32,7 +32,7 @@ def _run(cfg: SyncConfig, trainer, engine) -> tuple:
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
 def test_logits_match_the_fsdp_trainer_exactly(transport):
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job=f"consumer-{transport}", transport=transport,
-                     timeout_s=scaled(60))
+                     timeout_s=scaled(60), connect_timeout_s=scaled(60))
     trained, served = _run(cfg, consumer_workers.trainer, consumer_workers.engine)
     assert served.shape == trained.shape
     assert torch.equal(served, trained)
@@ -46,7 +46,7 @@ def test_transformers_fp8_model_receives_block_fp8():
     The 99% / 3% bound is for a real model with the GPU FP8 matmul, not run here.
     """
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job="consumer-fp8", transport="shm", quant="fp8_block",
-                     timeout_s=scaled(60))
+                     timeout_s=scaled(60), connect_timeout_s=scaled(60))
     trained, served = _run(cfg, consumer_workers.trainer_with_weights, consumer_workers.fp8_engine)
     want = expected_destinations(trained["full"], layout=LayoutSpec("identity"), quant="fp8_block")
     assert mismatches(served["params"], want) == []

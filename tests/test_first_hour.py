@@ -76,7 +76,8 @@ def _store() -> tuple[dist.TCPStore, str]:
 
 
 def _config(control: str, job: str, **kw) -> SyncConfig:
-    return SyncConfig(control=control, job=job, transport="shm", timeout_s=scaled(10), **kw)
+    return SyncConfig(control=control, job=job, transport="shm", timeout_s=scaled(10), connect_timeout_s=scaled(60),
+                      **kw)
 
 
 def test_a_rank_claimed_twice_is_refused_on_both_claimants():
@@ -84,7 +85,7 @@ def test_a_rank_claimed_twice_is_refused_on_both_claimants():
     cfg = _config(control, "dup")
     first = WeightReceiver(fleet_workers.model(), config=cfg, rank=0, world_size=1)
     try:
-        with pytest.raises(SyncError, match="receiver rank 0 of job 'dup' is already held by a live receiver"):
+        with pytest.raises(SyncError, match="receiver rank 0 of job 'dup' is already held by a live process"):
             WeightReceiver(fleet_workers.model(), config=cfg, rank=0, world_size=1)
         with pytest.raises(SyncError, match="was refused to a second process"):
             first.wait_for(timeout=scaled(5))
