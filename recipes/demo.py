@@ -18,8 +18,8 @@ import torch
 
 from fsdp_sync import LayoutSpec, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
 from fsdp_sync import expected_destinations, mismatches
-from recipes.jobs import free_port, next_message, pack, spawn_context, start_job, unpack
-from recipes.tiny_llama import apply_fsdp, build_model, param_shapes, tiny_llama_config
+from .jobs import free_port, next_message, pack, spawn_context, start_job, unpack
+from .tiny_llama import apply_fsdp, build_model, param_shapes, tiny_llama_config
 
 DTYPE = torch.bfloat16
 

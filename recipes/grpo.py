@@ -21,10 +21,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from recipes.config_store import GRPOJob, register_configs, to_job
-from recipes.grpo_report import StepLog, summary
-from recipes.grpo_workers import Rollouts, engine, trainer
-from recipes.jobs import free_port, next_message, pack, spawn_context, start_job, unpack
+from . import data_path
+from .config_store import GRPOJob, register_configs, to_job
+from .grpo_report import StepLog, summary
+from .grpo_workers import Rollouts, engine, trainer
+from .jobs import free_port, next_message, pack, spawn_context, start_job, unpack
 
 
 def run(job: GRPOJob, out_dir: Path) -> list[dict]:
@@ -90,7 +91,9 @@ def _warmup_line(info: dict) -> str:
             f"push v0: {info['push_bytes'] / 2**20:.2f} MiB in {info['push_s'] * 1e3:.1f} ms")
 
 
-@hydra.main(config_path="../conf", config_name="grpo", version_base="1.3")
+# An absolute path: Hydra resolves a relative one against the module, which differs between a
+# checkout (recipes.grpo, conf/ beside it) and an install (fsdp_sync.recipes.grpo, conf/ inside it).
+@hydra.main(config_path=str(data_path("conf")), config_name="grpo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -98,6 +101,11 @@ def main(cfg: DictConfig) -> None:
     run(job, Path(job.recipe.out_dir or HydraConfig.get().runtime.output_dir))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m recipes.grpo`` and the ``fsdp-sync-grpo`` console script."""
     register_configs()
     main()
+
+
+if __name__ == "__main__":
+    cli()

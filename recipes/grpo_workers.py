@@ -21,11 +21,11 @@ from torch import nn
 
 from fsdp_sync import LayoutSpec, PushResult, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
 from fsdp_sync.quant import dequantize, get_quant_format, scale_name
-from recipes.config_store import GRPOJob, ModelConfig, TopologyConfig
-from recipes.grpo_loss import clipped_loss, completion_logprobs, group_advantages, sample, supervised_loss
-from recipes.grpo_task import VOCAB_SIZE, Addition
-from recipes.jobs import pack, unpack
-from recipes.tiny_llama import apply_fsdp, build_model, tiny_llama_config
+from .config_store import GRPOJob, ModelConfig, TopologyConfig
+from .grpo_loss import clipped_loss, completion_logprobs, group_advantages, sample, supervised_loss
+from .grpo_task import VOCAB_SIZE, Addition
+from .jobs import pack, unpack
+from .tiny_llama import apply_fsdp, build_model, tiny_llama_config
 
 
 @dataclass
