@@ -194,3 +194,30 @@ def test_the_test_extra_installs_what_tests_and_recipes_import():
         needed |= _imports(path)[0]
     missing = {m for m in needed if _distribution(m) not in provided}
     assert not missing, f"the tests import {sorted(missing)}, which .[test] does not install"
+
+
+def test_editable_install_maps_kernels_recipes_and_conf_to_the_checkout(tmp_path):
+    # PEP 660's editable wheel, unpacked; its finder replaces the one this venv's own editable
+    # install registered, so every name below resolves through the new mapping alone.
+    build = f"from setuptools import build_meta; build_meta.build_editable({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    (finder,) = [p.stem for p in site.glob("__editable___*_finder.py")]
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path\n"
+            "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            f"sys.modules.pop({finder!r}, None)\n"
+            f"sys.path.insert(0, {str(site)!r})\n"
+            f"import {finder}; {finder}.install()\n"
+            "import fsdp_sync.kernels, fsdp_sync.recipes as r, fsdp_sync.recipes.demo\n"
+            "import fsdp_sync.recipes.simulate as s\n"
+            "print(fsdp_sync.kernels.__file__, fsdp_sync.recipes.demo.__file__, r.data_path('conf'), s.BENCH_RUN)\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-c", code], cwd=empty, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels, demo, conf, run = map(Path, out.stdout.split())
+    assert (kernels, demo, conf) == (ROOT / "kernels" / "__init__.py", ROOT / "recipes" / "demo.py", ROOT / "conf")
+    assert run.parent == ROOT / "bench_results" and run.is_file()
