@@ -15,6 +15,7 @@ if _importlib_util.find_spec(__name__ + ".kernels") is None:
         _sys.modules[__name__ + ".kernels"] = _importlib_util.module_from_spec(_spec)
         _spec.loader.exec_module(_sys.modules[__name__ + ".kernels"])
 
+from ._version import __version__
 from .config import LinkModel, SyncConfig
 from .destinations import allocate_destinations, expected_destinations, mismatches
 from .errors import PlanError, SyncError, SyncTimeout, TrainerGone
@@ -24,5 +25,6 @@ from .sender import PushHandle, PushResult, WeightSender
 
 __all__ = [
     "LayoutSpec", "LinkModel", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError", "SyncTimeout",
-    "TrainerGone", "WeightReceiver", "WeightSender", "allocate_destinations", "expected_destinations", "mismatches",
+    "TrainerGone", "WeightReceiver", "WeightSender", "__version__", "allocate_destinations", "expected_destinations",
+    "mismatches",
 ]

@@ -34,9 +34,9 @@ import torch.distributed as dist
 from fsdp_sync import LayoutSpec, LinkModel, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
 from fsdp_sync.config import KERNELS
 from fsdp_sync.destinations import checksum, expected_destinations
-from recipes import baselines
-from recipes.jobs import free_port, spawn_context, start_job
-from recipes.models import param_shapes, qwen3_config, sharded_random_model
+from . import baselines
+from .jobs import free_port, spawn_context, start_job
+from .models import param_shapes, qwen3_config, sharded_random_model
 
 GiB = 1 << 30
 CASES = {

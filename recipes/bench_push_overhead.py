@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fsdp_sync import LayoutSpec, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
-from recipes.jobs import free_port, next_message, spawn_context, start_job
+from .jobs import free_port, next_message, spawn_context, start_job
 
 SHAPE = (64, 64)
 

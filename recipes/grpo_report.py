@@ -1,15 +1,21 @@
-"""What the GRPO recipe shows and writes: a progress bar, a line per step, ``steps.jsonl``, ``grpo.png``.
+"""What the GRPO recipe shows and writes: progress bars, a line per step, ``steps.jsonl``, ``grpo.png``.
 
-The bar goes to stderr and the lines to stdout, so a log of stdout holds only lines.
+Lines go through ``logging`` (logger ``grpo``), so Hydra's handlers put them on stdout and
+in the run directory's ``grpo.log``; the bars go to stderr, so neither holds a bar. Run
+under ``logging_redirect_tqdm`` (as ``recipes.grpo`` does), console lines and bars do not
+tear each other.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 
 from tqdm import tqdm
+
+log = logging.getLogger("grpo")
 
 
 def step_line(rec: dict, total: int) -> str:
@@ -21,25 +27,57 @@ def step_line(rec: dict, total: int) -> str:
             f"step {rec['step_s']:.2f} s")
 
 
-class StepLog:
-    """Per-step output: appends to ``steps.jsonl`` as steps arrive, plots at the end."""
+def warmup_line(rec: dict, total: int) -> str:
+    return f"warm-up step {rec['step']:>4}/{total} | loss {rec['loss']:.3f}"
 
-    def __init__(self, out_dir: Path, total: int):
+
+class StepLog:
+    """Per-step output: a bar for the warm-up, then one for GRPO; ``steps.jsonl`` as steps arrive, a plot at the end.
+
+    ``title`` heads the plot (and is its PNG's Title). A line goes to the log for every
+    GRPO step, and for every tenth of the warm-up.
+    """
+
+    def __init__(self, out_dir: Path, total: int, *, warmup_total: int = 0, title: str = "GRPO"):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.total = total
+        self.warmup_total = warmup_total
+        self.title = title
         self.records: list[dict] = []
         self._jsonl = open(out_dir / "steps.jsonl", "w")
-        self._bar = tqdm(total=total, unit="step", desc="GRPO", dynamic_ncols=True)
+        self._bar = None
+        if warmup_total:
+            self._bar = tqdm(total=warmup_total, unit="step", desc="warm-up", dynamic_ncols=True)
+        else:
+            self._start_grpo()
+
+    def _start_grpo(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = tqdm(total=self.total, unit="step", desc="GRPO", dynamic_ncols=True)
 
     def note(self, text: str) -> None:
-        self._bar.write(text)
+        log.info(text)
+
+    def warmup_step(self, rec: dict) -> None:
+        every = max(1, self.warmup_total // 10)
+        if rec["step"] % every == 0 or rec["step"] in (1, self.warmup_total):
+            log.info(warmup_line(rec, self.warmup_total))
+        self._bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        self._bar.update(1)
+
+    def warmup_done(self, text: str) -> None:
+        """The warm-up and its push of version 0 are over: its summary line, then the GRPO bar."""
+        log.info(text)
+        if self._bar.desc.startswith("warm-up"):
+            self._start_grpo()
 
     def step(self, rec: dict) -> None:
         self.records.append(rec)
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
-        self._bar.write(step_line(rec, self.total))
+        log.info(step_line(rec, self.total))
         self._bar.set_postfix(reward=f"{rec['reward']:.2f}")
         self._bar.update(1)
 
@@ -47,7 +85,7 @@ class StepLog:
         self._bar.close()
         self._jsonl.close()
         if self.records:
-            plot(self.records, self.out_dir / "grpo.png")
+            plot(self.records, self.out_dir / "grpo.png", title=self.title)
 
 
 def summary(records: list[dict], wall_s: float) -> str:
@@ -65,8 +103,8 @@ def summary(records: list[dict], wall_s: float) -> str:
             f"stall/push {sum(stall) / sum(push) if sum(push) else 0.0:.1%}")
 
 
-def plot(records: list[dict], path: Path) -> None:
-    """Reward (and its moving mean) and push/stall milliseconds per step."""
+def plot(records: list[dict], path: Path, *, title: str = "GRPO") -> None:
+    """Reward (and its moving mean) and push/stall milliseconds per step, under ``title``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,6 +125,7 @@ def plot(records: list[dict], path: Path) -> None:
     bottom.set_xlabel("GRPO step")
     bottom.set_ylabel("ms")
     bottom.legend(loc="upper right")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Title": title})
     plt.close(fig)

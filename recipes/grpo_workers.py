@@ -21,11 +21,11 @@ from torch import nn
 
 from fsdp_sync import LayoutSpec, PushResult, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
 from fsdp_sync.quant import dequantize, get_quant_format, scale_name
-from recipes.config_store import GRPOJob, ModelConfig, TopologyConfig
-from recipes.grpo_loss import clipped_loss, completion_logprobs, group_advantages, sample, supervised_loss
-from recipes.grpo_task import VOCAB_SIZE, Addition
-from recipes.jobs import pack, unpack
-from recipes.tiny_llama import apply_fsdp, build_model, tiny_llama_config
+from .config_store import GRPOJob, ModelConfig, TopologyConfig
+from .grpo_loss import clipped_loss, completion_logprobs, group_advantages, sample, supervised_loss
+from .grpo_task import VOCAB_SIZE, Addition
+from .jobs import pack, unpack
+from .tiny_llama import apply_fsdp, build_model, tiny_llama_config
 
 
 @dataclass
@@ -78,7 +78,12 @@ def trainer(rank: int, world_size: int, job: GRPOJob, results: Any, inboxes: lis
     task = Addition(rc.digits)
     model = apply_fsdp(_model(job.model, task, device), init_device_mesh(device.type, (world_size,)))
     sender = WeightSender(model, job.sync)
-    warmup = _warm_up(model, task, job, rank, world_size, device)
+
+    def progress(step: int, loss: float) -> None:  # rank 0 speaks for the job, as for the GRPO steps
+        if rank == 0:
+            results.put(("trainer", rank, "warmup_step", {"step": step, "loss": loss}))
+
+    warmup = _warm_up(model, task, job, rank, world_size, device, progress=progress)
     first = sender.push(0).wait()
     first_bytes = torch.tensor(float(first.bytes_sent), device=device)
     dist.all_reduce(first_bytes)  # every rank sends its own part
@@ -118,9 +123,12 @@ def _next_batch(inbox: Any, step: int, timeout_s: float) -> Rollouts:
         raise TimeoutError(f"no rollouts for step {step} within {timeout_s:.0f}s") from None
 
 
-def _warm_up(model: nn.Module, task: Addition, job: GRPOJob, rank: int, world_size: int,
-             device: torch.device) -> dict:
-    """Supervised steps on the task, so RL starts with a reward it can raise; their first and last losses."""
+def _warm_up(model: nn.Module, task: Addition, job: GRPOJob, rank: int, world_size: int, device: torch.device,
+             *, progress: Callable[[int, float], None] | None = None) -> dict:
+    """Supervised steps on the task, so RL starts with a reward it can raise; their first and last losses.
+
+    ``progress(step, loss)`` after each step (1-based; this rank's loss).
+    """
     rc = job.recipe
     optim = torch.optim.AdamW(model.parameters(), lr=rc.warmup_lr)
     started, losses = time.perf_counter(), []
@@ -133,6 +141,8 @@ def _warm_up(model: nn.Module, task: Addition, job: GRPOJob, rank: int, world_si
         optim.step()
         optim.zero_grad()
         losses.append(loss.item())
+        if progress is not None:
+            progress(i + 1, losses[-1])
     info = {"steps": rc.warmup_steps, "seconds": time.perf_counter() - started}
     if losses:
         info.update(loss_first=statistics.fmean(losses[:10]), loss_last=statistics.fmean(losses[-10:]))

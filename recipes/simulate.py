@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 from torch.distributed.tensor import Replicate, Shard
 
@@ -35,13 +34,14 @@ from fsdp_sync.plan import Plan
 from fsdp_sync.planner import build_plan
 from fsdp_sync.quant import get_quant_format
 from fsdp_sync.sharding import shard_groups
-from recipes import scale_models as sm
+from . import data_path
+from . import scale_models as sm
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH_RUN = ROOT / "bench_results/bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  # 2x H100 NV18, git eaed402
+RUNS = data_path("bench_results")  # the wheel ships these two runs (pyproject package-data)
+BENCH_RUN = RUNS / "bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  # 2x H100 NV18, git eaed402
 # recipes.bench_kernels at the same commit on the same kind of H100: the grouped quantize launch
 # (4 warps a program since 105eabb) as pushes replay it, on one GPU and storing into a peer.
-KERNEL_RUN = ROOT / "bench_results/kernels-NVIDIA-H100-80GB-HBM3-20261126T125656-eaed402.json"
+KERNEL_RUN = RUNS / "kernels-NVIDIA-H100-80GB-HBM3-20261126T125656-eaed402.json"
 GROUPED, GROUPED_PEER = "fp8_block grouped x32", "fp8_block grouped fused -> peer"  # KERNEL_RUN's kernels
 # Rows whose measured time fits one constant each, in this order (case, quant, mode, transport).
 FITTED_ON = {"peer_copy_efficiency": ("a", "none", "direct", "cuda_ipc"),
@@ -101,7 +101,7 @@ class Fit:
 def bench_plan(case: str, model: str, quant: str, mode: str, ceilings: dict[str, float], watermark_bytes: int
                ) -> Planned:
     """The plan ``recipes.bench`` builds for a case: FSDP over the senders, receivers on their GPUs."""
-    from recipes.bench import CASES
+    from .bench import CASES
 
     c = CASES[case]
     n = c["senders"]
@@ -128,7 +128,7 @@ def bench_plan(case: str, model: str, quant: str, mode: str, ceilings: dict[str,
 
 @functools.cache
 def _bench_shapes(model: str) -> dict:
-    from recipes.models import param_shapes, qwen3_config
+    from .models import param_shapes, qwen3_config
 
     return param_shapes(qwen3_config(model))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +18,35 @@ from tests.timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _grpo(tmp_path: Path, *overrides: str) -> tuple[list[dict], str]:
+def _grpo(tmp_path: Path, *overrides: str) -> tuple[list[dict], subprocess.CompletedProcess]:
     command = [sys.executable, "-m", "recipes.grpo", "recipe=smoke", f"hydra.run.dir={tmp_path}",
                f"recipe.timeout_s={scaled(120)}", f"pipeline.timeout_s={scaled(60)}", *overrides]
     out = subprocess.run(command, capture_output=True, text=True, timeout=scaled(240), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert (tmp_path / "grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return records, out.stdout
+    return records, out
+
+
+def _messages(text: str) -> list[str]:
+    """What the recipe logged, without Hydra's `[time][grpo][INFO] - ` prefix."""
+    return [line.split("][grpo][INFO] - ", 1)[1] for line in text.splitlines() if "][grpo][INFO] - " in line]
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    data, pos, text = path.read_bytes(), 8, {}
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"tEXt":
+            key, _, value = data[pos + 8:pos + 8 + length].partition(b"\0")
+            text[key.decode("latin-1")] = value.decode("latin-1")
+        pos += 12 + length
+    return text
 
 
 def test_on_policy_rollouts_carry_the_version_just_committed(tmp_path):
-    records, stdout = _grpo(tmp_path)
+    records, out = _grpo(tmp_path)
+    stdout = "\n".join(_messages(out.stdout))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
         # Step t waited for push t-1; the engine committed it, then sampled every rollout of step t with it.
@@ -38,16 +57,48 @@ def test_on_policy_rollouts_carry_the_version_just_committed(tmp_path):
         assert r["logp_gap"] < 1e-5, r
     assert sum(line.startswith("step ") for line in stdout.splitlines()) == 4
     assert "GRPO: 4 steps" in stdout
+    # The run goes through logging, so Hydra's log file holds every line stdout got; the bar goes to stderr.
+    assert _messages((tmp_path / "grpo.log").read_text()) == _messages(out.stdout)
+    assert "GRPO: 100%" in out.stderr and "GRPO: 100%" not in out.stdout
+    assert _png_text(tmp_path / "grpo.png")["Title"] == (
+        "GRPO: model tiny (2 layers x 128, float32) | quant none | transport gloo | lr 0.0005 | 4 steps")
 
 
-def test_one_step_off_policy_fp8_over_shm_with_two_engines(tmp_path):
-    records, _ = _grpo(tmp_path, "recipe.max_staleness=1", "quant=fp8_block", "transport=shm", "topology=cpu_2x2",
-                       "recipe.steps=5")
+def test_one_step_off_policy_fp8_over_shm_with_two_engines_after_a_warm_up(tmp_path):
+    records, out = _grpo(tmp_path, "recipe.max_staleness=1", "quant=fp8_block", "transport=shm", "topology=cpu_2x2",
+                         "recipe.steps=5", "recipe.warmup_steps=3", "recipe.warmup_batch=8")
+    # The warm-up has its own bar and lines, before the GRPO bar starts.
+    assert "warm-up: 100%" in out.stderr and "3/3" in out.stderr
+    assert out.stderr.index("warm-up: 100%") < out.stderr.index("GRPO:   0%")
+    lines = _messages(out.stdout)
+    assert [line.split(" |")[0] for line in lines if line.startswith("warm-up step")] == [
+        f"warm-up step    {i}/3" for i in (1, 2, 3)]
+    assert any(line.startswith("warm-up: 3 supervised steps") for line in lines)
     versions = [r["version_min"] for r in records]
     assert versions == sorted(versions), "versions only go up"
     for r in records:
         assert max(0, r["step"] - 2) <= r["version_min"] <= r["version_max"] <= r["step"] - 1, r
         assert r["logp_gap"] > 0, "an FP8 engine is not bit-identical to the trainer"
+
+
+def _launch(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "recipes.grpo", *overrides], capture_output=True, text=True,
+                          timeout=scaled(120), cwd=cwd, env=env)
+
+
+def test_a_launch_that_fails_validation_leaves_no_run_dir(tmp_path):
+    out = _launch(tmp_path, "recipe.group_size=1")
+    assert out.returncode == 1
+    assert "GRPOConfig.group_size must be >= 2" in out.stderr
+    assert not list(tmp_path.iterdir()), "outputs/<date>/<time> is gone, and outputs/ with it"
+    # A run dir the user named and already used keeps what was there.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    out = _launch(tmp_path, "hydra.run.dir=mine", "quant=fp8_block", "recipe.prompts_per_step=3")
+    assert out.returncode == 1
+    assert "prompts_per_step=3 must divide by topology.num_trainers=2" in out.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["mine", "mine/notes.txt"]
 
 
 def test_rewards_and_advantages():

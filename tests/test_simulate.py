@@ -51,7 +51,7 @@ def test_calibration_reads_the_h100_runs_of_eaed402():
 
 
 def test_calibration_refuses_a_kernel_run_of_other_code():
-    old = json.loads((simulate.ROOT / "bench_results/bench-NVIDIA-H100-80GB-HBM3-20261126T111006-86ffe14.json")
+    old = json.loads((simulate.RUNS / "bench-NVIDIA-H100-80GB-HBM3-20261126T111006-86ffe14.json")
                      .read_text())
     with pytest.raises(ValueError, match="86ffe14.*eaed402"):
         simulate.check_same_code(old, json.loads(simulate.KERNEL_RUN.read_text()))
