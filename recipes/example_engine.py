@@ -15,7 +15,7 @@ import os
 import torch
 
 from fsdp_sync import SyncConfig, TrainerGone, WeightReceiver, allocate_destinations
-from recipes.tiny_llama import param_shapes, tiny_llama_config
+from .tiny_llama import param_shapes, tiny_llama_config
 
 
 def main(argv: list[str] | None = None) -> None:

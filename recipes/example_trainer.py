@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from fsdp_sync import SyncConfig, WeightSender
-from recipes.tiny_llama import apply_fsdp, build_model, tiny_llama_config
+from .tiny_llama import apply_fsdp, build_model, tiny_llama_config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,8 @@ def unpacked(wheel, tmp_path_factory) -> Path:
 def _run_installed(site: Path, code: str, *, cwd: Path) -> subprocess.CompletedProcess:
     # From an empty folder with the unpacked wheel first on the path: nothing comes from the checkout.
     env = {**os.environ, "PYTHONPATH": str(site)}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=scaled(120))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=scaled(120))
 
 
 def test_wheel_ships_recipes_conf_and_the_simulator_runs_inside_the_library(wheel):
