@@ -18,6 +18,10 @@ TRANSPORTS = ("auto", "gloo", "shm", "cuda_ipc", "nccl", "rdma")  # see fsdp_syn
 # auto: grouped Triton launches on GPU, the torch reference on CPU. grouped / per_box force
 # Triton (on CPU under TRITON_INTERPRET=1, for tests); reference forces plain torch.
 KERNELS = ("auto", "grouped", "per_box", "reference")
+# After a failed push: "fail" keeps every registered receiver in the plan (the next push
+# waits for them all again); "drop" leaves out the receivers whose heartbeat stopped and
+# pushes on to the rest, and plans with the receivers registered so far.
+RECEIVER_FAILURE_POLICIES = ("fail", "drop")
 
 
 @dataclass(kw_only=True)
@@ -54,6 +58,7 @@ class SyncConfig:
     trace_dir: str | None = None  # write a Chrome trace of each push per rank here
     fused_writes: bool = True  # one-sided transports: kernels store straight into the destination
     kernels: str = "auto"  # FP8 kernels: auto | grouped (one launch per bucket) | per_box | reference
+    on_receiver_failure: str = "fail"  # fail | drop: what a failed push does to a dead receiver
     links: LinkModel = field(default_factory=LinkModel)
 
     def __post_init__(self) -> None:
@@ -65,6 +70,9 @@ class SyncConfig:
             raise ValueError(f"SyncConfig.transport={self.transport!r} is not one of {list(TRANSPORTS)}")
         if self.kernels not in KERNELS:
             raise ValueError(f"SyncConfig.kernels={self.kernels!r} is not one of {list(KERNELS)}")
+        if self.on_receiver_failure not in RECEIVER_FAILURE_POLICIES:
+            raise ValueError(f"SyncConfig.on_receiver_failure={self.on_receiver_failure!r} is not one of "
+                             f"{list(RECEIVER_FAILURE_POLICIES)}")
         if self.watermark_mb <= 0:
             raise ValueError(f"SyncConfig.watermark_mb must be > 0, got {self.watermark_mb}")
         for name in ("timeout_s", "connect_timeout_s"):

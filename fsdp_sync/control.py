@@ -78,8 +78,10 @@ class ControlPlane:
         except (RuntimeError, dist.DistStoreError) as e:
             role = "host" if serve else "reach"
             first = (str(e).strip().splitlines() or [""])[0]  # the rest is C++ frames
+            hint = (" (is another trainer job running with this control? give each job its own port, or set "
+                    "host_control=False to join a store that runs there)") if serve else ""
             raise SyncError(f"cannot {role} the control plane at {config.control} "
-                            f"(SyncConfig.control) within {timeout:.0f}s: {first}") from e
+                            f"(SyncConfig.control) within {timeout:.0f}s: {first}{hint}") from e
         return cls(store, config.job, config.timeout_s)
 
     # -- values -------------------------------------------------------------------------

@@ -8,12 +8,15 @@ plan; when either changes, the next push re-plans.
 from __future__ import annotations
 
 import logging
+import dataclasses
+import time
 from typing import Callable
 
+from .claims import STALE_AFTER_S, heartbeat_key
 from .config import SyncConfig
 from .control import (PUSH_FAILURES, RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, plan_sender_key,
                       recv_meta_key, sender_host_key)
-from .errors import PlanError
+from .errors import PlanError, SyncTimeout
 from .meta import ReceiverMeta, SourceParam
 from .plan import Plan
 from .planner import build_plan
@@ -31,6 +34,9 @@ class Controller:
         self.plan: Plan | None = None
         self.plan_key: tuple | None = None
         self.num_plans_built = 0
+        self.dropped: set[tuple[int, str]] = set()  # (rank, registration) of receivers left out
+        self._failures_seen = 0
+        self._beats: tuple[float, dict[int, int]] | None = None  # heartbeats when the last push was announced
         control.add(PUSH_FAILURES, 0)  # exists from now on, so it can be read with the epoch
 
     def ensure_plan(self, sources_key: tuple, sources: Callable[[], list[SourceParam]]) -> tuple[Plan, int]:
@@ -38,15 +44,21 @@ class Controller:
         with the count of failed pushes (the transports' generation), read in the same round trip."""
         if self.plan is not None:  # receivers registered: the epoch exists
             epoch, failures = self.control.counters([RECV_EPOCH, PUSH_FAILURES])
-            if (sources_key, epoch) == self.plan_key:
+            dropped = self._drop_dead_receivers(failures)
+            if (sources_key, epoch) == self.plan_key and not dropped:
+                self._note_heartbeats()
                 return self.plan, failures
         receivers = self._receivers()
         check_shared_settings(self.config, receivers)
         key = (sources_key, self.control.add(RECV_EPOCH, 0))
         places = self._sender_places()
-        plan = build_plan(sources(), receivers, sender_hosts=[h for h, _ in places], mode=self.config.mode,
+        # The planner numbers receivers 0..n-1: once some were dropped, slots stand for ranks.
+        slotted = [dataclasses.replace(m, rank=slot) for slot, m in enumerate(receivers)]
+        plan = build_plan(sources(), slotted, sender_hosts=[h for h, _ in places], mode=self.config.mode,
                           links=self.config.links, watermark_bytes=self.config.watermark_bytes,
                           sender_devices=[d for _, d in places])
+        ranks = tuple(m.rank for m in receivers)
+        plan.receiver_ranks = ranks if ranks != tuple(range(len(ranks))) else ()
         # Per run: a restarted trainer on a store that outlived it never meets the old run's keys.
         plan.fingerprint = f"{plan.fingerprint}.{self.run_id}" if self.run_id else plan.fingerprint
         plan.transport = self.config.transport if self.config.transport != "auto" else resolve_auto(
@@ -56,18 +68,62 @@ class Controller:
                  plan.stats.bytes_total / 1e6, plan.stats.floor_s, plan.stats.plan_s)
         for s in range(plan.num_senders):
             self.control.set(plan_sender_key(plan.fingerprint, s), plan.for_sender(s))
-        for r in range(plan.num_receivers):
-            self.control.set(plan_receiver_key(plan.fingerprint, r), plan.for_receiver(r))
+        for slot in range(plan.num_receivers):
+            self.control.set(plan_receiver_key(plan.fingerprint, plan.registered_rank(slot)), plan.for_receiver(slot))
         self.plan, self.plan_key = plan, key
-        return plan, self.control.add(PUSH_FAILURES, 0)
+        failures = self.control.add(PUSH_FAILURES, 0)
+        self._failures_seen = failures
+        self._note_heartbeats()
+        return plan, failures
 
     def _receivers(self) -> list[ReceiverMeta]:
+        """Every registered receiver; under ``drop``, those registered so far (after one
+        timeout for the first plan) less the dropped ones."""
         self.control.wait([RECV_COUNT], describe=lambda _: "the inference job to register its receivers "
                           f"(is it running with SyncConfig.job={self.config.job!r} and control={self.config.control!r}?)")
         count = self.control.get(RECV_COUNT)
-        self.control.wait([recv_meta_key(r) for r in range(count)],
-                          describe=lambda keys: f"receiver ranks {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to register")
-        return [self.control.get(recv_meta_key(r)) for r in range(count)]
+        keys = [recv_meta_key(r) for r in range(count)]
+        elastic = self.config.on_receiver_failure == "drop"
+        try:
+            self.control.wait(keys, timeout_s=0.0 if elastic and self.plan is not None else None,
+                              describe=lambda keys: f"receiver ranks {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to register")
+        except SyncTimeout:
+            if not elastic:
+                raise
+        present = [r for r, k in enumerate(keys) if self.control.has(k)]
+        metas = [m for m in self.control.get_many([keys[r] for r in present]) if (m.rank, m.registration) not in self.dropped]
+        if not metas:
+            raise SyncTimeout(f"no live receiver is registered (dropped: {sorted(r for r, _ in self.dropped)})")
+        if elastic and len(metas) < count:
+            log.warning("fsdp_sync: planning for receiver ranks %s of %d (on_receiver_failure='drop')",
+                        [m.rank for m in metas], count)
+        return metas
+
+    def _note_heartbeats(self) -> None:
+        """Under ``drop``: the planned receivers' heartbeats as a push is announced, to tell later
+        which of them died if the push fails."""
+        if self.config.on_receiver_failure != "drop":
+            return
+        ranks = [self.plan.registered_rank(s) for s in range(self.plan.num_receivers)]
+        self._beats = (time.monotonic(), dict(zip(ranks, self.control.counters([heartbeat_key(f"recv/{r}") for r in ranks]))))
+
+    def _drop_dead_receivers(self, failures: int) -> bool:
+        """Under ``drop``, after a push failed: leave out the planned receivers whose heartbeat
+        stopped since it was announced. Whether any was dropped."""
+        if self.config.on_receiver_failure != "drop" or failures == self._failures_seen or self._beats is None:
+            return False
+        self._failures_seen = failures
+        since, before = self._beats
+        time.sleep(max(0.0, since + STALE_AFTER_S - time.monotonic()))  # a live heartbeat moves within this
+        now = dict(zip(before, self.control.counters([heartbeat_key(f"recv/{r}") for r in before])))
+        dead = [r for r in before if now[r] == before[r]]
+        if not dead:
+            return False
+        metas = self.control.get_many([recv_meta_key(r) for r in dead])
+        self.dropped |= {(m.rank, m.registration) for m in metas}
+        log.warning("fsdp_sync: dropping receiver ranks %s after a failed push: their heartbeat stopped "
+                    "(on_receiver_failure='drop'); pushing on to the rest", dead)
+        return True
 
     def _sender_places(self) -> list[tuple[str, str]]:
         """(host, device id) of every sender rank."""

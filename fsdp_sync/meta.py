@@ -87,6 +87,7 @@ class ReceiverMeta:
     gated: bool = False  # senders must wait for this receiver's ready key before writing
     device: str = ""  # GPU UUID (or "" on CPU): tells the planner which pairs share a device
     settings: dict[str, Any] = field(default_factory=dict)  # SyncConfig settings both sides must share
+    registration: str = ""  # new at every registration: a dropped receiver that registers again is back
 
 
 def device_id(device: torch.device) -> str:

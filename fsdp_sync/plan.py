@@ -72,20 +72,26 @@ class Plan:
     groups: list[tuple[int, ...]] = field(default_factory=list)  # distinct shard groups, sorted
     gated: frozenset[int] = frozenset()  # receivers that must say "ready" before a push writes
     transport: str = ""  # the transport every rank uses for this plan (resolves "auto")
-
+    # Receivers are planned as slots 0..num_receivers-1; slot i is registered rank
+    # receiver_ranks[i] (empty: the same number). Slots differ from ranks once a dead
+    # receiver was dropped: transports number their peers by slot, control keys by rank.
+    receiver_ranks: tuple[int, ...] = ()
 
     def for_sender(self, rank: int) -> "SenderPlan":
         mine = [b for b in self.buckets if rank in b.group]
         tasks = self.tasks.get(rank, [])
         gated = sorted(self.gated & {t.receiver for t in tasks})
         return SenderPlan(self.fingerprint, self.mode, rank, self.num_senders, self.num_receivers,
-                          tasks, mine, self.groups, self.fmt_of, gated, self.transport)
+                          tasks, mine, self.groups, self.fmt_of, gated, self.transport, self.receiver_ranks)
 
     def for_receiver(self, rank: int) -> "ReceiverPlan":
         arrivals = self.arrivals.get(rank, [])
         senders = sorted({t.sender for t in arrivals})
         return ReceiverPlan(self.fingerprint, rank, self.num_senders, self.num_receivers, arrivals, senders,
                             self.transport)
+
+    def registered_rank(self, slot: int) -> int:
+        return self.receiver_ranks[slot] if self.receiver_ranks else slot
 
 
 @dataclass
@@ -103,10 +109,14 @@ class SenderPlan:
     fmt_of: dict[str, str]
     gated: list[int]  # of this sender's receivers, those to wait for before writing
     transport: str
+    receiver_ranks: tuple[int, ...] = ()  # slot -> registered rank, as in Plan
 
     @property
     def receivers(self) -> list[int]:
         return sorted({t.receiver for t in self.tasks})
+
+    def registered_rank(self, slot: int) -> int:
+        return self.receiver_ranks[slot] if self.receiver_ranks else slot
 
 
 @dataclass

@@ -17,10 +17,12 @@ In both gated cases (staged, or paused) senders write only after the receiver sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
 import time
+import uuid
 from typing import Callable
 
 import torch
@@ -108,11 +110,16 @@ class WeightReceiver:
         claim = receiver_claim(control, self.rank)
         self.control, self._claim = control, claim
         self._seq = control.get(PUSH_LATEST) if control.has(PUSH_LATEST) else 0
-        # Epoch first: once the controller sees every meta, every epoch bump is counted.
-        control.add(RECV_EPOCH, 1)
-        control.set(recv_meta_key(self.rank), self.meta)
+        self._publish_meta()
         if self.rank == 0:
             control.set(RECV_COUNT, self.world_size)
+
+    def _publish_meta(self) -> None:
+        """A new registration: the controller plans again, with this receiver in (a full push)."""
+        self.meta = dataclasses.replace(self.meta, registration=uuid.uuid4().hex)
+        # Epoch first: once the controller sees every meta, every epoch bump is counted.
+        self.control.add(RECV_EPOCH, 1)
+        self.control.set(recv_meta_key(self.rank), self.meta)
 
     def wait_for(self, version: int | None = None, timeout: float | None = None) -> int:
         """The newest landed version once it is at least ``version``; with no ``version``, the
@@ -276,6 +283,13 @@ class WeightReceiver:
         if announced[0] == "error":
             raise PlanError(announced[1])
         _, version, fp, generation = announced
+        if not self.control.has(plan_receiver_key(fp, self.rank)):
+            # Left out of this plan: the trainer dropped this rank after a failed push (it
+            # looked dead). Registering again puts it back into the next plan, as a full push.
+            log.warning("fsdp_sync receiver %d: push %d's plan leaves this rank out (on_receiver_failure='drop'); "
+                        "registering again to rejoin at the next push, serving version %s", self.rank, seq, self.version)
+            self._publish_meta()
+            return
         if (self._plan is None or self._plan.fingerprint != fp or generation != self._generation
                 or self._transport is None):
             # A new plan, or a push failed since this transport was built: build it again.

@@ -8,6 +8,7 @@ pipeline on a background thread and returns a handle at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -185,8 +186,8 @@ class WeightSender:
             handle._weights_ready.record(torch.cuda.current_stream(self.device))
         handle._thread = threading.Thread(target=self._run, args=(handle, local), name=f"fsdp_sync-push-{seq}", daemon=True)
         if self.config.wait_for_receivers:
-            num_receivers = self._plan.num_receivers
-            handle._after = lambda: self._wait_for_acks(seq, version, num_receivers)
+            registered = [self._plan.registered_rank(s) for s in range(self._plan.num_receivers)]
+            handle._after = lambda: self._wait_for_acks(seq, version, registered)
         handle._thread.start()
         self._inflight = handle
         return handle
@@ -338,7 +339,10 @@ class WeightSender:
 
         Built inside push ``seq``: its setup stops waiting for peers once that push failed
         elsewhere (a receiver that could not set up its side says so in its ack)."""
-        receivers = {r: self.control.get(recv_meta_key(r)) for r in range(self._plan.num_receivers)}
+        plan = self._plan
+        registered = [plan.registered_rank(s) for s in range(plan.num_receivers)]
+        receivers = {s: dataclasses.replace(meta, rank=s) for s, meta in
+                     enumerate(self.control.get_many([recv_meta_key(r) for r in registered]))}
         if self._transport is not None:
             if self._pack_stream is not None:
                 self._pack_stream.synchronize()  # a failed push may have left writes into its mappings queued
@@ -346,7 +350,7 @@ class WeightSender:
             self._transport = None  # a failed build below leaves none, and the next push builds again
             self._packer = None  # its recorded launches hold the old mappings
         send_cls, _ = get_transport(self._plan.transport)
-        errors = ([ack_key(seq, r) for r in range(self._plan.num_receivers)]
+        errors = ([ack_key(seq, r) for r in registered]
                   + [sender_error_key(seq, s) for s in range(self.world_size)])
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host,
                                    generation=generation, abort=lambda: self.control.failure_in(seq, errors))
@@ -364,10 +368,11 @@ class WeightSender:
         try:
             if plan.gated:
                 # Staged or paused receivers open their buffers to this push explicitly.
-                self.control.wait([ready_key(seq, r) for r in plan.gated],
+                gated = [plan.registered_rank(s) for s in plan.gated]
+                self.control.wait([ready_key(seq, r) for r in gated],
                                   describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
                                   f"to open their buffers for push {seq}",
-                                  abort=lambda: self.control.failure_in(seq, [ack_key(seq, r) for r in plan.gated]))
+                                  abort=lambda: self.control.failure_in(seq, [ack_key(seq, r) for r in gated]))
             sent = 0
             stream = self._pack_stream
             if stream is not None:
@@ -409,8 +414,8 @@ class WeightSender:
         handle._outcome["result"] = PushResult(handle.version, seq, seconds, sum(t.nbytes for t in plan.tasks),
                                                trace.stage_seconds(), budget.peak, floor, path)
 
-    def _wait_for_acks(self, seq: int, version: int, num_receivers: int) -> None:
-        keys = [ack_key(seq, r) for r in range(num_receivers)]
+    def _wait_for_acks(self, seq: int, version: int, receivers: list[int]) -> None:
+        keys = [ack_key(seq, r) for r in receivers]
         self.control.wait(keys, describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
                           f"to commit version {version}")
         failures = [a for a in self.control.get_many(keys) if a != "ok"]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsdp_sync import SyncConfig, WeightSender
+from fsdp_sync import SyncConfig, WeightReceiver, WeightSender
 
 
 def model() -> nn.Module:
@@ -35,8 +35,25 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, versions: list[int], ga
         try:
             sender.push(v).wait()
             outcome.append(f"{v}: ok")
-        except Exception as e:  # noqa: BLE001 - the test reads it
+        except Exception as e:  # noqa: BLE001 - the test reads it; the next version is pushed all the same
             outcome.append(f"{v}: {type(e).__name__}: {e}")
-            break
     sender.close()
     return "\n".join(outcome)
+
+
+def lone_receiver(cfg: SyncConfig, rank: int, world_size: int, until: int, results) -> None:
+    """A receiver process of rank ``rank``: reports each version it made live, up to ``until``."""
+
+
+    receiver = WeightReceiver(model(), config=cfg, rank=rank, world_size=world_size, commit="staged")
+    live = 0
+    while live < until:
+        try:
+            receiver.wait_for(live + 1, timeout=cfg.timeout_s * 10)
+        except Exception as e:  # noqa: BLE001 - a failed push: the test may expect it
+            results.put((rank, "error", f"{type(e).__name__}: {e}"))
+            continue
+        live = receiver.commit()
+        values = sorted({float(x) for t in receiver.tensors.values() for x in t.float().reshape(-1)})
+        results.put((rank, live, values))
+    receiver.close()
