@@ -8,6 +8,7 @@ and watch error keys, so a dead or failed peer ends in an error, never a hang.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import socket
 import time
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 
 from .config import SyncConfig
-from .errors import SyncError, SyncTimeout
+from .errors import ControlPlaneLost, SyncError, SyncTimeout
 
 # Waits poll with check(): a timed-out TCPStore.wait() can leave its late reply on the
 # socket (and logs twice). Each poll hop of a push (done keys, acks) costs up to the
@@ -47,6 +48,23 @@ def _listening(host: str, port: int, timeout_s: float) -> bool:
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+
+def _store_errors(method: Callable) -> Callable:
+    """Turn the store's own failures (its host exited, the socket broke) into ControlPlaneLost,
+    with the first line of torch's message: the rest of it is C++ frames."""
+
+    @functools.wraps(method)
+    def guarded(self: "ControlPlane", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (SyncError, ValueError, TypeError, KeyError):
+            raise
+        except (RuntimeError, OSError) as e:  # DistNetworkError, DistStoreError, a broken socket
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ControlPlaneLost(f"lost the control plane of job {self.job!r}: {type(e).__name__}: {first}") from e
+
+    return guarded
 
 
 class ControlPlane:
@@ -85,32 +103,40 @@ class ControlPlane:
         return cls(store, config.job, config.timeout_s)
 
     # -- values -------------------------------------------------------------------------
+    @_store_errors
     def set(self, key: str, value: Any) -> None:
         self.store.set(key, pickle.dumps(value, protocol=4))
 
+    @_store_errors
     def set_many(self, values: dict[str, Any]) -> None:
         """Several keys in one round trip to the store."""
         self.store.multi_set(list(values), [pickle.dumps(v, protocol=4) for v in values.values()])
 
+    @_store_errors
     def counters(self, keys: Sequence[str]) -> list[int]:
         """Values of counters (keys written by ``add``, which must exist), in one round trip."""
         return [int(v) for v in self.store.multi_get(list(keys))]
 
+    @_store_errors
     def get_many(self, keys: Sequence[str]) -> list[Any]:
         """The values of keys known to exist, in one round trip."""
         return [pickle.loads(v) for v in self.store.multi_get(list(keys))] if keys else []
 
+    @_store_errors
     def get(self, key: str) -> Any:
         """The value of a key that is known to exist (check or wait first)."""
         return pickle.loads(self.store.get(key))
 
+    @_store_errors
     def has(self, key: str) -> bool:
         return self.store.check([key])
 
+    @_store_errors
     def add(self, key: str, amount: int) -> int:
         return self.store.add(key, amount)
 
     # -- waiting ------------------------------------------------------------------------
+    @_store_errors
     def wait(self, keys: Sequence[str], *, timeout_s: float | None = None,
              describe: Callable[[list[str]], str] | None = None,
              abort: Callable[[], str | None] | None = None) -> None:
@@ -134,12 +160,14 @@ class ControlPlane:
             time.sleep(pause)
             pause = min(pause * 2, self.poll_max_s)
 
+    @_store_errors
     def record_failure(self, seq: int) -> None:
         """Count push ``seq`` as failed, before any error or ack says so: whoever hears of the
         failure then also finds it counted (the next push rebuilds transports on that count)."""
         self.add(PUSH_FAILURES, 1)
         self.add(push_failed_key(seq), 1)
 
+    @_store_errors
     def failure_in(self, seq: int, keys: Sequence[str]) -> str | None:
         """Once push ``seq`` has a recorded failure, the first existing value among ``keys``.
 
@@ -147,9 +175,11 @@ class ControlPlane:
         """
         return self.first_error(keys) if self.has(push_failed_key(seq)) else None
 
+    @_store_errors
     def has_all(self, keys: Sequence[str]) -> bool:
         return not keys or self.store.check(list(keys))
 
+    @_store_errors
     def wait_each(self, alternatives: Sequence[Sequence[str]], *, timeout_s: float | None = None,
                   describe: Callable[[list[int]], str] | None = None) -> None:
         """Wait until each entry of ``alternatives`` has one of its keys; ``describe`` gets the
@@ -167,6 +197,7 @@ class ControlPlane:
             time.sleep(pause)
             pause = min(pause * 2, self.poll_max_s)
 
+    @_store_errors
     def first_error(self, keys: Sequence[str]) -> str | None:
         """The value of the first existing error key among ``keys``, if any; an ack key
         holding "ok" is no error."""

@@ -16,3 +16,7 @@ class SyncTimeout(SyncError, TimeoutError):
 class TrainerGone(SyncError):
     """The trainer job closed, or its control plane went away; the receiver keeps its last version
     and re-registers when a trainer comes back."""
+
+
+class ControlPlaneLost(SyncError):
+    """The control-plane store could not be reached any more (its host, trainer rank 0, exited)."""

@@ -173,12 +173,17 @@ class WeightSender:
             self.seq = seq  # receivers saw the refusal under this push number: the next push is seq + 1
             raise
         except Exception as e:
-            if self.control.has(push_key(seq)):  # announced: the others are in this push, so it fails
-                self.seq = seq
-                self.control.record_failure(seq)
-                self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} could not set up push "
-                                 f"{seq}: {e!r}")
-            raise
+            try:
+                if self.control.has(push_key(seq)):  # announced: the others are in this push, so it fails
+                    self.seq = seq
+                    self.control.record_failure(seq)
+                    self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} could not set up push "
+                                     f"{seq}: {e!r}")
+            except SyncError:  # the store is gone too: nobody is left to tell
+                pass
+            if isinstance(e, (SyncError, PlanError)):
+                raise
+            raise SyncError(f"sender {self.rank} could not set up push {seq} (version {version}): {e!r}") from e
         self.seq, self.version = seq, version
         handle = PushHandle(version, seq, _on_result=self._keep_result)
         if self._pack_stream is not None:
@@ -403,8 +408,11 @@ class WeightSender:
             self._transport.finish()
             self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
-            self.control.record_failure(seq)
-            self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")
+            try:
+                self.control.record_failure(seq)
+                self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")
+            except SyncError:  # the store is gone too: nobody is left to tell
+                pass
             handle._outcome["error"] = e if isinstance(e, SyncError) else SyncError(f"push {seq} failed on sender {self.rank}: {e!r}")
             handle._outcome["error"].__cause__ = e
             return
