@@ -21,12 +21,12 @@ if (not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)
 
 from .config import LinkModel, SyncConfig
 from .destinations import allocate_destinations, expected_destinations, mismatches
-from .errors import PlanError, SyncError, SyncTimeout
+from .errors import NonFiniteWeights, PlanError, SyncError, SyncTimeout
 from .meta import LayoutSpec
 from .receiver import WeightReceiver
 from .sender import PushHandle, PushResult, WeightSender
 
 __all__ = [
-    "LayoutSpec", "LinkModel", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError", "SyncTimeout",
+    "LayoutSpec", "LinkModel", "NonFiniteWeights", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError", "SyncTimeout",
     "WeightReceiver", "WeightSender", "allocate_destinations", "expected_destinations", "mismatches",
 ]

@@ -48,6 +48,7 @@ class SyncConfig:
     trace_dir: str | None = None  # write a Chrome trace of each push per rank here
     fused_writes: bool = True  # one-sided transports: kernels store straight into the destination
     kernels: str = "auto"  # FP8 kernels: auto | grouped (one launch per bucket) | per_box | reference
+    check_finite: bool = False  # refuse inf/NaN in tensors sent unquantized too (FP8 ones always are)
     links: LinkModel = field(default_factory=LinkModel)
 
     def __post_init__(self) -> None:

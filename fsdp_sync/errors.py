@@ -11,3 +11,7 @@ class PlanError(ValueError):
 
 class SyncTimeout(SyncError, TimeoutError):
     """A peer did not answer within the configured timeout."""
+
+
+class NonFiniteWeights(SyncError, ValueError):
+    """A weight to push holds inf or NaN: the push was refused on every side, naming it."""

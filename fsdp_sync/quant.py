@@ -12,7 +12,8 @@ amax-grid rule serves all of them, in both modes:
 multiplier). A block's amax covers only its real elements, so partial blocks are scaled
 by their own values. An all-zero block gets scale 1 (never 0, which would divide by zero).
 NaN propagates: a block containing NaN gets a NaN scale and NaN values, as the
-reference on the full tensor would.
+reference on the full tensor would (an inf gives an inf scale). Pushes never ship such
+blocks: senders refuse them from their scales (``fsdp_sync.finite``).
 
 Direct mode never sees a full tensor: each rank computes the amax of the blocks its
 rows touch, the shard group reduces those grids with MAX (exact, order-free), and

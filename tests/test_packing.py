@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 from torch.distributed.tensor import Shard  # noqa: E402
 
+from fsdp_sync.errors import NonFiniteWeights  # noqa: E402
 from fsdp_sync.meta import ReceiverMeta  # noqa: E402
 from fsdp_sync.packing import BucketPacker  # noqa: E402
 from fsdp_sync.trace import Trace  # noqa: E402
@@ -38,7 +39,7 @@ def _payloads(quant: str, kernels: str, *, mixed: bool, watermark_bytes: int) ->
     packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels=kernels)
     out = []
     for bucket in sender.buckets:
-        out += [(t.src, t.kind, t.receiver, t.src_box, data.clone()) for t, data in packer.pack(bucket, local, Trace(0))]
+        out += [(t.src, t.kind, t.receiver, t.src_box, data.clone()) for t, data in packer.pack(bucket, local, Trace(0))[0]]
     return out
 
 
@@ -71,8 +72,8 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
 
     def check(push: int) -> None:
         for bucket in sender.buckets:
-            assert all(payload is None for _, payload in packer.pack(bucket, local, Trace(0)))
-            for task, want in reference.pack(bucket, local, Trace(0)):
+            assert all(payload is None for _, payload in packer.pack(bucket, local, Trace(0))[0])
+            for task, want in reference.pack(bucket, local, Trace(0))[0]:
                 got = task.dst_box.view(dests[(task.receiver, task.dst)])
                 assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (push, task.src, task.kind)
 
@@ -89,3 +90,52 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
     check(2)
     bucket_of_moved = next(b.index for b in sender.buckets if moved in b.params)
     assert packer._replays[bucket_of_moved] is not replays[bucket_of_moved]
+
+
+def test_inf_or_nan_in_a_weight_is_refused_naming_it():
+    """FP8 params show it in their block scales (reference, grouped fused and two-pass, and
+    a replayed bucket); unquantized ones (the norm) are checked with check_finite only.
+    Huge finite values, whose norm overflows, pass."""
+    sources = sources_on(SHAPES, [0], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")
+    sender = plan(sources, receivers, watermark_bytes=1 << 30).for_sender(0)
+    gen = torch.Generator().manual_seed(2)
+    clean = {s.name: torch.randn(s.shape, generator=gen).to(torch.bfloat16) for s in sources}
+    dests = {(m.rank, n): torch.zeros(d.shape, dtype=d.dtype) for m in receivers for n, d in m.tensors.items()}
+
+    def refusals(packer: BucketPacker, local: dict) -> list[str]:
+        out = []
+        for bucket in sender.buckets:
+            _, check = packer.pack(bucket, local, Trace(0))
+            try:
+                if check is not None:
+                    check.raise_if_not_finite()
+            except NonFiniteWeights as e:
+                out.append(str(e))
+        return out
+
+    def make_packer(kernels: str, *, check_finite: bool = False, direct: bool = False) -> BucketPacker:
+        destination = (lambda t: t.dst_box.view(dests[(t.receiver, t.dst)])) if direct else None
+        return BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels=kernels,
+                            check_finite=check_finite, destination=destination)
+
+    up, down, norm = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"
+    # What check_finite adds does not depend on the kernels: the reference packer covers it.
+    for check_finite, packer in [(False, make_packer("reference")), (False, make_packer("grouped")),
+                                 (False, make_packer("grouped", direct=True)),
+                                 (True, make_packer("reference", check_finite=True))]:
+        assert refusals(packer, clean) == refusals(packer, dict(clean, **{norm: clean[norm] * 1e30})) == []
+        for name, where, value, named in [(up, (5, 7), float("inf"), True), (down, (150, 300), float("nan"), True),
+                                          (norm, (3,), -float("inf"), check_finite)]:
+            bad = {n: t.clone() for n, t in clean.items()}
+            bad[name][where] = value
+            errors = refusals(packer, bad)
+            assert bool(errors) == named and all(name in e and len(e.split("'model.")) == 2 for e in errors), errors
+    # A recorded bucket replayed: the shard changed in place, its launches ran again.
+    replayed = make_packer("grouped", direct=True)
+    local = {n: t.clone() for n, t in clean.items()}
+    assert refusals(replayed, local) == []
+    replays = dict(replayed._replays)
+    local[up][300, 100] = float("inf")
+    assert [up in e for e in refusals(replayed, local)] == [True]
+    assert replayed._replays == replays
