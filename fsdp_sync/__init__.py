@@ -27,6 +27,6 @@ from .receiver import WeightReceiver
 from .sender import PushHandle, PushResult, WeightSender
 
 __all__ = [
-    "LayoutSpec", "LinkModel", "NonFiniteWeights", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError", "SyncTimeout",
-    "WeightReceiver", "WeightSender", "allocate_destinations", "expected_destinations", "mismatches",
+    "LayoutSpec", "LinkModel", "NonFiniteWeights", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError",
+    "SyncTimeout", "WeightReceiver", "WeightSender", "allocate_destinations", "expected_destinations", "mismatches",
 ]

@@ -68,8 +68,9 @@ def _e4m3_bits(y, HW_CAST: tl.constexpr):
         # cvt.rn.satfinite: saturation to +-448 (inf too) is the reference's clamp.
         return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
     else:
-        # c10's fp8e4m3fn_from_fp32_value, in integers only: its float variant rounds by
-        # adding a magic constant, an add that LLVM may fuse with nearby arithmetic (FMA).
+        # c10's fp8e4m3fn_from_fp32_value, in integers only: c10 rounds subnormals with a
+        # float add of a magic constant, which LLVM may fuse with nearby arithmetic into an
+        # FMA (it did with the scaling multiply that preceded it before exact division).
         bits = y.to(tl.int32, bitcast=True)
         sign = (bits >> 24) & 0x80
         mag = bits & 0x7FFFFFFF

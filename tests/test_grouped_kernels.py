@@ -251,7 +251,8 @@ def test_fused_batch_computes_scales_and_values_in_one_pass():
         assert_same_bits(out, box.view(ref_q), any_nan=True)
 
 
-def _grouped_quantize(tensors: list[tuple[torch.Tensor, str]], *, fused: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _grouped_quantize(tensors: list[tuple[torch.Tensor, str]], *,
+                      fused: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(FP8, scales) of whole tensors from grouped launches: one fused launch, or amax then quantize."""
     shapes = [(t, get_quant_format(fmt).block_shape(t.shape)) for t, fmt in tensors]
     grids = [torch.full(Box.full(t.shape).to_blocks(block).sizes, -1.0, device=DEVICE) for t, block in shapes]
@@ -305,7 +306,8 @@ def _grouped_variant(vec: bool, quantize: bool, permuted: bool = False, *, from_
 def _global_accesses(*variants: tuple[bool, bool, bool]) -> list[set[str]]:
     """The global loads and stores of each (vec, quantize, permuted) variant of the grouped
     kernel compiled for sm_90, which needs no GPU."""
-    return [set(re.findall(r"(?:ld|st)\.global\.[\w.]+", ptx)) for ptx in sm90_ptx([_grouped_variant(*v) for v in variants])]
+    ptxs = sm90_ptx([_grouped_variant(*v) for v in variants])
+    return [set(re.findall(r"(?:ld|st)\.global\.[\w.]+", ptx)) for ptx in ptxs]
 
 
 def test_grouped_quantize_divides_with_ieee_rounding():
@@ -315,7 +317,8 @@ def test_grouped_quantize_divides_with_ieee_rounding():
     for ptx in sm90_ptx([_grouped_variant(True, True), _grouped_variant(False, True, from_amax=False)]):
         # One division per element a thread holds (128 x 128 over 16 warps), not one reciprocal.
         assert ptx.count("div.rn.f32") >= 128 * 128 // (16 * 32), ptx.count("div.rn.f32")
-        assert not re.search(r"div\.(full|approx)|rcp\.approx", ptx), sorted(set(re.findall(r"(?:div|rcp)\.[\w.]+", ptx)))
+        divisions = sorted(set(re.findall(r"(?:div|rcp)\.[\w.]+", ptx)))
+        assert not re.search(r"div\.(full|approx)|rcp\.approx", ptx), divisions
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
 

@@ -39,7 +39,8 @@ def _payloads(quant: str, kernels: str, *, mixed: bool, watermark_bytes: int) ->
     packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels=kernels)
     out = []
     for bucket in sender.buckets:
-        out += [(t.src, t.kind, t.receiver, t.src_box, data.clone()) for t, data in packer.pack(bucket, local, Trace(0))[0]]
+        items, _ = packer.pack(bucket, local, Trace(0))
+        out += [(t.src, t.kind, t.receiver, t.src_box, data.clone()) for t, data in items]
     return out
 
 
