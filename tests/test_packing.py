@@ -13,9 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from torch.distributed.tensor import Shard  # noqa: E402
 
 from fsdp_sync.errors import NonFiniteWeights  # noqa: E402
+from fsdp_sync.finite import finite_check  # noqa: E402
 from fsdp_sync.meta import ReceiverMeta  # noqa: E402
 from fsdp_sync.packing import BucketPacker  # noqa: E402
 from fsdp_sync.trace import Trace  # noqa: E402
@@ -140,3 +142,49 @@ def test_inf_or_nan_in_a_weight_is_refused_naming_it():
     local[up][300, 100] = float("inf")
     assert [up in e for e in refusals(replayed, local)] == [True]
     assert replayed._replays == replays
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_verdict_is_a_pinned_flag_filled_without_a_sync():
+    """On a GPU the check queues its reductions and a copy into pinned host memory on the
+    packing stream, with no sync of its own; read after the bucket's event, it names the tensor."""
+    device = torch.device("cuda")
+    scales = torch.ones(8, 4, device=device)
+    values = torch.randn(300, 70, device=device).to(torch.bfloat16)
+    values[7, 9] = float("nan")
+    stream = torch.cuda.Stream()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
+    try:
+        with torch.cuda.stream(stream):
+            check = finite_check(0, scales.view(-1), {"w": scales}, {"norm.weight": values})
+            event = torch.cuda.Event()
+            event.record(stream)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert check.flag.device.type == "cpu" and check.flag.is_pinned()
+    event.synchronize()
+    with pytest.raises(NonFiniteWeights, match=r"'norm\.weight' \(inf or NaN in its weights\)"):
+        check.raise_if_not_finite()
+
+    # Through the packer, grouped kernels on the GPU: the FP8 param's scales give it away.
+    sources = sources_on(SHAPES, [0], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")
+    sender = plan(sources, receivers, watermark_bytes=1 << 30).for_sender(0)
+    gen = torch.Generator().manual_seed(3)
+    local = {s.name: torch.randn(s.shape, generator=gen).to(torch.bfloat16).to(device) for s in sources}
+    local["model.layers.0.mlp.up_proj.weight"][5, 7] = float("inf")
+    packer = BucketPacker(sender, {s.name: s for s in sources}, {}, device, kernels="grouped")
+    errors = []
+    for bucket in sender.buckets:
+        with torch.cuda.stream(stream):
+            _, check = packer.pack(bucket, local, Trace(0))
+            event = torch.cuda.Event()
+            event.record(stream)
+        event.synchronize()
+        try:
+            if check is not None:
+                check.raise_if_not_finite()
+        except NonFiniteWeights as e:
+            errors.append(str(e))
+    assert len(errors) == 1 and "'model.layers.0.mlp.up_proj.weight' (a block amax" in errors[0], errors
