@@ -6,25 +6,29 @@ import sys as _sys
 
 # Installs map the top-level kernels/ folder to fsdp_sync.kernels. Run from a source checkout
 # (the package found on the current directory, or a path-based editable install), that map
-# is not consulted, so point the subpackage at the folder beside this one.
-if _importlib_util.find_spec(__name__ + ".kernels") is None:
-    _folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+# is either not consulted or, when an editable install of another checkout (a git worktree's
+# main checkout, say) is in the environment, points into that checkout: so a package loaded
+# from a source checkout always takes the kernels/ folder beside it.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+_folder = _os.path.join(_root, "kernels")
+if (not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "kernels"))
+        and _os.path.isfile(_os.path.join(_root, "pyproject.toml"))
+        and _os.path.isfile(_os.path.join(_folder, "__init__.py"))):
     _spec = _importlib_util.spec_from_file_location(__name__ + ".kernels", _os.path.join(_folder, "__init__.py"),
                                                     submodule_search_locations=[_folder])
-    if _spec is not None and _os.path.isdir(_folder):
-        _sys.modules[__name__ + ".kernels"] = _importlib_util.module_from_spec(_spec)
-        _spec.loader.exec_module(_sys.modules[__name__ + ".kernels"])
+    _sys.modules[__name__ + ".kernels"] = _importlib_util.module_from_spec(_spec)
+    _spec.loader.exec_module(_sys.modules[__name__ + ".kernels"])
 
 from ._version import __version__
 from .config import LinkModel, SyncConfig
 from .destinations import allocate_destinations, expected_destinations, mismatches
-from .errors import PlanError, SyncError, SyncTimeout, TrainerGone
+from .errors import NonFiniteWeights, PlanError, SyncError, SyncTimeout, TrainerGone
 from .meta import LayoutSpec
 from .receiver import WeightReceiver
 from .sender import PushHandle, PushResult, WeightSender
 
 __all__ = [
-    "LayoutSpec", "LinkModel", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError", "SyncTimeout",
-    "TrainerGone", "WeightReceiver", "WeightSender", "__version__", "allocate_destinations", "expected_destinations",
-    "mismatches",
+    "LayoutSpec", "LinkModel", "NonFiniteWeights", "PlanError", "PushHandle", "PushResult", "SyncConfig", "SyncError",
+    "SyncTimeout", "TrainerGone", "WeightReceiver", "WeightSender", "__version__", "allocate_destinations",
+    "expected_destinations", "mismatches",
 ]

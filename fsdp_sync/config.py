@@ -59,6 +59,7 @@ class SyncConfig:
     fused_writes: bool = True  # one-sided transports: kernels store straight into the destination
     kernels: str = "auto"  # FP8 kernels: auto | grouped (one launch per bucket) | per_box | reference
     on_receiver_failure: str = "fail"  # fail | drop: what a failed push does to a dead receiver
+    check_finite: bool = False  # refuse inf/NaN in tensors sent unquantized too (FP8 ones always are)
     links: LinkModel = field(default_factory=LinkModel)
 
     def __post_init__(self) -> None:

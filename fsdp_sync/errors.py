@@ -20,3 +20,7 @@ class TrainerGone(SyncError):
 
 class ControlPlaneLost(SyncError):
     """The control-plane store could not be reached any more (its host, trainer rank 0, exited)."""
+
+
+class NonFiniteWeights(SyncError, ValueError):
+    """A weight to push holds inf or NaN: the push was refused on every side, naming it."""

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .boxes import Box
 from .copies import copy_all
+from .finite import FiniteCheck, finite_check
 from .meta import SourceParam
 from .plan import DATA, Bucket, SenderPlan, Task
 from . import quant
@@ -75,6 +76,7 @@ class _Replay:
     sources: tuple[int, ...]  # data_ptr of each held tensor, in bucket order
     flat: torch.Tensor  # the bucket's amax grid, all params
     scales: torch.Tensor  # the bucket's scale grid, all params (fused launches write theirs here)
+    grids: dict[str, torch.Tensor]  # per quantized param, its view of ``scales``
     group: object | None  # the shard group's process group, when its amaxes are all-reduced
     amax: object | None = None  # PreparedLaunch
     quantize: list = field(default_factory=list)  # PreparedLaunch per batch
@@ -113,9 +115,11 @@ class BucketPacker:
 
     def __init__(self, plan: SenderPlan, sources: dict[str, SourceParam], groups: dict[tuple[int, ...], object],
                  device: torch.device, destination: Callable[[Task], torch.Tensor | None] | None = None,
-                 kernels: str = "auto", remote: Callable[[Task], bool] | None = None):
-        """``remote(task)``: whether ``destination(task)`` is on a peer GPU (see GroupedCells.freeze)."""
+                 kernels: str = "auto", remote: Callable[[Task], bool] | None = None, check_finite: bool = False):
+        """``remote(task)``: whether ``destination(task)`` is on a peer GPU (see GroupedCells.freeze).
+        ``check_finite``: check the unquantized params for inf and NaN too (see ``fsdp_sync.finite``)."""
         self.plan = plan
+        self.check_finite = check_finite
         self.sources = sources
         self.groups = groups
         self.device = device
@@ -133,12 +137,15 @@ class BucketPacker:
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
 
-    def pack(self, bucket: Bucket, local: dict[str, torch.Tensor], trace: Trace) -> list[tuple[Task, torch.Tensor | None]]:
+    def pack(self, bucket: Bucket, local: dict[str, torch.Tensor],
+             trace: Trace) -> tuple[list[tuple[Task, torch.Tensor | None]], FiniteCheck | None]:
+        """The bucket's (task, payload) pairs, and its check for inf and NaN (None: nothing to
+        check), to read once the work queued on the current stream is done, before sending."""
         shards = {name: self._on_device(local[name], trace) for name in bucket.params}
         replay = self._replays.get(bucket.index)
         if replay is not None:
             if replay.sources == tuple(shards[name].data_ptr() for name in bucket.params):
-                return replay.run(bucket, trace, self.plan.mode)
+                return replay.run(bucket, trace, self.plan.mode), self._finite(bucket, shards, replay)
             del self._replays[bucket.index]  # a source moved: pack it afresh, and record again
         boxes = {name: self._box(name, bucket.group) for name in bucket.params}
         # Recorded only when the launches read the shards themselves (no H2D, no gather).
@@ -165,7 +172,15 @@ class BucketPacker:
             if self._replayable and all(payload is None for _, payload in out):
                 replay.out = out
                 self._replays[bucket.index] = replay
-            return out
+        return out, self._finite(bucket, shards, replay)
+
+    def _finite(self, bucket: Bucket, shards: dict[str, torch.Tensor], replay: _Replay) -> FiniteCheck | None:
+        """Queue the bucket's check: its scale grid (every block amax this rank holds, fused
+        ones included, lands there once the quantize launches ran), and with ``check_finite``
+        this rank's shards of its unquantized params (each element is some rank's)."""
+        quantized = set(bucket.quantized)
+        values = ({n: shards[n] for n in bucket.params if n not in quantized} if self.check_finite else {})
+        return finite_check(bucket.index, replay.scales, replay.grids, values)
 
     def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[object | None, list]:
         """Run the copies: the small ones in one launch where Triton kernels are in use (on
@@ -283,7 +298,7 @@ class BucketPacker:
         return full
 
     def _scales(self, bucket: Bucket, held: dict[str, torch.Tensor], held_boxes: dict[str, Box],
-                inner: dict[str, Box]) -> dict[str, torch.Tensor]:
+                inner: dict[str, Box]) -> tuple[dict[str, torch.Tensor], _Replay]:
         """Scale grid of every quantized param of the bucket; direct mode reduces amax over the group.
 
         All grids of the bucket live in one flat buffer, so the all-reduce and the
@@ -324,8 +339,9 @@ class BucketPacker:
         if group is not None and not self._reduce[bucket.index]:
             group = None  # every block of the bucket is whole on one rank: later pushes skip the collective
         scales = scales_from_amax(amax)
-        replay = _Replay(tuple(held[name].data_ptr() for name in bucket.params), amax, scales, group, prepared)
-        return dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values())))), replay
+        grids = dict(zip(shapes, (part.view(shape) for part, shape in zip(scales.split(sizes), shapes.values()))))
+        replay = _Replay(tuple(held[name].data_ptr() for name in bucket.params), amax, scales, grids, group, prepared)
+        return grids, replay
 
     def _amax_boxes(self, bucket: int, name: str, whole: Box, inner: Box | None,
                     block: tuple[int, ...]) -> list[tuple[Box, tuple[slice, ...], tuple[slice, ...]]]:

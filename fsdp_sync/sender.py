@@ -362,7 +362,8 @@ class WeightSender:
         self._generation = generation
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
                                     destination=self._transport.destination if self.config.fused_writes else None,
-                                    kernels=self.config.kernels, remote=self._transport.writes_to_peer)
+                                    kernels=self.config.kernels, remote=self._transport.writes_to_peer,
+                                    check_finite=self.config.check_finite)
 
     # -- the push itself -----------------------------------------------------------------
     def _run(self, handle: PushHandle, local: dict[str, torch.Tensor]) -> None:
@@ -385,19 +386,22 @@ class WeightSender:
 
             def produce(bucket) -> tuple:
                 # Packing runs on its own stream; the event tells the transfer thread when
-                # the bucket's bytes (or its direct writes into peer buffers) are complete.
+                # the bucket's bytes (or its direct writes into peer buffers) and its
+                # inf/NaN verdict are complete.
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    items = self._packer.pack(bucket, local, trace)
+                    items, check = self._packer.pack(bucket, local, trace)
                     event = torch.cuda.Event() if stream is not None else None
                     if event is not None:
                         event.record(stream)
-                return items, event
+                return items, check, event
 
             def transfer(packed: tuple) -> None:
                 nonlocal sent
-                items, event = packed
+                items, check, event = packed
                 if event is not None:
                     event.synchronize()
+                if check is not None:
+                    check.raise_if_not_finite()  # before this bucket's bytes leave, and before "done"
                 self._transport.send(items)
                 sent += 1
                 if self._progress is not None:

@@ -120,8 +120,7 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, NUM_FIELDS: tl.co
         sqb = tl.load(row + 6)
         sqr = tl.load(row + 7)
         sqc = tl.load(row + 8)
-        inv = tl.math.div_rn(1.0, scale)
-        q = _e4m3_bits(x * inv, HW_CAST)
+        q = _e4m3_bits(tl.math.div_rn(x, scale), HW_CAST)
         if VEC:
             q_off = tl.multiple_of(q_off, 16)
             sqb = tl.multiple_of(sqb, 16)

@@ -16,12 +16,14 @@ Bit-exactness with the torch reference rests on four choices:
 
 * amax is an integer max over ``bits & 0x7fffffff``: exact, and NaN (whose bits exceed
   inf's) wins, as ``torch.amax`` propagates it, where float max on GPU would drop it;
-* reciprocals use ``div_rn`` (Triton's ``/`` on fp32 is approximate on GPU);
+* the scale ``amax / 448`` and every quotient ``x / scale`` are correctly rounded
+  divisions, ``div_rn`` (Triton's ``/`` on fp32 is ``div.full.f32`` on GPU, approximate;
+  a CPU test checks the PTX). Multiplying by ``1 / scale`` would round twice and move
+  ~0.04% of codes one step, ties among them;
 * the FP8 encoding on sm_89+ is ``cvt.rn.satfinite``: round to nearest even, saturating
   to +-448, which equals torch's clamp-then-cast; elsewhere it is c10's algorithm in
   integers, because the CPU interpreter's fp8 cast is wrong on ties and subnormals and
-  neither saturates nor keeps NaN;
-* the fused scale ``amax / 448`` is a correctly rounded division, as in the reference.
+  neither saturates nor keeps NaN.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def _e4m3_bits(y, HW_CAST: tl.constexpr):
         # cvt.rn.satfinite: saturation to +-448 (inf too) is the reference's clamp.
         return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
     else:
-        # c10's fp8e4m3fn_from_fp32_value, in integers only: a float add would let LLVM
-        # contract it with the scaling multiply into an FMA and round differently.
+        # c10's fp8e4m3fn_from_fp32_value, in integers only: c10 rounds subnormals with a
+        # float add of a magic constant, which LLVM may fuse with nearby arithmetic into an
+        # FMA (it did with the scaling multiply that preceded it before exact division).
         bits = y.to(tl.int32, bitcast=True)
         sign = (bits >> 24) & 0x80
         mag = bits & 0x7FFFFFFF
@@ -177,8 +180,7 @@ def _fp8_cell_kernel(
             tl.store(scale_ptr + scale_off, scale)
         else:
             scale = tl.load(scale_ptr + scale_off)
-        inv = tl.math.div_rn(1.0, scale)
-        q = _e4m3_bits(x * inv, HW_CAST)
+        q = _e4m3_bits(tl.math.div_rn(x, scale), HW_CAST)
         q_base = q_ptr + b.to(tl.int64) * stride_qb + r0.to(tl.int64) * stride_qr + c0.to(tl.int64) * stride_qc
         tl.store(q_base + tr[:, None] * stride_qr + tc[None, :] * stride_qc, q, mask=mask)
     else:

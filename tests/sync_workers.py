@@ -38,6 +38,9 @@ class Case:
     versions: int = 2
     watermark_mb: float = 256.0
     kill_sender_at_version: int | None = None  # SIGKILL trainer rank 1 mid-push of this version
+    inf_at: tuple[str, int] | None = None  # (param, version): trainer rank 0 puts an inf in its shard first
+    commit: str = "in_place"  # the receivers' commit mode; staged ones commit each version they land
+    check_finite: bool = False
     timeout_s: float = 60.0
     extra: dict = field(default_factory=dict)
     device: str = "cpu"  # "cuda": each process on its own GPU (see recipes.jobs.start_job)
@@ -49,8 +52,7 @@ class Case:
     def config(self) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port}", job=self.name, quant=self.quant, mode=self.mode,
                           transport=self.transport, timeout_s=self.timeout_s, watermark_mb=self.watermark_mb,
-                          connect_timeout_s=scaled(60),
-                          kernels=self.kernels)
+                          connect_timeout_s=scaled(60), kernels=self.kernels, check_finite=self.check_finite)
 
     def layout(self, receiver: int) -> LayoutSpec:
         if self.tp == 1:
@@ -122,6 +124,9 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
         sender = WeightSender(model, case.config(), progress=die_mid_push if doomed else None)
         for version in range(1, case.versions + 1):
             _step(case, model, optim, version)
+            if case.inf_at is not None and case.inf_at[1] == version and rank == 0:
+                with torch.no_grad():  # the shard FSDP2 holds, in place: what the sender reads
+                    dict(model.named_parameters())[case.inf_at[0]].to_local().view(-1)[1] = float("inf")
             outcome = {}
             try:
                 outcome["result"] = sender.push(version).wait()
@@ -171,15 +176,20 @@ def receiver(rank: int, world_size: int, cases: list[Case], results, barrier) ->
         layout = case.layout(rank)
         reserved = torch.cuda.memory_reserved() if case.device == "cuda" else 0
         dests = allocate_destinations(_shapes(case), layout=layout, quant=case.quant, device=_device(case))
-        recv = WeightReceiver(dests, config=case.config(), layout=layout.name, layout_kwargs=layout.kwargs)
+        recv = WeightReceiver(dests, config=case.config(), layout=layout.name, layout_kwargs=layout.kwargs,
+                              commit=case.commit)
         for version in range(1, case.versions + 1):
             try:
                 got = recv.wait_for(version)
+                if case.commit == "staged":
+                    recv.commit()
                 tensors = {n: t.cpu() for n, t in recv.tensors.items()}
                 results.put(("receiver", rank, case.name, version, pack({"version": got, "tensors": tensors})))
             except Exception as e:  # noqa: BLE001 - the test inspects it
+                # What the engine serves after the failure: staged receivers keep their last version.
+                tensors = {n: t.cpu() for n, t in recv.tensors.items()}
                 results.put(("receiver", rank, case.name, version,
-                             pack({"error": f"{type(e).__name__}: {e}", "version": recv.version})))
+                             pack({"error": f"{type(e).__name__}: {e}", "version": recv.version, "tensors": tensors})))
                 break
             barrier.wait(timeout=case.timeout_s)
         if case.extra.get("add_param"):

@@ -1,6 +1,7 @@
 """The grouped FP8 kernel (one launch per bucket) against the plain-torch reference, bit for bit."""
 
 import os
+import re
 
 import torch
 
@@ -13,7 +14,9 @@ from fsdp_sync.boxes import Box  # noqa: E402
 from fsdp_sync.kernels import fp8_quant as K  # noqa: E402
 from fsdp_sync.kernels.fp8_grouped import GroupedCells, interleaved_order  # noqa: E402
 from fsdp_sync.quant import FP8_DTYPE, get_quant_format  # noqa: E402
-from tests.test_kernels import DEVICE, assert_same_bits, make_input, with_special_values  # noqa: E402
+from tests.ptx import kernel_spec, sm90_ptx  # noqa: E402
+from tests.test_kernels import (DEVICE, assert_matches_numpy, assert_same_bits, make_input, tie_input,  # noqa: E402
+                                with_special_values)
 
 
 def _cases():
@@ -169,6 +172,18 @@ def test_gpu_grouped_large_and_into_a_peer():
         assert_same_bits(out.cpu(), expected.cpu())
 
 
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-pass"])
+def test_gpu_grouped_launches_round_exactly(fused):
+    """Compiled grouped launches (div.rn, cvt.rn.satfinite) against numpy on exact ties, one GPU."""
+    tensors = [(tie_input((1024, 2048), "fp8_block", torch.float32, seed=31)[0], "fp8_block"),
+               (tie_input((3, 1000, 2100), "fp8_block", torch.bfloat16, seed=32)[0], "fp8_block"),
+               (tie_input((700, 3000), "fp8_rowwise", torch.bfloat16, seed=33)[0], "fp8_rowwise")]
+    for (x, fmt), (q, scales) in zip(tensors, _grouped_quantize(tensors, fused=fused)):
+        assert_matches_numpy(q, scales, x, fmt)
+
+
 def test_self_check_passes_and_reports_a_broken_kernel(monkeypatch):
     from fsdp_sync.kernels import fp8_grouped
 
@@ -236,6 +251,36 @@ def test_fused_batch_computes_scales_and_values_in_one_pass():
         assert_same_bits(out, box.view(ref_q), any_nan=True)
 
 
+def _grouped_quantize(tensors: list[tuple[torch.Tensor, str]], *,
+                      fused: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(FP8, scales) of whole tensors from grouped launches: one fused launch, or amax then quantize."""
+    shapes = [(t, get_quant_format(fmt).block_shape(t.shape)) for t, fmt in tensors]
+    grids = [torch.full(Box.full(t.shape).to_blocks(block).sizes, -1.0, device=DEVICE) for t, block in shapes]
+    outs = [torch.empty(t.shape, dtype=FP8_DTYPE, device=DEVICE) for t, _ in shapes]
+    if not fused:
+        amax = GroupedCells(DEVICE, quantize=False)
+        for (t, block), grid in zip(shapes, grids):
+            assert amax.add(t, Box.full(t.shape), block, grid)
+        amax.launch()
+        grids = [K.scales_from_amax(g) for g in grids]
+    group = GroupedCells(DEVICE, quantize=True, fused=fused)
+    for (t, block), grid, out in zip(shapes, grids, outs):
+        assert group.add(t, Box.full(t.shape), block, grid, out=out, shape=t.shape)
+    group.launch()
+    return list(zip(outs, grids))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-pass"])
+def test_grouped_launches_round_exactly(fused):
+    """Exact ties (16-aligned boxes, which take the VEC launches, and odd ones), float32
+    with arbitrary scales and bfloat16, against the independent numpy quantizer."""
+    tensors = [(tie_input((256, 384), "fp8_block", torch.float32, seed=21)[0], "fp8_block"),
+               (tie_input((2, 130, 257), "fp8_block", torch.bfloat16, seed=22)[0], "fp8_block"),
+               (tie_input((70, 300), "fp8_rowwise", torch.float32, seed=23)[0], "fp8_rowwise")]
+    for (x, fmt), (q, scales) in zip(tensors, _grouped_quantize(tensors, fused=fused)):
+        assert_matches_numpy(q, scales, x, fmt)
+
+
 def test_fused_batch_refuses_boxes_that_cut_blocks():
     x = make_input((300, 400))
     group = GroupedCells(DEVICE, quantize=True, fused=True)
@@ -247,38 +292,34 @@ def test_fused_batch_refuses_boxes_that_cut_blocks():
     assert len(group) == 0
 
 
-_COMPILE_FOR_SM90 = """
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fsdp_sync.kernels.fp8_grouped import _NUM_FIELDS, _grouped_cell_kernel
+def _grouped_variant(vec: bool, quantize: bool, permuted: bool = False, *, from_amax: bool = True) -> dict:
+    """The grouped kernel over bf16 128x128 blocks, as a push launches it, for ``tests.ptx``."""
+    from fsdp_sync.kernels.fp8_grouped import _NUM_FIELDS
 
-vec, quantize, permuted = json.loads(sys.argv[1])
-signature = {"table": "*i64", "row_of": "*i32", "order": "*i32", "x_base": "*i16", "q_base": "*u8"}
-constants = dict(NUM_FIELDS=_NUM_FIELDS, TILE_R=128, TILE_C=128, QUANTIZE=quantize, FROM_AMAX=True,
-                 HW_CAST=True, VEC=vec, PERMUTED=permuted)
-signature.update({name: "constexpr" for name in constants})
-aligned = [["tt.divisibility", 16]]  # what Triton's launcher makes of 16-aligned pointers
-source = ASTSource(_grouped_cell_kernel, signature, constexprs=constants, attrs={(3,): aligned, (4,): aligned})
-ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16}).asm["ptx"]
-print(json.dumps(sorted(set(re.findall(r"(?:ld|st)\\.global\\.[\\w.]+", ptx)))))
-"""
+    signature = {"table": "*i64", "row_of": "*i32", "order": "*i32", "x_base": "*i16", "q_base": "*u8"}
+    constants = dict(NUM_FIELDS=_NUM_FIELDS, TILE_R=128, TILE_C=128, QUANTIZE=quantize, FROM_AMAX=from_amax,
+                     HW_CAST=True, VEC=vec, PERMUTED=permuted)
+    return kernel_spec("fsdp_sync.kernels.fp8_grouped", "_grouped_cell_kernel", signature, constants,
+                       aligned=(3, 4), num_warps=16)
 
 
-def _global_accesses(vec: bool, quantize: bool, permuted: bool = False) -> set[str]:
-    """The global loads and stores of the grouped kernel compiled for sm_90, which needs no
-    GPU; in a subprocess, since this module may run under the interpreter."""
-    import json
-    import subprocess
-    import sys
+def _global_accesses(*variants: tuple[bool, bool, bool]) -> list[set[str]]:
+    """The global loads and stores of each (vec, quantize, permuted) variant of the grouped
+    kernel compiled for sm_90, which needs no GPU."""
+    ptxs = sm90_ptx([_grouped_variant(*v) for v in variants])
+    return [set(re.findall(r"(?:ld|st)\.global\.[\w.]+", ptx)) for ptx in ptxs]
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps([vec, quantize, permuted])],
-                         capture_output=True, text=True, env=env, timeout=300)
-    if run.returncode != 0:
-        pytest.skip(f"cannot compile for sm_90 here: {run.stderr.strip().splitlines()[-1:]}")
-    return set(json.loads(run.stdout.strip().splitlines()[-1]))
+
+def test_grouped_quantize_divides_with_ieee_rounding():
+    """Each code comes from a correctly rounded x / scale (div.rn.f32), fused or two-pass.
+    The interpreter divides exactly whatever the kernel says, so only the PTX shows that the
+    GPU does: Triton's ``/`` on fp32 compiles to div.full.f32 (approximate)."""
+    for ptx in sm90_ptx([_grouped_variant(True, True), _grouped_variant(False, True, from_amax=False)]):
+        # One division per element a thread holds (128 x 128 over 16 warps), not one reciprocal.
+        assert ptx.count("div.rn.f32") >= 128 * 128 // (16 * 32), ptx.count("div.rn.f32")
+        divisions = sorted(set(re.findall(r"(?:div|rcp)\.[\w.]+", ptx)))
+        assert not re.search(r"div\.(full|approx)|rcp\.approx", ptx), divisions
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
 
 @pytest.mark.parametrize("quantize", [False, True])
@@ -286,9 +327,9 @@ def test_aligned_launches_compile_to_16_byte_accesses(quantize):
     """Without VEC every bf16 load is 2 bytes and every FP8 store 1 byte: several times slower
     over NVLink. Triton gives per-box launches this from argument specialization; a table's
     offsets need the hints, and an address cast to a pointer would lose them."""
-    fast, slow = _global_accesses(True, quantize), _global_accesses(False, quantize)
+    # The last: cells in interleaved order.
+    fast, slow, permuted = _global_accesses((True, quantize, False), (False, quantize, False), (True, quantize, True))
     assert "ld.global.v4.b32" in fast and "ld.global.b16" not in fast, fast
-    permuted = _global_accesses(True, quantize, permuted=True)  # cells in interleaved order
     assert "ld.global.v4.b32" in permuted and "ld.global.b16" not in permuted, permuted
     assert "ld.global.b16" in slow, slow
     if quantize:

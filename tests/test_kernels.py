@@ -6,17 +6,21 @@ and the ``gpu``-marked tests add large shapes and a peer-to-peer write.
 """
 
 import os
+import re
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from fsdp_sync.boxes import Box  # noqa: E402
 from fsdp_sync.kernels import fp8_quant as K  # noqa: E402
 from fsdp_sync.quant import FP8_DTYPE, get_quant_format  # noqa: E402
+from tests import fp8_numpy as N  # noqa: E402
+from tests.ptx import kernel_spec, sm90_ptx  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FORMATS = ["fp8_block", "fp8_rowwise", "fp8_tensor"]
@@ -151,7 +155,7 @@ def test_fp8_encoding_of_every_bfloat16(dtype):
         scales = torch.full((1, 1), value, device=DEVICE)
         q = K.quantize_box(x, box, scales, scale_box, block)
         ref = K.reference_quantize_box(x, box, scales, scale_box, block)
-        # Negative-NaN inputs times a NaN reciprocal: the NaN's sign is the operand order's.
+        # Negative-NaN inputs divided by a NaN scale: the NaN's sign is the operand order's.
         assert_same_bits(q, ref, any_nan=value != value)
 
 
@@ -269,6 +273,141 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# Against the independent numpy quantizer (tests/fp8_numpy.py): codes and scales bit for bit.
+# ---------------------------------------------------------------------------------------
+
+_NUMPY_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def assert_matches_numpy(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, fmt: str) -> None:
+    """``q`` and ``scales`` are what the numpy quantizer makes of ``x`` (NaN: any NaN code)."""
+    want_q, want_scales = N.quantize(x.float().cpu().numpy(), fmt)
+    assert_same_bits(scales.cpu(), torch.from_numpy(want_scales), any_nan=True)
+    assert_same_bits(q.cpu(), torch.from_numpy(want_q).view(FP8_DTYPE), any_nan=True)
+
+
+def tie_input(shape, fmt: str, dtype=torch.bfloat16, seed=0) -> tuple[torch.Tensor, np.ndarray]:
+    """``fp8_numpy.tie_input`` as a tensor on DEVICE: values that divide to FP8 midpoints."""
+    x, ties = N.tie_input(shape, fmt, _NUMPY_DTYPES[dtype], seed)
+    t = torch.from_numpy(x).to(dtype)
+    assert torch.equal(t.float(), torch.from_numpy(x))  # tie_input made them exact in dtype
+    return t.to(DEVICE), ties
+
+
+def with_overflow_and_zeros(x: torch.Tensor) -> torch.Tensor:
+    """Blocks far past 448 before scaling (up to near the dtype's max), an all-zero block with
+    signed zeros, a zero row and values that round to zero."""
+    x = x.clone()
+    top = torch.finfo(x.dtype).max
+    x[..., :128, 128:256] = x[..., :128, 128:256].float().clamp(-1, 1) * (top / 2)
+    x[..., 3, 130] = top
+    x[..., 128:, :128] = 0
+    x[..., 129, :7] = -0.0
+    x[..., 60, :] = 0
+    x[..., 10:20, 260:] = 1e-3 * x[..., 10:20, 260:].sign()
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exact_ties_match_numpy(fmt, dtype):
+    """x / scale exactly halfway between two codes: the even code wins, in kernel and reference.
+
+    A product with ``1 / scale`` (the old rounding) lands many of these one step off.
+    """
+    x, ties = tie_input((2, 130, 257), fmt, dtype)
+    assert ties.mean() > 0.5, ties.mean()
+    assert_matches_numpy(*K.quantize_full(x, fmt), x, fmt)
+    assert_matches_numpy(*K.reference_quantize(x, fmt), x, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_tie_inputs_catch_a_reciprocal(fmt):
+    """The tie test above would fail a quantizer that multiplies by ``1 / scale``."""
+    x, ties = N.tie_input((2, 130, 257), fmt, "float32")
+    block = N.block_shape(fmt, x.shape)
+    scales = N.scales_of(x, block)
+    per_element = scales.reshape(-1)[N.block_ids(x.shape, block)[0]]
+    off = N.encode_e4m3(x * (np.float32(1) / per_element)) != N.quantize_with(x, scales, block)
+    assert (off & ties).sum() > 1000, (off & ties).sum()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape, dtype", [((1, 1), torch.bfloat16), ((3, 200), torch.bfloat16),
+                                          ((257, 129), torch.bfloat16), ((130, 257), torch.bfloat16),
+                                          ((130, 257), torch.float32), ((2, 130, 257), torch.float16)])
+def test_random_values_match_numpy(fmt, shape, dtype):
+    """Odd shapes and partial blocks; where a block has room, overflow and all-zero blocks."""
+    x = make_input(shape, dtype=dtype, seed=3)
+    if shape[-2] > 128 and shape[-1] > 256:
+        x = with_overflow_and_zeros(x)
+    assert x.isfinite().all()
+    assert_matches_numpy(*K.quantize_full(x, fmt), x, fmt)
+    assert_matches_numpy(*K.reference_quantize(x, fmt), x, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_direct_mode_matches_numpy(fmt):
+    """Shards that start mid-block: partial amax, MAX, quantize per shard, on tie inputs."""
+    full, _ = tie_input((200, 300), fmt, torch.float32, seed=4)
+    out, scales = direct_mode_with_kernels(full, fmt, grid_boxes(full.shape, [[37, 150], [129]]))
+    assert_matches_numpy(out, scales, full, fmt)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")  # the interpreter's x / 0 and inf / inf
+def test_saturation_and_non_finite_match_numpy():
+    """|x / scale| past 448 (and past float32's range) clamps to +-448; inf in a block makes
+    its scale inf, its finite codes 0 and the inf's code NaN; NaN makes the block NaN."""
+    x = make_input((130, 260), dtype=torch.float32, seed=5)
+    x[0, :5] = torch.tensor([1e3, -1e3, 3e38, -3e38, 464.0])
+    x[129, 259] = float("inf")  # the last, partial block
+    x[5, 200] = float("nan")
+    block = (128, 128)
+    box = Box.full(x.shape)
+    scales = torch.tensor([[1e-3, 0.5, 1.0], [2.0, 4.0, 1e-2]], device=DEVICE)  # < amax / 448: saturates
+    want = torch.from_numpy(N.quantize_with(x.cpu().numpy(), scales.cpu().numpy(), block)).view(FP8_DTYPE)
+    assert want.view(torch.uint8)[0, :5].tolist() == [0x7E, 0xFE, 0x7E, 0xFE, 0x7E]
+    for quantize_box in (K.quantize_box, K.reference_quantize_box):
+        assert_same_bits(quantize_box(x, box, scales, box.to_blocks(block), block).cpu(), want, any_nan=True)
+    q, s = K.quantize_full(x, "fp8_block")
+    assert s[1, 2] == float("inf") and s[0, 1].isnan()
+    assert_matches_numpy(q, s, x, "fp8_block")
+
+
+def _cell_variant(quantize: bool, from_amax: bool) -> dict:
+    """``_fp8_cell_kernel`` over bf16 128x128 cells, as ``quantize_full`` and ``quantize_box`` launch it."""
+    ints = ["stride_xb", "stride_xr", "stride_xc", "stride_qb", "stride_qr", "stride_qc", "stride_sb", "stride_sr",
+            "stride_sc", "rows", "cols", "row_skip", "col_skip", "first_cell_row", "first_cell_col", "cell_rows",
+            "cell_cols", "num_cell_rows", "num_cell_cols", "block_rows", "block_cols"]
+    signature = {"x_ptr": "*i16", "q_ptr": "*u8", "scale_ptr": "*fp32", "amax_ptr": "*fp32",
+                 **dict.fromkeys(ints, "i32")}
+    constants = dict(TILE_R=128, TILE_C=128, FROM_AMAX=from_amax, QUANTIZE=quantize, HW_CAST=True)
+    return kernel_spec("fsdp_sync.kernels.fp8_quant", "_fp8_cell_kernel", signature, constants, aligned=(0, 1))
+
+
+def test_quantize_divides_with_ieee_rounding_on_the_gpu():
+    """The interpreter divides exactly whatever the kernel says; only the PTX shows that the GPU
+    does too: every x / scale (and the fused amax / 448) is div.rn.f32, never div.full.f32
+    (what Triton's ``/`` on fp32 compiles to) or an approximate reciprocal."""
+    for ptx in sm90_ptx([_cell_variant(True, True), _cell_variant(True, False)]):
+        # One division per element a thread holds (128 x 128 over 4 warps), not one reciprocal.
+        assert ptx.count("div.rn.f32") >= 128 * 128 // (4 * 32), ptx.count("div.rn.f32")
+        divisions = sorted(set(re.findall(r"(?:div|rcp)\.[\w.]+", ptx)))
+        assert not re.search(r"div\.(full|approx)|rcp\.approx", ptx), divisions
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+
+
+def test_numpy_table_is_e4m3fn():
+    """The table's own facts: 254 finite values, +-448 at most, no inf, NaN at 0x7f and 0xff."""
+    table = N.e4m3_table()
+    assert np.isnan(table).nonzero()[0].tolist() == [0x7F, 0xFF]
+    assert np.isfinite(table).sum() == 254 and np.nanmax(np.abs(table)) == 448.0
+    assert table[0x01] == 2.0**-9 and table[0x08] == 2.0**-6 and table[0x38] == 1.0
+    assert N.encode_e4m3(np.float32([1.0625, 1.1875, 464.0, 1e9, -np.inf, -0.0])).tolist() == [
+        0x38, 0x3A, 0x7E, 0x7E, 0xFE, 0x80]
+
+
+# ---------------------------------------------------------------------------------------
 # GPU only: large shapes, the integer encoding on hardware, and a write into a peer GPU.
 # ---------------------------------------------------------------------------------------
 
@@ -286,6 +425,20 @@ def test_gpu_large_shapes(fmt, shape):
     ref_q, ref_scales = K.reference_quantize(x, fmt)
     assert_same_bits(q, ref_q)
     assert_same_bits(scales, ref_scales)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_exact_rounding_matches_numpy(fmt, dtype):
+    """Compiled kernels (div.rn, cvt.rn.satfinite) and torch's CUDA reference against numpy:
+    exact ties, random values with overflowing and all-zero blocks, partial blocks."""
+    x, ties = tie_input((3, 1000, 2100), fmt, dtype, seed=6)
+    assert ties.mean() > 0.5
+    for case in (x, with_overflow_and_zeros(make_input((1000, 3000), dtype=dtype, seed=7))):
+        assert_matches_numpy(*K.quantize_full(case, fmt), case, fmt)
+        assert_matches_numpy(*K.reference_quantize(case, fmt), case, fmt)
 
 
 @gpu

@@ -44,6 +44,16 @@ def test_installed_package_maps_kernels_inside_the_library(tmp_path):
     assert top_level_ok == "True"
 
 
+def test_a_source_checkout_takes_its_own_kernels():
+    """Imported from a checkout, fsdp_sync.kernels is that checkout's kernels/ folder, also when
+    the environment holds an editable install of another checkout (a git worktree's main one)."""
+    code = "import fsdp_sync, fsdp_sync.kernels.fp8_quant as q; print(fsdp_sync.__file__); print(q.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    package, kernel = out.stdout.split()
+    assert package == os.path.join(ROOT, "fsdp_sync", "__init__.py")
+    assert kernel == os.path.join(ROOT, "kernels", "fp8_quant.py")
+
+
 def test_wheel_contains_fsdp_sync_kernels_and_no_top_level_kernels(wheel):
     names = wheel.namelist()
     assert {"fsdp_sync/kernels/fp8_quant.py", "fsdp_sync/kernels/fp8_grouped.py"} <= set(names)

@@ -13,8 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from torch.distributed.tensor import Shard  # noqa: E402
 
+from fsdp_sync.errors import NonFiniteWeights  # noqa: E402
+from fsdp_sync.finite import finite_check  # noqa: E402
 from fsdp_sync.meta import ReceiverMeta  # noqa: E402
 from fsdp_sync.packing import BucketPacker  # noqa: E402
 from fsdp_sync.trace import Trace  # noqa: E402
@@ -38,7 +41,8 @@ def _payloads(quant: str, kernels: str, *, mixed: bool, watermark_bytes: int) ->
     packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels=kernels)
     out = []
     for bucket in sender.buckets:
-        out += [(t.src, t.kind, t.receiver, t.src_box, data.clone()) for t, data in packer.pack(bucket, local, Trace(0))]
+        items, _ = packer.pack(bucket, local, Trace(0))
+        out += [(t.src, t.kind, t.receiver, t.src_box, data.clone()) for t, data in items]
     return out
 
 
@@ -71,8 +75,8 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
 
     def check(push: int) -> None:
         for bucket in sender.buckets:
-            assert all(payload is None for _, payload in packer.pack(bucket, local, Trace(0)))
-            for task, want in reference.pack(bucket, local, Trace(0)):
+            assert all(payload is None for _, payload in packer.pack(bucket, local, Trace(0))[0])
+            for task, want in reference.pack(bucket, local, Trace(0))[0]:
                 got = task.dst_box.view(dests[(task.receiver, task.dst)])
                 assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (push, task.src, task.kind)
 
@@ -89,3 +93,98 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
     check(2)
     bucket_of_moved = next(b.index for b in sender.buckets if moved in b.params)
     assert packer._replays[bucket_of_moved] is not replays[bucket_of_moved]
+
+
+def test_inf_or_nan_in_a_weight_is_refused_naming_it():
+    """FP8 params show it in their block scales (reference, grouped fused and two-pass, and
+    a replayed bucket); unquantized ones (the norm) are checked with check_finite only.
+    Huge finite values, whose norm overflows, pass."""
+    sources = sources_on(SHAPES, [0], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")
+    sender = plan(sources, receivers, watermark_bytes=1 << 30).for_sender(0)
+    gen = torch.Generator().manual_seed(2)
+    clean = {s.name: torch.randn(s.shape, generator=gen).to(torch.bfloat16) for s in sources}
+    dests = {(m.rank, n): torch.zeros(d.shape, dtype=d.dtype) for m in receivers for n, d in m.tensors.items()}
+
+    def refusals(packer: BucketPacker, local: dict) -> list[str]:
+        out = []
+        for bucket in sender.buckets:
+            _, check = packer.pack(bucket, local, Trace(0))
+            try:
+                if check is not None:
+                    check.raise_if_not_finite()
+            except NonFiniteWeights as e:
+                out.append(str(e))
+        return out
+
+    def make_packer(kernels: str, *, check_finite: bool = False, direct: bool = False) -> BucketPacker:
+        destination = (lambda t: t.dst_box.view(dests[(t.receiver, t.dst)])) if direct else None
+        return BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels=kernels,
+                            check_finite=check_finite, destination=destination)
+
+    up, down, norm = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"
+    # What check_finite adds does not depend on the kernels: the reference packer covers it.
+    for check_finite, packer in [(False, make_packer("reference")), (False, make_packer("grouped")),
+                                 (False, make_packer("grouped", direct=True)),
+                                 (True, make_packer("reference", check_finite=True))]:
+        assert refusals(packer, clean) == refusals(packer, dict(clean, **{norm: clean[norm] * 1e30})) == []
+        for name, where, value, named in [(up, (5, 7), float("inf"), True), (down, (150, 300), float("nan"), True),
+                                          (norm, (3,), -float("inf"), check_finite)]:
+            bad = {n: t.clone() for n, t in clean.items()}
+            bad[name][where] = value
+            errors = refusals(packer, bad)
+            assert bool(errors) == named and all(name in e and len(e.split("'model.")) == 2 for e in errors), errors
+    # A recorded bucket replayed: the shard changed in place, its launches ran again.
+    replayed = make_packer("grouped", direct=True)
+    local = {n: t.clone() for n, t in clean.items()}
+    assert refusals(replayed, local) == []
+    replays = dict(replayed._replays)
+    local[up][300, 100] = float("inf")
+    assert [up in e for e in refusals(replayed, local)] == [True]
+    assert replayed._replays == replays
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_verdict_is_a_pinned_flag_filled_without_a_sync():
+    """On a GPU the check queues its reductions and a copy into pinned host memory on the
+    packing stream, with no sync of its own; read after the bucket's event, it names the tensor."""
+    device = torch.device("cuda")
+    scales = torch.ones(8, 4, device=device)
+    values = torch.randn(300, 70, device=device).to(torch.bfloat16)
+    values[7, 9] = float("nan")
+    stream = torch.cuda.Stream()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
+    try:
+        with torch.cuda.stream(stream):
+            check = finite_check(0, scales.view(-1), {"w": scales}, {"norm.weight": values})
+            event = torch.cuda.Event()
+            event.record(stream)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert check.flag.device.type == "cpu" and check.flag.is_pinned()
+    event.synchronize()
+    with pytest.raises(NonFiniteWeights, match=r"'norm\.weight' \(inf or NaN in its weights\)"):
+        check.raise_if_not_finite()
+
+    # Through the packer, grouped kernels on the GPU: the FP8 param's scales give it away.
+    sources = sources_on(SHAPES, [0], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")
+    sender = plan(sources, receivers, watermark_bytes=1 << 30).for_sender(0)
+    gen = torch.Generator().manual_seed(3)
+    local = {s.name: torch.randn(s.shape, generator=gen).to(torch.bfloat16).to(device) for s in sources}
+    local["model.layers.0.mlp.up_proj.weight"][5, 7] = float("inf")
+    packer = BucketPacker(sender, {s.name: s for s in sources}, {}, device, kernels="grouped")
+    errors = []
+    for bucket in sender.buckets:
+        with torch.cuda.stream(stream):
+            _, check = packer.pack(bucket, local, Trace(0))
+            event = torch.cuda.Event()
+            event.record(stream)
+        event.synchronize()
+        try:
+            if check is not None:
+                check.raise_if_not_finite()
+        except NonFiniteWeights as e:
+            errors.append(str(e))
+    assert len(errors) == 1 and "'model.layers.0.mlp.up_proj.weight' (a block amax" in errors[0], errors

@@ -2,12 +2,16 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from fsdp_sync import LayoutSpec, expected_destinations
 from fsdp_sync.boxes import Box
 from fsdp_sync.quant import (FP8_MAX, block_amax, dequantize, get_quant_format, quantize_box, reference_quantize,
                              scales_from_amax)
+
+from tests import fp8_numpy
 
 FORMATS = ("fp8_block", "fp8_rowwise", "fp8_tensor")
 
@@ -39,6 +43,22 @@ def test_sharded_amax_and_quantize_equal_reference(fmt, shape):
     for b in shards:
         q = quantize_box(b.view(x), b, scales, grid_box, block)
         assert torch.equal(q.view(torch.uint8), b.view(q_ref).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_and_expected_destinations_match_numpy(fmt, dtype):
+    """The reference, and what ``expected_destinations`` says a receiver must hold (the bar
+    every sync test sets), against the independent numpy quantizer, on exact ties."""
+    x, ties = fp8_numpy.tie_input((2, 130, 257), fmt, str(dtype).removeprefix("torch."), seed=2)
+    assert ties.mean() > 0.5
+    full = torch.from_numpy(x).to(dtype)
+    want_q, want_scales = fp8_numpy.quantize(full.float().numpy(), fmt)
+    q, scales = reference_quantize(full, fmt)
+    expected = expected_destinations({"w": full}, layout=LayoutSpec("identity"), quant=fmt)
+    for got_q, got_scales in ((q, scales), (expected["w"], expected["w_scale_inv"])):
+        assert np.array_equal(got_q.view(torch.uint8).numpy(), want_q)
+        assert np.array_equal(got_scales.numpy().view(np.uint32), want_scales.view(np.uint32))
 
 
 def test_block_layout_and_partial_blocks():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from fsdp_sync import expected_destinations, mismatches
 from tests.harness import all_cases, check_cases, new_port, run_cases
 from tests.sync_workers import Case
 
@@ -101,6 +102,32 @@ def test_changed_model_replans_and_refuses_missing_name():
     assert out[("trainer", 1, "changed", "after_fix")].startswith("ok")
     assert out[("receiver", 0, "changed", "after_fix")] == f"version {case.versions + 1}"
     assert out[("trainer", 0, "changed", "second_close_s")] < 1.0
+
+
+def test_inf_in_a_weight_is_refused_and_staged_receivers_keep_the_last_version():
+    """An inf in one weight at version 2: FP8 always refuses it (its block amax), quant none
+    with check_finite. The push raises on the trainer naming the tensor, the receiver's
+    wait_for raises SyncError, and the staged receiver still serves version 1's bytes."""
+    cases = [Case(name=f"finite-{q}-{t}", model="llama", mesh=(2,), num_receivers=1, tp=1, quant=q, mode="direct",
+                  port=new_port(), transport=t, timeout_s=20.0, inf_at=(name, 2), commit="staged",
+                  check_finite=q == "none")
+             for q, t, name in [("fp8_block", "shm", "model.layers.1.mlp.down_proj.weight"),
+                                ("none", "gloo", "model.layers.0.self_attn.q_proj.weight")]]
+    out = run_cases(cases, num_senders=2, num_receivers=1, timeout_s=120)
+    for case in cases:
+        name = case.inf_at[0]
+        first = out[("trainer", 0, case.name, 1)]
+        assert "error" not in first, first["error"]
+        refused = out[("trainer", 0, case.name, 2)]["error"]
+        assert refused.startswith("NonFiniteWeights") and name in refused, refused
+        # Rank 1 either saw the inf too (its amax all-reduce) or hears of it from the receiver's ack.
+        assert name in out[("trainer", 1, case.name, 2)]["error"]
+        want = expected_destinations(first["full"], layout=case.layout(0), quant=case.quant)
+        assert mismatches(out[("receiver", 0, case.name, 1)]["tensors"], want) == []
+        second = out[("receiver", 0, case.name, 2)]
+        assert second["error"].startswith(("SyncError", "NonFiniteWeights")) and name in second["error"], second
+        assert second["version"] == 1
+        assert mismatches(second["tensors"], want) == [], case.name
 
 
 @pytest.mark.parametrize("transport", ["gloo", "shm"])

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..control import ControlPlane, done_key
+from ..control import ControlPlane, done_key, sender_error_key
 from ..errors import SyncError
 from ..plan import Task
 from .base import RecvTransport, SendTransport
@@ -72,8 +72,10 @@ class GlooRecv(RecvTransport):
             try:
                 work.wait(timedelta(seconds=timeout_s))
             except RuntimeError as e:
+                # A sender that failed (and closed its pairs) says why: more use than gloo's "connection closed".
+                cause = self.control.failure_in(seq, [sender_error_key(seq, s) for s in self.plan.senders])
                 raise SyncError(f"receiver {self.plan.rank}: receiving {task.dst!r} from sender {task.sender} "
-                                f"in push {seq} failed: {e}") from e
+                                f"in push {seq} failed: {cause or e}") from e
             if target is not view:
                 view.copy_(target)
         self.control.wait([done_key(seq, s) for s in self.plan.senders], timeout_s=timeout_s,
