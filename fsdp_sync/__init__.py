@@ -18,6 +18,7 @@ if (not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)
                                                     submodule_search_locations=[_folder])
     _sys.modules[__name__ + ".kernels"] = _importlib_util.module_from_spec(_spec)
     _spec.loader.exec_module(_sys.modules[__name__ + ".kernels"])
+    kernels = _sys.modules[__name__ + ".kernels"]  # as the import system would bind it
 
 from ._version import __version__
 from .config import LinkModel, SyncConfig
