@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fsdp_sync import SyncConfig, WeightReceiver, WeightSender
@@ -16,27 +15,38 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64)).to(torch.bfloat16)
 
 
-def trainer(rank: int, world_size: int, cfg: SyncConfig, versions: list[int], gate: str | None) -> str:
-    """Pushes ``versions``; before each one after the first, waits for the test to set key ``gate``/v."""
+def trainer(rank: int, world_size: int, cfg: SyncConfig, versions: list[int], gate: str | None,
+            stall: tuple[int, int] | None = None) -> str:
+    """Pushes ``versions``; before each one after the first, waits for the test to set key ``gate``/v.
+
+    With ``stall=(rank, version)``, that rank stops after its first bucket of that version (the
+    push in flight) and sets key ``stalled/<rank>``, until the test sets ``release/<rank>``.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    def hold(done: int, total: int) -> None:
+        if stall == (rank, sender.version) and done == 1:
+            sender.control.set(f"stalled/{rank}", True)
+            while not sender.control.has(f"release/{rank}"):
+                time.sleep(0.01)
+
     net = fully_shard(model(), mesh=init_device_mesh("cpu", (world_size,)))
-    sender = WeightSender(net, cfg)
+    sender = WeightSender(net, cfg, progress=hold)
     outcome = []
     for i, v in enumerate(versions):
         if gate is not None and i > 0:
             while not sender.control.has(f"{gate}/{v}"):
                 time.sleep(0.01)
-            dist.barrier()
         with torch.no_grad():
             for p in net.parameters():
                 p.to_local().fill_(v)
+        started = time.monotonic()
         try:
             sender.push(v).wait()
             outcome.append(f"{v}: ok")
         except Exception as e:  # noqa: BLE001 - the test reads it; the next version is pushed all the same
-            outcome.append(f"{v}: {type(e).__name__}: {e}")
+            outcome.append(f"{v}: {type(e).__name__}: {e} [{time.monotonic() - started:.2f}s]")
     sender.close()
     return "\n".join(outcome)
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _grpo(tmp_path: Path, *overrides: str) -> tuple[list[dict], subprocess.CompletedProcess]:
     command = [sys.executable, "-m", "recipes.grpo", "recipe=smoke", f"hydra.run.dir={tmp_path}",
-               f"recipe.timeout_s={scaled(120)}", f"pipeline.timeout_s={scaled(60)}", *overrides]
+               f"recipe.timeout_s={scaled(120)}", f"sync.timeout_s={scaled(60)}", *overrides]
     out = subprocess.run(command, capture_output=True, text=True, timeout=scaled(240), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]

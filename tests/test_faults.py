@@ -1,0 +1,212 @@
+"""Faults of a live fleet, each with real processes: what every side raises, and how long it took.
+
+Each case kills or stops one process (a sender, a receiver, the trainer's rank 0 that hosts
+the store) mid-push or between pushes, or leaves a receiver out. Every live side must end
+in SyncError (SyncTimeout, TrainerGone and ControlPlaneLost are kinds of it) within 1.25 x
+timeout_s, and a staged receiver keeps its last whole version. Each case prints a
+``fault-table`` line; the README's table comes from them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from fsdp_sync import SyncConfig, SyncError, WeightReceiver
+from recipes.jobs import free_port, spawn_context, start_job
+from tests import fleet_workers
+from tests.timeouts import scaled
+
+TIMEOUT_S = scaled(4)
+LIMIT_S = 1.25 * TIMEOUT_S
+
+
+def _config(job: str) -> SyncConfig:
+    return SyncConfig(control=f"127.0.0.1:{free_port()}", job=job, transport="shm", timeout_s=TIMEOUT_S,
+                      connect_timeout_s=scaled(60), watermark_mb=0.005)
+
+
+class Fleet:
+    """A trainer job (``senders`` processes) and this process's staged receiver of rank 0."""
+
+    def __init__(self, cfg: SyncConfig, *, senders: int = 2, versions=(1, 2), stall=None, receivers: int = 1,
+                 extra_receiver: bool = False):
+        self.cfg, self.ctx = cfg, spawn_context()
+        self.results = self.ctx.Queue()
+        self.trainer = start_job(self.ctx, fleet_workers.trainer, senders, self.results, cfg, list(versions),
+                                 "go", stall)
+        self.replica = self.ctx.Queue()
+        self.other = None
+        if extra_receiver:  # receiver rank 1, a process of its own
+            self.other = self.ctx.Process(target=fleet_workers.lone_receiver, args=(cfg, 1, receivers, 9, self.replica))
+            self.other.start()
+        self.receiver = WeightReceiver(fleet_workers.model(), config=cfg, rank=0, world_size=receivers,
+                                       commit="staged")
+
+    def wait_key(self, key: str) -> None:
+        deadline = time.monotonic() + scaled(60)
+        while not self.receiver.control.has(key):
+            assert time.monotonic() < deadline, f"no {key}"
+            time.sleep(0.01)
+
+    def receiver_error(self, version: int) -> tuple[str, float]:
+        """What this process's wait_for(version) raised, and after how long."""
+        started = time.monotonic()
+        with pytest.raises(SyncError) as info:
+            self.receiver.wait_for(version, timeout=scaled(60))
+        return type(info.value).__name__, time.monotonic() - started
+
+    def trainer_outcome(self) -> dict[int, str]:
+        """Trainer rank -> its report, from every rank that was not killed."""
+        got = {}
+        alive = [rank for rank, p in enumerate(self.trainer) if p.exitcode != -signal.SIGKILL]
+        try:
+            while set(got) < set(alive):
+                _name, rank, status, payload = self.results.get(timeout=scaled(120))
+                got[rank] = payload if status == "ok" else f"process error: {payload}"
+        finally:
+            self.close()
+        return got
+
+    def close(self) -> None:
+        for p in self.trainer + ([self.other] if self.other else []):
+            if p.is_alive():
+                p.join(timeout=scaled(10))
+            if p.is_alive():
+                p.kill()
+        self.receiver.close()
+
+
+def _kill(proc) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+
+
+def _push_error(outcome: str, version: int) -> tuple[str, float]:
+    """(error type, seconds) of ``version``'s line in a trainer rank's report."""
+    line = next(line for line in outcome.splitlines() if line.startswith(f"{version}: "))
+    m = re.match(rf"{version}: (\w+): .*\[(\d+\.\d+)s\]$", line, re.S)
+    assert m, line
+    return m.group(1), float(m.group(2))
+
+
+def _report(case: str, trainer: str, receiver: str, seconds: float) -> None:
+    print(f"fault-table | {case} | {trainer} | {receiver} | {seconds / TIMEOUT_S:.2f}")
+    assert seconds <= LIMIT_S, f"{case}: {seconds:.1f}s > 1.25 x timeout_s ({LIMIT_S:.1f}s)"
+
+
+def _values(receiver: WeightReceiver) -> set[float]:
+    return {float(x) for t in receiver.tensors.values() for x in t.float().reshape(-1)}
+
+
+def test_killed_sender_mid_push():
+    fleet = Fleet(_config("kill-sender-mid"), stall=(1, 2))
+    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.receiver.control.set("go/2", True)
+    fleet.wait_key("stalled/1")
+    _kill(fleet.trainer[1])
+    kind, seconds = fleet.receiver_error(2)
+    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    outcome = fleet.trainer_outcome()
+    push_kind, push_s = _push_error(outcome[0], 2)
+    _report("sender killed mid-push", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+
+
+def test_killed_sender_between_pushes():
+    fleet = Fleet(_config("kill-sender-idle"))
+    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    _kill(fleet.trainer[1])
+    fleet.receiver.control.set("go/2", True)
+    kind, seconds = fleet.receiver_error(2)
+    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    outcome = fleet.trainer_outcome()
+    push_kind, push_s = _push_error(outcome[0], 2)
+    _report("sender killed between pushes", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+
+
+def test_stopped_sender_mid_push():
+    fleet = Fleet(_config("stop-sender"), stall=(1, 2))
+    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.receiver.control.set("go/2", True)
+    fleet.wait_key("stalled/1")
+    os.kill(fleet.trainer[1].pid, signal.SIGSTOP)
+    try:
+        kind, seconds = fleet.receiver_error(2)
+        assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    finally:
+        os.kill(fleet.trainer[1].pid, signal.SIGCONT)
+        fleet.receiver.control.set("release/1", True)
+    outcome = fleet.trainer_outcome()
+    push_kind, push_s = _push_error(outcome[0], 2)
+    _report("sender stopped (SIGSTOP) mid-push", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+
+
+def test_killed_store_host_mid_push():
+    fleet = Fleet(_config("kill-host-mid"), stall=(0, 2))
+    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.receiver.control.set("go/2", True)
+    fleet.wait_key("stalled/0")
+    _kill(fleet.trainer[0])
+    kind, seconds = fleet.receiver_error(2)
+    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    outcome = fleet.trainer_outcome()
+    assert "ControlPlaneLost" in outcome[1] or "SyncError" in outcome[1] or "SyncTimeout" in outcome[1], outcome
+    _report("store host (trainer rank 0) killed mid-push", "rank 1: " + _first_error(outcome[1]), kind, seconds)
+
+
+def test_killed_store_host_between_pushes():
+    fleet = Fleet(_config("kill-host-idle"), senders=1)
+    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    started = time.monotonic()
+    _kill(fleet.trainer[0])
+    kind, _ = fleet.receiver_error(2)
+    seconds = time.monotonic() - started
+    assert kind == "TrainerGone"
+    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    fleet.close()
+    _report("store host killed between pushes", "(dead)", kind, seconds)
+
+
+def test_killed_receiver_mid_push():
+    fleet = Fleet(_config("kill-recv-mid"), senders=1, receivers=2, extra_receiver=True, stall=(0, 2))
+    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.receiver.control.set("go/2", True)
+    fleet.wait_key("stalled/0")
+    _kill(fleet.other)
+    fleet.receiver.control.set("release/0", True)
+    outcome = fleet.trainer_outcome()
+    push_kind, push_s = _push_error(outcome[0], 2)
+    _report("receiver killed mid-push", f"rank 0: {push_kind}", "receiver 0 lands it (its bytes all came)", push_s)
+
+
+def test_killed_receiver_between_pushes():
+    fleet = Fleet(_config("kill-recv-idle"), senders=1, receivers=2, extra_receiver=True)
+    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    assert fleet.replica.get(timeout=scaled(60))[:2] == (1, 1)
+    _kill(fleet.other)
+    fleet.receiver.control.set("go/2", True)
+    kind, seconds = fleet.receiver_error(2)
+    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    outcome = fleet.trainer_outcome()
+    push_kind, push_s = _push_error(outcome[0], 2)
+    assert "receivers [1]" in outcome[0], outcome
+    _report("receiver killed between pushes", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+
+
+def test_a_receiver_that_never_starts():
+    cfg = _config("never")
+    fleet = Fleet(cfg, senders=1, receivers=2, versions=(1,))
+    kind, seconds = fleet.receiver_error(1)
+    outcome = fleet.trainer_outcome()
+    push_kind, push_s = _push_error(outcome[0], 1)
+    assert "receiver ranks [1] to register" in outcome[0], outcome
+    _report("a receiver never starts", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+
+
+def _first_error(outcome: str) -> str:
+    m = re.search(r"(ControlPlaneLost|SyncTimeout|SyncError|TrainerGone)", outcome)
+    return m.group(1) if m else outcome[:80]
