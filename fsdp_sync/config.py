@@ -6,6 +6,7 @@ fails with its name before anything connects or moves.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .quant import DEFAULT_QUANT_SKIP, QUANT_FORMATS
@@ -15,6 +16,7 @@ TRANSPORTS = ("auto", "gloo", "shm", "cuda_ipc", "nccl", "rdma")  # see fsdp_syn
 # auto: grouped Triton launches on GPU, the torch reference on CPU. grouped / per_box force
 # Triton (on CPU under TRITON_INTERPRET=1, for tests); reference forces plain torch.
 KERNELS = ("auto", "grouped", "per_box", "reference")
+SECRET_ENV = "FSDP_SYNC_SECRET"  # read when SyncConfig.secret is None
 
 
 @dataclass(kw_only=True)
@@ -49,6 +51,9 @@ class SyncConfig:
     fused_writes: bool = True  # one-sided transports: kernels store straight into the destination
     kernels: str = "auto"  # FP8 kernels: auto | grouped (one launch per bucket) | per_box | reference
     links: LinkModel = field(default_factory=LinkModel)
+    # Shared secret that signs every control value (HMAC-SHA256); None: $FSDP_SYNC_SECRET if
+    # set, else unsigned. Never printed: repr=False, and only its HMAC state is kept once connected.
+    secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_FORMATS:
@@ -66,9 +71,15 @@ class SyncConfig:
         host, sep, port = self.control.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"SyncConfig.control={self.control!r} must be host:port")
+        if self.secret is not None and not isinstance(self.secret, str) or self.secret == "":
+            raise ValueError(f"SyncConfig.secret must be a non-empty str or None (None reads ${SECRET_ENV})")
         if isinstance(self.links, dict):
             self.links = LinkModel(**self.links)
         self.quant_skip = tuple(self.quant_skip)
+
+    def resolved_secret(self) -> str | None:
+        """The secret that signs control values: ``secret``, else $FSDP_SYNC_SECRET, else None."""
+        return self.secret if self.secret is not None else (os.environ.get(SECRET_ENV) or None)
 
     @property
     def control_host(self) -> str:

@@ -13,6 +13,7 @@ from typing import Callable
 from .config import SyncConfig
 from .control import (PUSH_FAILURES, RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, plan_sender_key,
                       recv_meta_key, sender_host_key)
+from .errors import ControlPlaneError
 from .meta import ReceiverMeta, SourceParam
 from .plan import Plan
 from .planner import build_plan
@@ -59,14 +60,24 @@ class Controller:
     def _receivers(self) -> list[ReceiverMeta]:
         self.control.wait([RECV_COUNT], describe=lambda _: "the inference job to register its receivers "
                           f"(is it running with SyncConfig.job={self.config.job!r} and control={self.config.control!r}?)")
-        count = self.control.get(RECV_COUNT)
-        self.control.wait([recv_meta_key(r) for r in range(count)],
-                          describe=lambda keys: f"receiver ranks {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to register")
-        return [self.control.get(recv_meta_key(r)) for r in range(count)]
+        count = self.control.get(RECV_COUNT, expect=int)
+        if count < 1:
+            raise ControlPlaneError(f"control key {RECV_COUNT} holds {count} receivers", key=RECV_COUNT)
+        keys = [recv_meta_key(r) for r in range(count)]
+        self.control.wait(keys, describe=lambda keys: f"receiver ranks {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to register")
+        metas = self.control.get_many(keys, expect=ReceiverMeta)
+        for key, (r, meta) in zip(keys, enumerate(metas)):
+            if meta.rank != r:
+                raise ControlPlaneError(f"control key {key} holds the registration of receiver {meta.rank}", key=key)
+        return metas
 
     def _sender_places(self) -> list[tuple[str, str]]:
         """(host, device id) of every sender rank."""
         keys = [sender_host_key(s) for s in range(self.num_senders)]
         self.control.wait(keys, describe=lambda ks: f"sender ranks {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} to start")
-        return [self.control.get(k) for k in keys]
+        places = self.control.get_many(keys, expect=tuple)
+        for key, place in zip(keys, places):
+            if len(place) != 2 or not all(type(p) is str for p in place):
+                raise ControlPlaneError(f"control key {key} holds {place!r:.80}, not (host, device id)", key=key)
+        return places
 

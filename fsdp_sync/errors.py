@@ -11,3 +11,12 @@ class PlanError(ValueError):
 
 class SyncTimeout(SyncError, TimeoutError):
     """A peer did not answer within the configured timeout."""
+
+
+class ControlPlaneError(SyncError):
+    """A value on the control plane was refused: not in fsdp_sync's format, malformed, unsigned
+    where a secret is set, or signed with another secret. Names the key; nothing acted on it."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key

@@ -30,7 +30,7 @@ from torch import nn
 from .config import SyncConfig
 from .control import (PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
                       push_key, ready_key, recv_meta_key)
-from .errors import PlanError, SyncError, SyncTimeout
+from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout
 from .meta import LayoutSpec, ReceiverMeta, clean_name, dest_tensors, device_id
 from .plan import ReceiverPlan
 from .transport import get_transport
@@ -81,7 +81,7 @@ class WeightReceiver:
                                  LayoutSpec(layout, dict(layout_kwargs or {})), config.quant, info, gated,
                                  device_id(next(iter(devices))) if len(devices) == 1 else "")
         self.control = ControlPlane.connect(config, serve=False)
-        self._seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
+        self._seq = self.control.get(PUSH_LATEST, expect=int) if self.control.has(PUSH_LATEST) else 0
         # Epoch first: once the controller sees every meta, every epoch bump is counted.
         self.control.add(RECV_EPOCH, 1)
         self.control.set(recv_meta_key(self.rank), self.meta)
@@ -96,6 +96,7 @@ class WeightReceiver:
         self._transport = None
         self._generation = 0  # of the transport: the PUSH_FAILURES count it was built under
         self._error: BaseException | None = None
+        self._refused: str | None = None  # why the next push's announcement was last refused
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"fsdp_sync-recv-{self.rank}", daemon=True)
@@ -164,9 +165,16 @@ class WeightReceiver:
                     time.sleep(pause)
                     pause = min(pause * 2, _IDLE_POLL_S)
                     continue
+                try:
+                    announced = self.control.announcement(seq)
+                except ControlPlaneError as e:
+                    self._refuse(e)
+                    time.sleep(_IDLE_POLL_S)
+                    continue
+                self._refused = None
                 pause = _IDLE_POLL_MIN_S
                 self._seq = seq
-                self._land(seq)
+                self._land(seq, announced)
             except BaseException as e:  # noqa: BLE001 - handed to wait_for
                 if self._stop.is_set():
                     return
@@ -183,6 +191,18 @@ class WeightReceiver:
                 if not self._control_alive():
                     return
 
+    def _refuse(self, error: ControlPlaneError) -> None:
+        """A value under the next push key that does not verify: no push of ours (a forgery, garbage,
+        or a trainer without our secret). Hand it to wait_for once, and keep waiting on that key:
+        the trainer's real announcement of this push replaces it. No ack: nobody runs this push."""
+        if str(error) == self._refused:
+            return
+        self._refused = str(error)
+        log.error("fsdp_sync receiver %d: %s", self.rank, error)
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
     def _control_alive(self) -> bool:
         try:
             self.control.has(PUSH_LATEST)
@@ -190,16 +210,17 @@ class WeightReceiver:
         except Exception:  # noqa: BLE001 - any failure means the store is unreachable
             return False
 
-    def _land(self, seq: int) -> None:
-        announced = self.control.get(push_key(seq))
+    def _land(self, seq: int, announced: tuple) -> None:
         if announced[0] == "error":
             raise PlanError(announced[1])
+        if announced[0] == "refused":
+            raise ControlPlaneError(announced[1])
         _, version, fp, generation = announced
         if (self._plan is None or self._plan.fingerprint != fp or generation != self._generation
                 or self._transport is None):
             # A new plan, or a push failed since this transport was built: build it again.
             if self._plan is None or self._plan.fingerprint != fp:
-                self._plan = self.control.get(plan_receiver_key(fp, self.rank))
+                self._plan = self._load_plan(seq, fp)
                 self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
             if self._transport is not None:
                 self._transport.close()
@@ -220,6 +241,17 @@ class WeightReceiver:
         else:
             self._land_in_place(seq, version)
         self.control.set(ack_key(seq, self.rank), "ok")
+
+    def _load_plan(self, seq: int, fp: str) -> ReceiverPlan:
+        key = plan_receiver_key(fp, self.rank)
+        if not self.control.has(key):  # the controller writes plans before it announces them
+            raise ControlPlaneError(f"receiver {self.rank}: push {seq} names plan {fp}, which is not on the "
+                                    "control plane", key=key)
+        plan = self.control.get(key, expect=ReceiverPlan)
+        if plan.fingerprint != fp or plan.rank != self.rank:
+            raise ControlPlaneError(f"control key {key} holds the plan of receiver {plan.rank} with fingerprint "
+                                    f"{plan.fingerprint}", key=key)
+        return plan
 
     def _land_in_place(self, seq: int, version: int) -> None:
         """Writes go to the live tensors, with the engine paused if it gave ``pause``.
