@@ -41,11 +41,12 @@ class Case:
     extra: dict = field(default_factory=dict)
     device: str = "cpu"  # "cuda": each process on its own GPU (see recipes.jobs.start_job)
     kernels: str = "auto"
+    secret: str | None = None  # both jobs sign their control values with it
 
     def config(self) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port}", job=self.name, quant=self.quant, mode=self.mode,
                           transport=self.transport, timeout_s=self.timeout_s, watermark_mb=self.watermark_mb,
-                          kernels=self.kernels)
+                          kernels=self.kernels, secret=self.secret)
 
     def layout(self, receiver: int) -> LayoutSpec:
         if self.tp == 1:
