@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import importlib
 import json
+import operator
 import types
 import typing
 from typing import Any, Callable
@@ -141,9 +142,27 @@ def loads(raw: bytes, *, key: str, signer: Signer) -> Any:
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise WireError(f"the payload is not valid JSON: {e}") from None
     try:
-        return decode(obj, "value")
+        return decode(obj)
     except RecursionError:
         raise WireError("the value nests too deeply") from None
+    except _Refused as e:
+        raise WireError(e.message()) from None
+
+
+class _Refused(Exception):
+    """A decoding failure on its way up: each container adds its part of the path, so the
+    success path never formats one."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what, self.path = what, []
+
+    def at(self, part: str) -> "_Refused":
+        self.path.append(part)
+        return self
+
+    def message(self) -> str:
+        return f"value{''.join(reversed(self.path))}: {self.what}"
 
 
 # -- self-describing values -------------------------------------------------------------
@@ -172,61 +191,84 @@ def encode(value: Any) -> Any:
     raise WireError(f"a {t.__module__}.{t.__qualname__} cannot travel on the control plane")
 
 
-def decode(obj: Any, path: str) -> Any:
+def decode(obj: Any) -> Any:
     t = type(obj)
     if t is str or t is int or t is bool or t is float or obj is None:
         return obj
     if t is list:
-        return [decode(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return _each(decode, obj, list)
     if t is not dict or len(obj) != 1:
-        raise WireError(f"{path}: an object must have exactly one type tag, got keys {sorted(obj)[:4]}")
+        raise _Refused(f"an object must have exactly one type tag, got keys {sorted(obj)[:4]}")
     ((tag, body),) = obj.items()
     if tag == "t":
-        return tuple(decode(v, f"{path}[{i}]") for i, v in enumerate(_need(body, list, path)))
+        return _each(decode, _need(body, list), tuple)
     if tag == "d":
-        return {k: decode(v, f"{path}[{k!r}]") for k, v in _need(body, dict, path).items()}
+        return _values(decode, _need(body, dict))
     if tag == "m":
         out = {}
-        for i, pair in enumerate(_need(body, list, path)):
+        for i, pair in enumerate(_need(body, list)):
             if type(pair) is not list or len(pair) != 2:
-                raise WireError(f"{path}: entry {i} of a mapping must be a [key, value] pair")
-            k = decode(pair[0], f"{path}.key{i}")
+                raise _Refused(f"entry {i} of a mapping must be a [key, value] pair")
             try:
-                out[k] = decode(pair[1], f"{path}[{k!r}]")
+                k = decode(pair[0])
+                out[k] = decode(pair[1])
+            except _Refused as e:
+                raise e.at(f"[entry {i}]") from None
             except TypeError:
-                raise WireError(f"{path}: key {i} is a {type(k).__name__}, which cannot key a dict") from None
+                raise _Refused(f"key {i} is a {type(k).__name__}, which cannot key a dict") from None
         return out
     if tag == "b":
-        return _bytes(body, path)
+        return _bytes(body)
     if tag == "dt":
-        return _dtype(body, path)
+        return _dtype(body)
     if tag[:1] == "@":
         codec = _codec_of_name(tag[1:])
         if codec is None:
-            raise WireError(f"{path}: {tag[1:]!r} is not a type the control plane carries "
-                            f"(known: {', '.join(sorted(CARRIED))})")
-        return codec.decode(body, path)
-    raise WireError(f"{path}: unknown type tag {tag!r}")
+            raise _Refused(f"{tag[1:]!r} is not a type the control plane carries (known: {', '.join(sorted(CARRIED))})")
+        return codec.decode(body)
+    raise _Refused(f"unknown type tag {tag!r}")
 
 
-def _need(body: Any, kind: type, path: str) -> Any:
+def _each(dec: Callable[[Any], Any], items: list, build: type) -> Any:
+    try:
+        return build([dec(v) for v in items])
+    except _Refused as e:
+        for i, v in enumerate(items):  # only on the error path: which item
+            try:
+                dec(v)
+            except _Refused:
+                raise e.at(f"[{i}]") from None
+        raise
+
+
+def _values(dec: Callable[[Any], Any], items: dict, key: Callable[[str], Any] | None = None) -> dict:
+    out = {}
+    for k, v in items.items():
+        try:
+            out[k if key is None else key(k)] = dec(v)
+        except _Refused as e:
+            raise e.at(f"[{k!r}]" if key is None else f"[{k}]") from None
+    return out
+
+
+def _need(body: Any, kind: type) -> Any:
     if type(body) is not kind:
-        raise WireError(f"{path}: expected a JSON {'array' if kind is list else 'object'}, got {type(body).__name__}")
+        raise _Refused(f"expected a JSON {'array' if kind is list else 'object'}, got {type(body).__name__}")
     return body
 
 
-def _bytes(body: Any, path: str) -> bytes:
+def _bytes(body: Any) -> bytes:
     if type(body) is not str:
-        raise WireError(f"{path}: bytes travel as base64 text, got {type(body).__name__}")
+        raise _Refused(f"bytes travel as base64 text, got {type(body).__name__}")
     try:
         return base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
-        raise WireError(f"{path}: not valid base64") from None
+        raise _Refused("not valid base64") from None
 
 
-def _dtype(body: Any, path: str) -> torch.dtype:
+def _dtype(body: Any) -> torch.dtype:
     if type(body) is not str or body not in DTYPES:
-        raise WireError(f"{path}: {body!r} is not a dtype the control plane carries ({', '.join(DTYPES)})")
+        raise _Refused(f"{body!r:.40} is not a dtype the control plane carries ({', '.join(DTYPES)})")
     return DTYPES[body]
 
 
@@ -238,8 +280,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- values typed by an annotation -------------------------------------------------------
+# Encoders trust scalars (json refuses what it cannot write; a float in an int field is the
+# reader's error to report), check containers and dataclasses. Decoders check everything.
 Encoder = Callable[[Any], Any]
-Decoder = Callable[[Any, str], Any]
+Decoder = Callable[[Any], Any]
+
+
+def _same(v: Any) -> Any:
+    return v
 
 
 class _Dataclass:
@@ -258,27 +306,53 @@ class _Dataclass:
                 if not f.init:
                     raise TypeError(f"{self.name}.{f.name} is init=False; a carried dataclass is built from its fields")
             self._keywords = any(f.kw_only for f in fields)
-            self._fields = [(f.name, *_typed(hints[f.name], f"{self.name}.{f.name}")) for f in fields]
+            self._names = [f.name for f in fields]
+            coded = [(f.name, *_typed(hints[f.name], f"{self.name}.{f.name}")) for f in fields]
+            # Fast paths: every field read in one C call; only fields that need it are encoded.
+            self._get = operator.attrgetter(*self._names) if len(fields) > 1 else (
+                lambda obj, name=self._names[0]: (getattr(obj, name),))
+            self._encoded = [(i, enc) for i, (_, enc, _) in enumerate(coded) if enc is not _same]
+            self._decoders = [dec for _, _, dec in coded]
+            self._fields = coded
         return self._fields
 
     def encode(self, obj: Any) -> list:
         if type(obj) is not self.cls:
             raise WireError(f"expected a {self.name}, got a {type(obj).__name__}")
-        return [enc(getattr(obj, name)) for name, enc, _ in self.fields()]
+        self.fields()
+        values = list(self._get(obj))
+        try:
+            for i, enc in self._encoded:
+                values[i] = enc(values[i])
+            return values
+        except WireError as e:
+            for name, enc, _ in self.fields():  # say which field (only on this error path)
+                try:
+                    enc(getattr(obj, name))
+                except WireError:
+                    raise WireError(f"{self.name}.{name}: {e}") from None
+            raise
 
-    def decode(self, body: Any, path: str) -> Any:
+    def decode(self, body: Any) -> Any:
         fields = self.fields()
         if type(body) is not list or len(body) != len(fields):
             got = f"{len(body)} values" if type(body) is list else f"a {type(body).__name__}"
-            raise WireError(f"{path}: a {self.name} is the list of its {len(fields)} fields "
-                            f"({', '.join(n for n, _, _ in fields)}), got {got}")
-        values = [dec(v, f"{path}.{name}") for (name, _, dec), v in zip(fields, body)]
+            raise _Refused(f"a {self.name} is the list of its {len(fields)} fields ({', '.join(self._names)}), got {got}")
+        try:
+            values = [dec(v) for dec, v in zip(self._decoders, body)]
+        except _Refused as e:
+            for (name, _, dec), v in zip(fields, body):  # only on the error path: which field
+                try:
+                    dec(v)
+                except _Refused:
+                    raise e.at(f".{name}") from None
+            raise
         try:
             if self._keywords:
-                return self.cls(**{name: v for (name, _, _), v in zip(fields, values)})
+                return self.cls(**dict(zip(self._names, values)))
             return self.cls(*values)
         except (TypeError, ValueError) as e:  # the dataclass's own __post_init__ checks
-            raise WireError(f"{path}: not a valid {self.name}: {e}") from None
+            raise _Refused(f"not a valid {self.name}: {e}") from None
 
 
 _BY_NAME: dict[str, _Dataclass] = {}
@@ -309,31 +383,21 @@ def _codec_of_class(cls: type) -> _Dataclass | None:
 
 
 def _scalar(kind: type) -> tuple[Encoder, Decoder]:
-    def enc(v: Any) -> Any:
-        if type(v) is not kind:
-            raise WireError(f"expected {kind.__name__}, got {type(v).__name__}")
-        return v
-
-    def dec(x: Any, path: str) -> Any:
+    def dec(x: Any) -> Any:
         if type(x) is not kind:
-            raise WireError(f"{path}: expected {kind.__name__}, got {type(x).__name__}")
+            raise _Refused(f"expected {kind.__name__}, got {type(x).__name__}")
         return x
 
-    return enc, dec
+    return _same, dec
 
 
 def _float() -> tuple[Encoder, Decoder]:
-    def enc(v: Any) -> float:
-        if type(v) is not float and type(v) is not int:
-            raise WireError(f"expected float, got {type(v).__name__}")
-        return float(v)
-
-    def dec(x: Any, path: str) -> float:
+    def dec(x: Any) -> float:
         if type(x) is not float and type(x) is not int:
-            raise WireError(f"{path}: expected float, got {type(x).__name__}")
+            raise _Refused(f"expected float, got {type(x).__name__}")
         return float(x)
 
-    return enc, dec
+    return _same, dec
 
 
 def _typed(tp: Any, where: str) -> tuple[Encoder, Decoder]:
@@ -354,69 +418,64 @@ def _typed(tp: Any, where: str) -> tuple[Encoder, Decoder]:
         if len(rest) != 1 or len(args) != 2:
             raise TypeError(f"{where}: the wire carries X | None, not {tp}")
         inner_enc, inner_dec = _typed(rest[0], where)
-        return (lambda v: None if v is None else inner_enc(v)), (lambda x, p: None if x is None else inner_dec(x, p))
+        return (lambda v: None if v is None else inner_enc(v)), (lambda x: None if x is None else inner_dec(x))
     if origin is list or origin is tuple or origin is frozenset:
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             return _fixed_tuple(args, where)
-        item_enc, item_dec = _typed(args[0], where)
-        build = {list: list, tuple: tuple, frozenset: frozenset}[origin]
-        name = origin.__name__
-
-        def enc_seq(v: Any) -> list:
-            if type(v) is not origin and not (origin is tuple and isinstance(v, tuple)):
-                _wrong(name, v)
-            return [item_enc(x) for x in (sorted(v) if origin is frozenset else v)]
-
-        def dec_seq(x: Any, path: str) -> Any:
-            if type(x) is not list:
-                raise WireError(f"{path}: expected a list ({name}), got {type(x).__name__}")
-            return build(item_dec(e, f"{path}[{i}]") for i, e in enumerate(x))
-
-        return enc_seq, dec_seq
+        return _sequence(origin, *_typed(args[0], where), scalar=args[0] if args[0] in (int, str, bool) else None)
     if origin is dict:
         key_type, value_type = args
         if key_type not in (str, int):
             raise TypeError(f"{where}: the wire carries dicts keyed by str or int, not {key_type}")
-        value_enc, value_dec = _typed(value_type, where)
-        if key_type is str:
-            def enc_dict(v: Any) -> dict:
-                if type(v) is not dict:
-                    _wrong("dict", v)
-                out = {}
-                for k, x in v.items():
-                    if type(k) is not str:
-                        raise WireError(f"{where}: key {k!r} is not a str")
-                    out[k] = value_enc(x)
-                return out
-
-            def dec_dict(x: Any, path: str) -> dict:
-                return {k: value_dec(e, f"{path}[{k!r}]") for k, e in _need(x, dict, path).items()}
-        else:
-            def enc_dict(v: Any) -> dict:
-                if type(v) is not dict:
-                    _wrong("dict", v)
-                out = {}
-                for k, x in v.items():
-                    if type(k) is not int:
-                        raise WireError(f"{where}: key {k!r} is not an int")
-                    out[str(k)] = value_enc(x)
-                return out
-
-            def dec_dict(x: Any, path: str) -> dict:
-                out = {}
-                for k, e in _need(x, dict, path).items():
-                    number = k[1:] if k[:1] == "-" else k
-                    if not (number.isascii() and number.isdigit()) or str(int(k)) != k:
-                        raise WireError(f"{path}: key {k!r} is not an int")
-                    out[int(k)] = value_dec(e, f"{path}[{k}]")
-                return out
-        return enc_dict, dec_dict
+        return _mapping(key_type, *_typed(value_type, where))
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         codec = _codec_of_class(tp)
         if codec is None:
             raise TypeError(f"{where}: {tp.__qualname__} is not in wire.CARRIED")
         return codec.encode, codec.decode
     raise TypeError(f"{where}: the wire cannot carry values annotated {tp}")
+
+
+def _sequence(origin: type, item_enc: Encoder, item_dec: Decoder, *, scalar: type | None) -> tuple[Encoder, Decoder]:
+    name = origin.__name__
+
+    def enc(v: Any) -> list:
+        if not isinstance(v, origin):
+            _wrong(name, v)
+        if origin is frozenset:
+            v = sorted(v)
+        return list(v) if item_enc is _same else [item_enc(x) for x in v]
+
+    def dec(x: Any) -> Any:
+        if type(x) is not list:
+            raise _Refused(f"expected a list ({name}), got {type(x).__name__}")
+        if scalar is not None and set(map(type, x)) <= {scalar}:  # the common case, in C
+            return x if origin is list else origin(x)
+        return _each(item_dec, x, origin)
+
+    return enc, dec
+
+
+def _mapping(key_type: type, value_enc: Encoder, value_dec: Decoder) -> tuple[Encoder, Decoder]:
+    def enc(v: Any) -> dict:
+        if type(v) is not dict:
+            _wrong("dict", v)
+        if not all(type(k) is key_type for k in v):
+            raise WireError(f"a dict keyed by {key_type.__name__} has keys {[k for k in v][:4]}")
+        if key_type is str:
+            return v if value_enc is _same else {k: value_enc(x) for k, x in v.items()}
+        return {str(k): value_enc(x) for k, x in v.items()}
+
+    if key_type is str:
+        return enc, lambda x: _values(value_dec, _need(x, dict))
+    return enc, lambda x: _values(value_dec, _need(x, dict), key=_int_key)
+
+
+def _int_key(k: str) -> int:
+    number = k[1:] if k[:1] == "-" else k
+    if not (number.isascii() and number.isdigit()) or str(int(k)) != k:
+        raise _Refused(f"key {k!r} is not an int")
+    return int(k)
 
 
 def _fixed_tuple(args: tuple, where: str) -> tuple[Encoder, Decoder]:
@@ -427,10 +486,10 @@ def _fixed_tuple(args: tuple, where: str) -> tuple[Encoder, Decoder]:
             raise WireError(f"{where}: expected a tuple of {len(codecs)}, got {v!r:.60}")
         return [e(x) for (e, _), x in zip(codecs, v)]
 
-    def dec(x: Any, path: str) -> tuple:
+    def dec(x: Any) -> tuple:
         if type(x) is not list or len(x) != len(codecs):
-            raise WireError(f"{path}: expected a list of {len(codecs)} values")
-        return tuple(d(e, f"{path}[{i}]") for i, ((_, d), e) in enumerate(zip(codecs, x)))
+            raise _Refused(f"expected a list of {len(codecs)} values")
+        return _each(lambda pair: pair[0](pair[1]), [(d, e) for (_, d), e in zip(codecs, x)], tuple)
 
     return enc, dec
 

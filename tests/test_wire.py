@@ -84,6 +84,11 @@ def test_every_carried_type_round_trips_through_the_store(store, secret):
         assert type(value) is carried_types()[name]
         control.set(f"sample/{name}", value)
         assert control.get(f"sample/{name}") == value, name
+    # Reconstruct mode's bucket sizes are whole bytes too (they were floats, which the wire refuses).
+    sources = sources_on(llama_like_shapes(1, 256, 512, 128, 1000), [0, 1], [Shard(0)])
+    rebuilt = plan(sources, receivers_for(sources, num_replicas=1, tp=1, quant="none"), mode="reconstruct")
+    control.set("sample/reconstruct", rebuilt.for_sender(0))
+    assert control.get("sample/reconstruct") == rebuilt.for_sender(0)
     plain = [("go", 3, "f00d", 2), "ok", True, None, 7, 2.5, [1, (2, 3)], {"files": {"w": ("/p", torch.bfloat16, (4,))}},
              {0: "a", 5: (1,)}, b"\x00\x01", torch.float8_e4m3fn, ("error", "PlanError: 'x' is missing")]
     control.set_many({f"plain/{i}": v for i, v in enumerate(plain)})
