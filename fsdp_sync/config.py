@@ -6,6 +6,7 @@ fails with its name before anything connects or moves.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .quant import DEFAULT_QUANT_SKIP, QUANT_FORMATS
@@ -22,6 +23,7 @@ KERNELS = ("auto", "grouped", "per_box", "reference")
 # waits for them all again); "drop" leaves out the receivers whose heartbeat stopped and
 # pushes on to the rest, and plans with the receivers registered so far.
 RECEIVER_FAILURE_POLICIES = ("fail", "drop")
+SECRET_ENV = "FSDP_SYNC_SECRET"  # read when SyncConfig.secret is None
 
 
 @dataclass(kw_only=True)
@@ -61,6 +63,9 @@ class SyncConfig:
     on_receiver_failure: str = "fail"  # fail | drop: what a failed push does to a dead receiver
     check_finite: bool = False  # refuse inf/NaN in tensors sent unquantized too (FP8 ones always are)
     links: LinkModel = field(default_factory=LinkModel)
+    # Shared secret that signs every control value (HMAC-SHA256); None: $FSDP_SYNC_SECRET if
+    # set, else unsigned. Never printed: repr=False, and only its HMAC state is kept once connected.
+    secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_FORMATS:
@@ -82,6 +87,8 @@ class SyncConfig:
         host, sep, port = self.control.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"SyncConfig.control={self.control!r} must be host:port")
+        if self.secret is not None and not isinstance(self.secret, str) or self.secret == "":
+            raise ValueError(f"SyncConfig.secret must be a non-empty str or None (None reads ${SECRET_ENV})")
         if isinstance(self.links, dict):
             self.links = LinkModel(**self.links)
         self.quant_skip = tuple(self.quant_skip)
@@ -89,6 +96,9 @@ class SyncConfig:
     def shared_settings(self) -> dict[str, object]:
         """What a receiver registers and the controller compares with its own, before planning."""
         return {"protocol": PROTOCOL_VERSION, **{name: getattr(self, name) for name in SHARED_SETTINGS}}
+    def resolved_secret(self) -> str | None:
+        """The secret that signs control values: ``secret``, else $FSDP_SYNC_SECRET, else None."""
+        return self.secret if self.secret is not None else (os.environ.get(SECRET_ENV) or None)
 
     @property
     def control_host(self) -> str:

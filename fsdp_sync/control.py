@@ -4,12 +4,34 @@ The two jobs are separate torch.distributed worlds; they share only this store. 
 key lives under ``fsdp_sync/<job>/`` and every per-push key under ``push/<seq>/``, so
 a repeated or restarted push can never read a stale key. Waits poll with a deadline
 and watch error keys, so a dead or failed peer ends in an error, never a hang.
+
+Values travel in ``wire``'s format: schema-checked JSON, never pickle, and with a
+shared secret (``SyncConfig.secret`` or ``$FSDP_SYNC_SECRET``) each one is signed with
+HMAC-SHA256 over its full key and payload. A value that does not decode or verify
+raises ``ControlPlaneError`` naming its key, and is never acted on.
+
+What is not signed, and why that is safe:
+
+* Counters, written by ``TCPStore.add`` as plain ASCII integers, which the store
+  itself increments, so no signature can ride along: ``recv/epoch`` (receiver
+  registrations), ``push/failures`` (failed pushes: the transports' generation) and
+  ``push/<seq>/failed``. A forged bump of the first makes the controller plan again
+  from the (signed) registrations; of the second, makes the next push rebuild its
+  transports (the generation every rank uses is the one in the signed ``go``); of the
+  third, makes waits of that push read its (signed) error keys. None of them can make
+  a receiver commit: that takes a signed ``go`` and every sender's signed done key.
+* Existence alone, where a key only paces a wait: the controller waiting for senders to
+  end a push before the next announcement, or the store host waiting for the others to
+  close. Keys whose existence would let bytes move or a version land are read and
+  verified (``wait_values``): done keys before a receiver commits, ready keys before a
+  sender writes into gated buffers, acks, and the ``go`` itself.
+* Torch's own rendezvous keys of the gloo/NCCL groups (under ``gloo/`` and ``nccl/``),
+  and the data plane itself (gloo, NCCL, RDMA bytes): the secret does not cover them.
 """
 
 from __future__ import annotations
 
 import functools
-import pickle
 import socket
 import time
 from datetime import timedelta
@@ -18,7 +40,8 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 
 from .config import SyncConfig
-from .errors import ControlPlaneLost, SyncError, SyncTimeout
+from .errors import ControlPlaneError, ControlPlaneLost, SyncError, SyncTimeout
+from .wire import Signer, WireError, dumps, loads
 
 # Waits poll with check(): a timed-out TCPStore.wait() can leave its late reply on the
 # socket (and logs twice). Each poll hop of a push (done keys, acks) costs up to the
@@ -70,12 +93,15 @@ def _store_errors(method: Callable) -> Callable:
 class ControlPlane:
     """Typed helpers over one namespaced store."""
 
-    def __init__(self, store: dist.Store, job: str, timeout_s: float):
+    def __init__(self, store: dist.Store, job: str, timeout_s: float, *, secret: str | None = None):
         self.root = store
         self.job = job
-        self.store = dist.PrefixStore(f"fsdp_sync/{job}/", store)
+        self.prefix = f"fsdp_sync/{job}/"
+        self.store = dist.PrefixStore(self.prefix, store)
         self.timeout_s = timeout_s
         self.poll_max_s = _POLL_MAX_S
+        self.signer = Signer(secret, self.prefix)
+        self.signed = self.signer.signed
 
     def set_pollers(self, count: int) -> None:
         """How many processes (senders and receivers) poll this store: sets the longest poll interval."""
@@ -100,32 +126,58 @@ class ControlPlane:
                     "host_control=False to join a store that runs there)") if serve else ""
             raise SyncError(f"cannot {role} the control plane at {config.control} "
                             f"(SyncConfig.control) within {timeout:.0f}s: {first}{hint}") from e
-        return cls(store, config.job, config.timeout_s)
+        return cls(store, config.job, config.timeout_s, secret=config.resolved_secret())
 
     # -- values -------------------------------------------------------------------------
+    def _dumps(self, key: str, value: Any) -> bytes:
+        try:
+            return dumps(value, key=key, signer=self.signer)
+        except WireError as e:
+            raise TypeError(f"control key {key!r}: {e}") from None
+
+    def _loads(self, key: str, raw: bytes, expect: type | tuple[type, ...] | None = None) -> Any:
+        try:
+            value = loads(raw, key=key, signer=self.signer)
+        except WireError as e:
+            raise ControlPlaneError(f"control key {self.prefix}{key} refused: {e}", key=key) from None
+        if expect is not None and not isinstance(value, expect):
+            names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
+            raise ControlPlaneError(f"control key {self.prefix}{key} refused: it holds a {type(value).__name__}, "
+                                    f"expected {names}", key=key)
+        return value
+
     @_store_errors
     def set(self, key: str, value: Any) -> None:
-        self.store.set(key, pickle.dumps(value, protocol=4))
+        self.store.set(key, self._dumps(key, value))
 
     @_store_errors
     def set_many(self, values: dict[str, Any]) -> None:
         """Several keys in one round trip to the store."""
-        self.store.multi_set(list(values), [pickle.dumps(v, protocol=4) for v in values.values()])
+        self.store.multi_set(list(values), [self._dumps(k, v) for k, v in values.items()])
 
     @_store_errors
     def counters(self, keys: Sequence[str]) -> list[int]:
         """Values of counters (keys written by ``add``, which must exist), in one round trip."""
-        return [int(v) for v in self.store.multi_get(list(keys))]
+        out = []
+        for key, raw in zip(keys, self.store.multi_get(list(keys))):
+            if not (raw.isdigit() or raw[:1] == b"-" and raw[1:].isdigit()):
+                raise ControlPlaneError(f"control key {self.prefix}{key} refused: a counter holds "
+                                        f"{raw[:12]!r}, not an integer", key=key)
+            out.append(int(raw))
+        return out
 
     @_store_errors
-    def get_many(self, keys: Sequence[str]) -> list[Any]:
-        """The values of keys known to exist, in one round trip."""
-        return [pickle.loads(v) for v in self.store.multi_get(list(keys))] if keys else []
+    def get_many(self, keys: Sequence[str], *, expect: type | tuple[type, ...] | None = None) -> list[Any]:
+        """The values of keys known to exist, in one round trip; ControlPlaneError for one refused
+        (or, with ``expect``, not of that type)."""
+        keys = list(keys)
+        return [self._loads(k, raw, expect) for k, raw in zip(keys, self.store.multi_get(keys))] if keys else []
 
     @_store_errors
-    def get(self, key: str) -> Any:
-        """The value of a key that is known to exist (check or wait first)."""
-        return pickle.loads(self.store.get(key))
+    def get(self, key: str, *, expect: type | tuple[type, ...] | None = None) -> Any:
+        """The value of a key that is known to exist (check or wait first); ControlPlaneError if
+        it is refused (or, with ``expect``, not of that type)."""
+        return self._loads(key, self.store.get(key), expect)
 
     @_store_errors
     def has(self, key: str) -> bool:
@@ -161,6 +213,75 @@ class ControlPlane:
             pause = min(pause * 2, self.poll_max_s)
 
     @_store_errors
+    def wait_values(self, keys: Sequence[str], *, accept: Callable[[Any], bool] | None = None,
+                    what: str = "a value", timeout_s: float | None = None,
+                    describe: Callable[[list[str]], str] | None = None,
+                    abort: Callable[[], str | None] | None = None) -> list[Any]:
+        """Wait until every key holds a value that verifies (and that ``accept`` takes); return them.
+
+        For keys whose mere existence would let something happen (a commit, a write): a
+        refused value counts as not written yet, so a forged one never triggers anything,
+        and a genuine writer's later value replaces it. One round trip per poll once all
+        keys exist. At the deadline, a ControlPlaneError names the refused keys and why;
+        SyncTimeout if none was refused.
+        """
+        keys = list(keys)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        values: dict[str, Any] = {}
+        refused: dict[str, str] = {}
+        pending = keys
+        pause = _POLL_MIN_S
+        while True:
+            if not pending:
+                return [values[k] for k in keys]
+            if self.store.check(pending):
+                for key, raw in zip(pending, self.store.multi_get(pending)):
+                    try:
+                        value = self._loads(key, raw)
+                    except ControlPlaneError as e:
+                        refused[key] = str(e)
+                        continue
+                    if accept is not None and not accept(value):
+                        refused[key] = f"control key {self.prefix}{key} refused: it holds {value!r:.80}, not {what}"
+                        continue
+                    values[key] = value
+                    refused.pop(key, None)
+                pending = [k for k in pending if k not in values]
+                if not pending:
+                    continue
+            if abort is not None and (reason := abort()):
+                raise SyncError(reason)
+            if time.monotonic() > deadline:
+                waited = f"{timeout_s or self.timeout_s:.1f}s"
+                what_open = describe(pending) if describe else f"keys {pending}"
+                if refused:
+                    raise ControlPlaneError(f"gave up after {waited} waiting for {what_open}: "
+                                            + "; ".join(refused.values()), key=next(iter(refused)))
+                raise SyncTimeout(f"timed out after {waited} waiting for {what_open}")
+            time.sleep(pause)
+            pause = min(pause * 2, self.poll_max_s)
+
+    @_store_errors
+    def wait_done(self, seq: int, senders: Sequence[int], *, timeout_s: float | None = None,
+                  abort: Callable[[], str | None] | None = None) -> None:
+        """Wait until each of ``senders`` marked push ``seq`` done, each mark read and verified:
+        the receiver commits on these, so a key that merely exists is not enough."""
+        self.wait_values([done_key(seq, s) for s in senders], accept=lambda v: v is True, what="True",
+                         timeout_s=timeout_s, abort=abort,
+                         describe=lambda keys: f"senders {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} "
+                         f"to finish push {seq}")
+
+    @_store_errors
+    def announcement(self, seq: int) -> tuple:
+        """Push ``seq``'s announcement, checked: ("go", version, fingerprint, generation), or
+        ("error", message) for a refused plan, or ("refused", message) for a refused control value."""
+        key = push_key(seq)
+        value = self.get(key)
+        if not is_announcement(value):
+            raise ControlPlaneError(f"control key {self.prefix}{key} refused: {value!r:.80} is no push "
+                                    "announcement", key=key)
+        return value
+
     def record_failure(self, seq: int) -> None:
         """Count push ``seq`` as failed, before any error or ack says so: whoever hears of the
         failure then also finds it counted (the next push rebuilds transports on that count)."""
@@ -200,11 +321,27 @@ class ControlPlane:
     @_store_errors
     def first_error(self, keys: Sequence[str]) -> str | None:
         """The value of the first existing error key among ``keys``, if any; an ack key
-        holding "ok" is no error."""
+        holding "ok" is no error. A refused value is an error too, saying why it was refused."""
         for key in keys:
-            if self.store.check([key]) and (value := self.get(key)) != "ok":
-                return value
+            if self.store.check([key]):
+                try:
+                    value = self.get(key, expect=str)
+                except ControlPlaneError as e:
+                    return str(e)
+                if value != "ok":
+                    return value
         return None
+
+
+def is_announcement(value: Any) -> bool:
+    """Whether ``value`` has the shape of a push announcement (see ``ControlPlane.announcement``)."""
+    if type(value) is not tuple or not value:
+        return False
+    if value[0] == "go":
+        return (len(value) == 4 and type(value[1]) is int and type(value[2]) is str and type(value[3]) is int)
+    if value[0] == CLOSED:
+        return len(value) == 1
+    return value[0] in ("error", "refused") and len(value) == 2 and type(value[1]) is str
 
 
 # Key names, in one place so both sides agree.

@@ -16,7 +16,7 @@ from .claims import STALE_AFTER_S, heartbeat_key
 from .config import SyncConfig
 from .control import (PUSH_FAILURES, RECV_COUNT, RECV_EPOCH, ControlPlane, plan_receiver_key, plan_sender_key,
                       recv_meta_key, sender_host_key)
-from .errors import PlanError, SyncTimeout
+from .errors import ControlPlaneError, PlanError, SyncTimeout
 from .meta import ReceiverMeta, SourceParam
 from .plan import Plan
 from .planner import build_plan
@@ -81,7 +81,9 @@ class Controller:
         timeout for the first plan) less the dropped ones."""
         self.control.wait([RECV_COUNT], describe=lambda _: "the inference job to register its receivers "
                           f"(is it running with SyncConfig.job={self.config.job!r} and control={self.config.control!r}?)")
-        count = self.control.get(RECV_COUNT)
+        count = self.control.get(RECV_COUNT, expect=int)
+        if count < 1:
+            raise ControlPlaneError(f"control key {RECV_COUNT} holds {count} receivers", key=RECV_COUNT)
         keys = [recv_meta_key(r) for r in range(count)]
         elastic = self.config.on_receiver_failure == "drop"
         try:
@@ -91,7 +93,12 @@ class Controller:
             if not elastic:
                 raise
         present = [r for r, k in enumerate(keys) if self.control.has(k)]
-        metas = [m for m in self.control.get_many([keys[r] for r in present]) if (m.rank, m.registration) not in self.dropped]
+        metas = self.control.get_many([keys[r] for r in present], expect=ReceiverMeta)
+        for r, meta in zip(present, metas):
+            if meta.rank != r:
+                raise ControlPlaneError(f"control key {keys[r]} holds the registration of receiver {meta.rank}",
+                                        key=keys[r])
+        metas = [m for m in metas if (m.rank, m.registration) not in self.dropped]
         if not metas:
             raise SyncTimeout(f"no live receiver is registered (dropped: {sorted(r for r, _ in self.dropped)})")
         if elastic and len(metas) < count:
@@ -119,7 +126,7 @@ class Controller:
         dead = [r for r in before if now[r] == before[r]]
         if not dead:
             return False
-        metas = self.control.get_many([recv_meta_key(r) for r in dead])
+        metas = self.control.get_many([recv_meta_key(r) for r in dead], expect=ReceiverMeta)
         self.dropped |= {(m.rank, m.registration) for m in metas}
         log.warning("fsdp_sync: dropping receiver ranks %s after a failed push: their heartbeat stopped "
                     "(on_receiver_failure='drop'); pushing on to the rest", dead)
@@ -129,7 +136,11 @@ class Controller:
         """(host, device id) of every sender rank."""
         keys = [sender_host_key(s) for s in range(self.num_senders)]
         self.control.wait(keys, describe=lambda ks: f"sender ranks {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} to start")
-        return [self.control.get(k) for k in keys]
+        places = self.control.get_many(keys, expect=tuple)
+        for key, place in zip(keys, places):
+            if len(place) != 2 or not all(type(p) is str for p in place):
+                raise ControlPlaneError(f"control key {key} holds {place!r:.80}, not (host, device id)", key=key)
+        return places
 
 
 

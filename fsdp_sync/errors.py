@@ -24,3 +24,12 @@ class ControlPlaneLost(SyncError):
 
 class NonFiniteWeights(SyncError, ValueError):
     """A weight to push holds inf or NaN: the push was refused on every side, naming it."""
+
+
+class ControlPlaneError(SyncError):
+    """A value on the control plane was refused: not in fsdp_sync's format, malformed, unsigned
+    where a secret is set, or signed with another secret. Names the key; nothing acted on it."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key

@@ -1,7 +1,7 @@
 """Metadata both sides publish: what each sender holds and what each receiver needs.
 
-Everything here is plain, picklable data with no tensors, so the planner can run on
-one CPU for any number of ranks, and the control plane can carry it.
+Everything here is plain data with no tensors, so the planner can run on one CPU for
+any number of ranks, and the control plane can carry it (``wire`` lists what it carries).
 """
 
 from __future__ import annotations

@@ -358,7 +358,9 @@ def _make_buckets(raw: list[tuple[tuple, Task]], by_name: dict[str, SourceParam]
     for (group, src, _rank), nbytes in rank_bytes.items():
         # Reconstruct holds the flat send buffer (1/G), the gathered flat buffer and the
         # unpacked full tensor at once; a shard group of one rank already holds it whole.
-        held = by_name[src].nbytes * (2 + 1 / len(group)) if mode == "reconstruct" and len(group) > 1 else 0
+        # Whole bytes (rounded up): a Bucket's nbytes is an int, and the control plane checks it.
+        g = len(group)
+        held = -(-by_name[src].nbytes * (2 * g + 1) // g) if mode == "reconstruct" and g > 1 else 0
         per_group[group][src][0] = max(per_group[group][src][0], held + nbytes)
     cap = max(1, watermark_bytes // 2)
     lists = []

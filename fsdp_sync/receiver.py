@@ -31,8 +31,8 @@ from torch import nn
 from .claims import Claim, receiver_claim
 from .config import SyncConfig
 from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
-                      push_key, ready_key, recv_meta_key)
-from .errors import PlanError, SyncError, SyncTimeout, TrainerGone
+                      plan_sender_key, push_key, ready_key, recv_meta_key)
+from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout, TrainerGone
 from .meta import LayoutSpec, ReceiverMeta, as_layout_spec, clean_name, dest_tensors, device_id, with_tp_defaults
 from .plan import ReceiverPlan
 from .transport import get_transport
@@ -100,6 +100,7 @@ class WeightReceiver:
         self._transport = None
         self._generation = 0  # of the transport: the PUSH_FAILURES count it was built under
         self._error: BaseException | None = None
+        self._refused: str | None = None  # why the next push's announcement was last refused
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"fsdp_sync-recv-{self.rank}", daemon=True)
@@ -199,9 +200,16 @@ class WeightReceiver:
                     time.sleep(pause)
                     pause = min(pause * 2, _IDLE_POLL_S)
                     continue
+                try:
+                    announced = self.control.announcement(seq)
+                except ControlPlaneError as e:
+                    self._refuse(e)
+                    time.sleep(_IDLE_POLL_S)
+                    continue
+                self._refused = None
                 pause = _IDLE_POLL_MIN_S
                 self._seq = seq
-                self._land(seq)
+                self._land(seq, announced)
             except BaseException as e:  # noqa: BLE001 - handed to wait_for
                 if self._stop.is_set():
                     return
@@ -218,6 +226,18 @@ class WeightReceiver:
                 with self._cond:
                     self._error = e
                     self._cond.notify_all()
+
+    def _refuse(self, error: ControlPlaneError) -> None:
+        """A value under the next push key that does not verify: no push of ours (a forgery, garbage,
+        or a trainer without our secret). Hand it to wait_for once, and keep waiting on that key:
+        the trainer's real announcement of this push replaces it. No ack: nobody runs this push."""
+        if str(error) == self._refused:
+            return
+        self._refused = str(error)
+        log.error("fsdp_sync receiver %d: %s", self.rank, error)
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
 
     def _control_alive(self) -> bool:
         try:
@@ -272,8 +292,7 @@ class WeightReceiver:
             self._gone = None
             self._cond.notify_all()
 
-    def _land(self, seq: int) -> None:
-        announced = self.control.get(push_key(seq))
+    def _land(self, seq: int, announced: tuple) -> None:
         if announced[0] == CLOSED:
             with self._cond:
                 self._gone = f"the trainer closed (job {self.config.job!r})"
@@ -282,10 +301,13 @@ class WeightReceiver:
             return
         if announced[0] == "error":
             raise PlanError(announced[1])
+        if announced[0] == "refused":
+            raise ControlPlaneError(announced[1])
         _, version, fp, generation = announced
-        if not self.control.has(plan_receiver_key(fp, self.rank)):
-            # Left out of this plan: the trainer dropped this rank after a failed push (it
-            # looked dead). Registering again puts it back into the next plan, as a full push.
+        if not self.control.has(plan_receiver_key(fp, self.rank)) and self.control.has(plan_sender_key(fp, 0)):
+            # A published plan that leaves this rank out: the trainer dropped it after a failed
+            # push (it looked dead). Registering again puts it back into the next plan, as a
+            # full push. (A go naming no published plan at all is refused by _load_plan.)
             log.warning("fsdp_sync receiver %d: push %d's plan leaves this rank out (on_receiver_failure='drop'); "
                         "registering again to rejoin at the next push, serving version %s", self.rank, seq, self.version)
             self._publish_meta()
@@ -294,7 +316,7 @@ class WeightReceiver:
                 or self._transport is None):
             # A new plan, or a push failed since this transport was built: build it again.
             if self._plan is None or self._plan.fingerprint != fp:
-                self._plan = self.control.get(plan_receiver_key(fp, self.rank))
+                self._plan = self._load_plan(seq, fp)
                 self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
             if self._transport is not None:
                 self._transport.close()
@@ -317,6 +339,17 @@ class WeightReceiver:
         else:
             self._land_in_place(seq, version)
         self.control.set(ack_key(seq, self.rank), "ok")
+
+    def _load_plan(self, seq: int, fp: str) -> ReceiverPlan:
+        key = plan_receiver_key(fp, self.rank)
+        if not self.control.has(key):  # the controller writes plans before it announces them
+            raise ControlPlaneError(f"receiver {self.rank}: push {seq} names plan {fp}, which is not on the "
+                                    "control plane", key=key)
+        plan = self.control.get(key, expect=ReceiverPlan)
+        if plan.fingerprint != fp or plan.rank != self.rank:
+            raise ControlPlaneError(f"control key {key} holds the plan of receiver {plan.rank} with fingerprint "
+                                    f"{plan.fingerprint}", key=key)
+        return plan
 
     def _land_in_place(self, seq: int, version: int) -> None:
         """Writes go to the live tensors, with the engine paused if it gave ``pause``.

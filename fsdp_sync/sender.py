@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .control import (CLOSED, ControlPlane, PUSH_LATEST, ack_key, done_key, plan_sender_key, push_key, ready_key,
-                      recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
 from .claims import Claim, trainer_claim
+from .control import (CLOSED, ControlPlane, PUSH_LATEST, ack_key, done_key, is_announcement, plan_sender_key,
+                      push_key, ready_key, recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
 from .controller import Controller
-from .errors import PlanError, SyncError, SyncTimeout
-from .meta import SourceParam, device_id, source_params
+from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout
+from .meta import ReceiverMeta, SourceParam, device_id, source_params
 from .packing import BucketPacker
 from .param_scan import ParamScan
 from .pipeline import ByteBudget, run_pipeline
@@ -100,7 +100,7 @@ class WeightSender:
         self.control.set(sender_host_key(self.rank), (self.host, device_id(self.device)))
         self.controller = Controller(self.control, config, self.world_size, self.run_id) if self.rank == 0 else None
         self.version: int | None = None
-        self.seq = self.control.get(PUSH_LATEST) if self.control.has(PUSH_LATEST) else 0
+        self.seq = self.control.get(PUSH_LATEST, expect=int) if self.control.has(PUSH_LATEST) else 0
         self._plan: SenderPlan | None = None
         self._sources: dict[str, SourceParam] = {}
         self._sources_key: tuple | None = None
@@ -303,17 +303,23 @@ class WeightSender:
                 self._wait_until_ended(self._announced)
             try:
                 plan, generation = self.controller.ensure_plan(key, lambda: list(self._sources.values()))
-            except PlanError as e:
-                self.control.set_many({push_key(seq): ("error", str(e)), PUSH_LATEST: seq})
+            except (PlanError, ControlPlaneError) as e:
+                # Everyone hears why: a refused plan, or a registration this side could not verify.
+                kind = "error" if isinstance(e, PlanError) else "refused"
+                self.control.set_many({push_key(seq): (kind, str(e)), PUSH_LATEST: seq})
                 raise
             announced = ("go", version, plan.fingerprint, generation)
             self.control.set_many({push_key(seq): announced, PUSH_LATEST: seq})
             self._announced = seq
         else:
-            self.control.wait([push_key(seq)], describe=lambda _: f"trainer rank 0 to publish push {seq}")
-            announced = self.control.get(push_key(seq))
+            # A refused (forged) value under the push key counts as not announced yet: rank 0's replaces it.
+            (announced,) = self.control.wait_values([push_key(seq)], accept=is_announcement,
+                                                    what="a push announcement",
+                                                    describe=lambda _: f"trainer rank 0 to publish push {seq}")
         if announced[0] == "error":
             raise PlanError(announced[1])
+        if announced[0] == "refused":
+            raise ControlPlaneError(announced[1])
         _, _, fp, generation = announced
         if self._plan is None or self._plan.fingerprint != fp:
             self._load_plan(fp, generation, seq)
@@ -331,7 +337,14 @@ class WeightSender:
                                describe=lambda ranks: f"sender ranks {ranks} to end push {seq}")
 
     def _load_plan(self, fp: str, generation: int, seq: int) -> None:
-        self._plan = self.control.get(plan_sender_key(fp, self.rank))
+        key = plan_sender_key(fp, self.rank)
+        if not self.control.has(key):  # the controller writes plans before it announces them
+            raise ControlPlaneError(f"push {seq} names plan {fp}, which is not on the control plane", key=key)
+        plan = self.control.get(key, expect=SenderPlan)
+        if plan.fingerprint != fp or plan.rank != self.rank:
+            raise ControlPlaneError(f"control key {key} holds the plan of sender {plan.rank} with fingerprint "
+                                    f"{plan.fingerprint}", key=key)
+        self._plan = plan
         self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
         for ranks in self._plan.groups:
             if ranks not in self._groups:
@@ -347,7 +360,7 @@ class WeightSender:
         plan = self._plan
         registered = [plan.registered_rank(s) for s in range(plan.num_receivers)]
         receivers = {s: dataclasses.replace(meta, rank=s) for s, meta in
-                     enumerate(self.control.get_many([recv_meta_key(r) for r in registered]))}
+                     enumerate(self.control.get_many([recv_meta_key(r) for r in registered], expect=ReceiverMeta))}
         if self._transport is not None:
             if self._pack_stream is not None:
                 self._pack_stream.synchronize()  # a failed push may have left writes into its mappings queued
@@ -373,12 +386,14 @@ class WeightSender:
         started = time.perf_counter()
         try:
             if plan.gated:
-                # Staged or paused receivers open their buffers to this push explicitly.
+                # Staged or paused receivers open their buffers to this push explicitly; a
+                # forged ready key must not let bytes into buffers the engine may be reading.
                 gated = [plan.registered_rank(s) for s in plan.gated]
-                self.control.wait([ready_key(seq, r) for r in gated],
-                                  describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
-                                  f"to open their buffers for push {seq}",
-                                  abort=lambda: self.control.failure_in(seq, [ack_key(seq, r) for r in gated]))
+                self.control.wait_values([ready_key(seq, r) for r in gated], accept=lambda v: v is True,
+                                         what="True",
+                                         describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
+                                         f"to open their buffers for push {seq}",
+                                         abort=lambda: self.control.failure_in(seq, [ack_key(seq, r) for r in gated]))
             sent = 0
             stream = self._pack_stream
             if stream is not None:
@@ -428,9 +443,10 @@ class WeightSender:
 
     def _wait_for_acks(self, seq: int, version: int, receivers: list[int]) -> None:
         keys = [ack_key(seq, r) for r in receivers]
-        self.control.wait(keys, describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
-                          f"to commit version {version}")
-        failures = [a for a in self.control.get_many(keys) if a != "ok"]
+        acks = self.control.wait_values(keys, accept=lambda v: type(v) is str, what="a str",
+                                        describe=lambda ks: f"receivers {sorted(int(k.rsplit('/', 1)[1]) for k in ks)} "
+                                        f"to commit version {version}")
+        failures = [a for a in acks if a != "ok"]
         if failures:
             raise SyncError(f"version {version} did not land: " + "; ".join(failures))
 

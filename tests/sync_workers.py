@@ -45,6 +45,7 @@ class Case:
     extra: dict = field(default_factory=dict)
     device: str = "cpu"  # "cuda": each process on its own GPU (see recipes.jobs.start_job)
     kernels: str = "auto"
+    secret: str | None = None  # both jobs sign their control values with it
 
     def __post_init__(self) -> None:
         self.timeout_s = scaled(self.timeout_s)  # once, in the test process: workers get the pickled value
@@ -52,7 +53,8 @@ class Case:
     def config(self) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port}", job=self.name, quant=self.quant, mode=self.mode,
                           transport=self.transport, timeout_s=self.timeout_s, watermark_mb=self.watermark_mb,
-                          connect_timeout_s=scaled(60), kernels=self.kernels, check_finite=self.check_finite)
+                          connect_timeout_s=scaled(60), kernels=self.kernels, check_finite=self.check_finite,
+                          secret=self.secret)
 
     def layout(self, receiver: int) -> LayoutSpec:
         if self.tp == 1:

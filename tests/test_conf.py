@@ -62,6 +62,11 @@ def test_command_line_overrides():
     assert (gpu.topology.device, gpu.model.dtype, gpu.sync.quant) == ("cuda", "bfloat16", "fp8_block")
 
 
+def test_the_secret_defaults_to_none_and_takes_an_override():
+    assert to_job(compose("grpo")).sync.secret is None  # None: FSDP_SYNC_SECRET, if set, signs
+    assert to_job(compose("grpo", overrides=["sync.secret=hunter2"])).sync.secret == "hunter2"
+
+
 @pytest.mark.parametrize("overrides, error", [
     (["quant=fp9"], MissingConfigException),
     (["recipe.no_such_field=1"], ConfigCompositionException),

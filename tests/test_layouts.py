@@ -12,7 +12,6 @@ tensors bit for bit, unquantized and FP8.
 from __future__ import annotations
 
 import functools
-import pickle
 import re
 
 import pytest
@@ -21,6 +20,7 @@ from torch.distributed.tensor import Shard
 from transformers import (AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3Config,
                           Qwen3MoeConfig)
 
+from fsdp_sync import wire
 from fsdp_sync.boxes import Box
 from fsdp_sync.config import LinkModel
 from fsdp_sync.destinations import expected_destinations
@@ -266,7 +266,7 @@ def _expect_plan(receivers, sources, refusal: str | None):
         return
     plan_for(sources, receivers)  # validation inside: every destination element exactly once
     for recv in receivers:
-        assert pickle.loads(pickle.dumps(recv.layout)) == recv.layout  # receivers publish it as data
+        assert wire.decode(wire.encode(recv)) == recv  # receivers publish it on the control plane, layout and all
         assert set(layout_shapes(recv.layout, sources)) == {n for n in recv.tensors if not n.endswith("_scale_inv")}
 
 

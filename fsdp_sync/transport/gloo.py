@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..control import ControlPlane, done_key, sender_error_key
+from ..control import ControlPlane, sender_error_key
 from ..errors import SyncError
 from ..plan import Task
 from .base import RecvTransport, SendTransport
@@ -78,8 +78,7 @@ class GlooRecv(RecvTransport):
                                 f"in push {seq} failed: {cause or e}") from e
             if target is not view:
                 view.copy_(target)
-        self.control.wait([done_key(seq, s) for s in self.plan.senders], timeout_s=timeout_s,
-                          describe=lambda keys: f"senders {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to finish push {seq}")
+        self.control.wait_done(seq, self.plan.senders, timeout_s=timeout_s)
 
     def close(self) -> None:
         self.pg = None

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..control import ControlPlane, done_key, sender_error_key
+from ..control import ControlPlane, sender_error_key
 from ..copies import copy_all
 from ..errors import SyncError
 from ..plan import Task
@@ -108,9 +108,8 @@ class NcclRecv(RecvTransport):
         except RuntimeError as e:
             raise SyncError(f"receiver {self.plan.rank}: nccl receive of push {seq} failed: {e}") from e
         senders = self.plan.senders
-        self.control.wait([done_key(seq, s) for s in senders], timeout_s=timeout_s,
-                          describe=lambda keys: f"senders {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to finish push {seq}",
-                          abort=lambda: self.control.failure_in(seq, [sender_error_key(seq, s) for s in senders]))
+        self.control.wait_done(seq, senders, timeout_s=timeout_s,
+                               abort=lambda: self.control.failure_in(seq, [sender_error_key(seq, s) for s in senders]))
 
     def close(self) -> None:
         self.pg = None

@@ -75,7 +75,12 @@ def wait_endpoints(control: ControlPlane, fp: str, peer_role: str, peers: list[i
     control.wait([endpoint_key(fp, peer_role, p) for p in peers], timeout_s=timeout_s,
                  describe=lambda keys: f"rdma {_WHO[peer_role]}s {_ranks(keys)} to publish their connection data",
                  abort=lambda: peer_errors(control, fp, peer_role, peers))
-    return {p: control.get(endpoint_key(fp, peer_role, p)) for p in peers}
+    endpoints = control.get_many([endpoint_key(fp, peer_role, p) for p in peers], expect=Endpoint)
+    for p, endpoint in zip(peers, endpoints):
+        if endpoint.rank != p:
+            raise SyncError(f"rdma: the endpoint published for {_WHO[peer_role]} {p} is {_WHO[peer_role]} "
+                            f"{endpoint.rank}'s")
+    return dict(zip(peers, endpoints))
 
 
 def wait_connected(control: ControlPlane, fp: str, receivers: list[int], *, timeout_s: float) -> None:
@@ -98,7 +103,7 @@ def open_push(control: ControlPlane, sender: int, *, after: int | None) -> int:
     if after is None:
         if not control.has(PUSH_LATEST):
             raise SyncError("rdma: no push has been announced yet")
-        low, high = 1, control.get(PUSH_LATEST) + 1
+        low, high = 1, control.get(PUSH_LATEST, expect=int) + 1
         while low < high:
             mid = (low + high) // 2
             if ended(mid):

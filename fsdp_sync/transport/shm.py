@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..control import done_key, sender_error_key
+from ..control import sender_error_key
 from ..errors import SyncError
 from ..plan import Task
 from .base import MappedSend, RecvTransport
@@ -39,7 +39,7 @@ class ShmSend(MappedSend):
             if meta.host != self.host:
                 raise SyncError(f"shm transport needs one host: sender {self.plan.rank} is on {self.host!r} but "
                                 f"receiver {r} is on {meta.host!r}; use transport='gloo' across hosts")
-            for name, (path, dtype, shape) in meta.transport_info["files"].items():
+            for name, (path, dtype, shape) in _files(meta).items():
                 if not os.path.exists(path) and math.prod(shape) * dtype.itemsize:
                     raise SyncError(f"shm transport: receiver {r} tensor {name!r} file {path} is missing "
                                     "(did the receiver exit?)")
@@ -69,10 +69,28 @@ class ShmRecv(RecvTransport):
 
     def receive(self, seq: int, timeout_s: float) -> None:
         senders = self.plan.senders
-        self.control.wait(
-            [done_key(seq, s) for s in senders], timeout_s=timeout_s,
-            describe=lambda keys: f"senders {sorted(int(k.rsplit('/', 1)[1]) for k in keys)} to finish push {seq}",
-            abort=lambda: self.control.failure_in(seq, [sender_error_key(seq, s) for s in senders]))
+        self.control.wait_done(seq, senders, timeout_s=timeout_s,
+                               abort=lambda: self.control.failure_in(seq, [sender_error_key(seq, s) for s in senders]))
+
+
+def _files(meta) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
+    """A receiver's shared-memory files, checked: each a file in a folder that ``prepare`` makes.
+
+    Senders write weights into these paths, so a registration must not be able to point
+    them at any other file (without a secret, anyone reaching the store can register)."""
+    root = os.path.realpath(SHM_ROOT)
+    files = meta.transport_info.get("files") if isinstance(meta.transport_info, dict) else None
+    if not isinstance(files, dict):
+        raise SyncError(f"shm transport: receiver {meta.rank} registered no shared-memory files")
+    for name, entry in files.items():
+        ok = (isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[0], str)
+              and isinstance(entry[1], torch.dtype) and isinstance(entry[2], tuple)
+              and all(type(n) is int and n >= 0 for n in entry[2]))
+        folder = os.path.dirname(os.path.realpath(entry[0])) if ok else ""
+        if not ok or os.path.dirname(folder) != root or not os.path.basename(folder).startswith("fsdp_sync-"):
+            raise SyncError(f"shm transport: receiver {meta.rank} registered {name!r} at {entry!r:.120}, which is "
+                            f"not a (file under {root}/fsdp_sync-*, dtype, shape) entry; refused")
+    return files
 
 
 def remove_files(info: dict[str, Any]) -> None:
