@@ -7,8 +7,11 @@ Run with vLLM 0.33.0 in its own venv (never the project's), on CPU, from the rep
 For each case of ``vllm_cases.CASES`` and each (TP, EP) of ``vllm_cases.runs``, one gloo
 process per TP rank builds vLLM's own model class from a tiny ``config.json``, loads the
 checkpoint-named tensors of ``vllm_cases.fill`` through ``model.load_weights`` and records
-every parameter's name, shape, dtype and sha256: as loaded, and after vLLM's
-``process_weights_after_loading`` (which derives MLA's ``W_UK_T``/``W_UV``). FP8 cases
+every parameter's name, shape, dtype and sha256 after vLLM's
+``process_weights_after_loading`` (which derives MLA's ``W_UK_T``/``W_UV``), and as loaded
+where that differs; per layer, which MoE backend it chose and which post-processing steps
+the CPU could not run (the CPU MoE prepack op is not in the CUDA wheel, and no FP8 MoE
+kernel exists on CPU: those layers keep their loaded weights). FP8 cases
 get FP8 checkpoint tensors exactly where vLLM built an FP8 parameter, quantized by
 fsdp_sync's reference quantizer (what a push writes); every other tensor stays bf16.
 Fixtures are JSON in ``tests/engines/fixtures``; ``tests/test_vllm_fixtures.py`` compares
@@ -147,7 +150,33 @@ def offer_triton_block_fp8_on_cpu() -> None:
     linear._POSSIBLE_FP8_BLOCK_KERNELS[PlatformEnum.CPU].insert(0, OfferedOnCpu)
 
 
-def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool]], scratch: str) -> None:
+def adapter_check(model, case: str, *, rank: int, tp: int, ep: bool) -> dict:
+    """fsdp_sync's vLLM adapter on the real model (``--adapter``, the live tier): what it
+    registers, what its MoE guard says, and MLA's derived tensors after a push of new
+    weights (``salt="v2"``) into the registered tensors and the adapter's re-derivation."""
+    from fsdp_sync.engines import check_block_fp8, live_tensors
+    from fsdp_sync.engines.vllm_moe import moe_backends as chosen
+    from fsdp_sync.engines.vllm_moe import refuse_relaying_moe_backends
+    from fsdp_sync.engines.vllm_worker import _rederive_mla
+    from tests.engines.vllm_cases import pushed
+
+    live = live_tensors(model)
+    out: dict = {"registered": sorted(live), "moe_guard": None}
+    check_block_fp8(live)
+    try:
+        refuse_relaying_moe_backends(chosen(model))
+    except ValueError as e:
+        out["moe_guard"] = str(e)
+    if CASES[case][0]["model_type"].startswith("deepseek"):
+        dests = pushed(case, tp_rank=rank, tp_size=tp, ep=ep, dtypes={n: t.dtype for n, t in live.items()}, salt="v2")
+        for name, t in dests.items():
+            live[name].copy_(t)
+        _rederive_mla(model, torch.bfloat16)
+        out["after_push"] = {n: describe(p) for n, p in model.named_parameters() if n.endswith(("W_UK_T", "W_UV"))}
+    return out
+
+
+def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool]], scratch: str, adapter: bool) -> None:
     from vllm.config import DeviceConfig, ModelConfig, ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.distributed.parallel_state import destroy_model_parallel
@@ -178,9 +207,22 @@ def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool]], scratch:
             processed = {n: describe(p) for n, p in model.named_parameters()}
             processed.update(derived(model))
             out = dict(loaded=loaded, processed=processed, processed_errors=errors, moe_backends=moe_backends(model))
+            if adapter:
+                out["adapter"] = adapter_check(model, case, rank=rank, tp=tp, ep=ep)
             Path(scratch, f"{case}.tp{tp}.ep{int(ep)}.rank{rank}.json").write_text(json.dumps(out))
             del model
             destroy_model_parallel()
+
+
+def compact(record: dict) -> dict:
+    """Keep ``loaded`` only where post-processing changed or dropped a parameter: the rest
+    equals ``processed``, and the fixtures stay small."""
+    if "loaded" not in record:
+        return record
+    processed = record["processed"]
+    out = {k: v for k, v in record.items() if k != "loaded"}
+    out["loaded_differs"] = {n: v for n, v in record["loaded"].items() if processed.get(n) != v}
+    return out
 
 
 def _free_port() -> int:
@@ -193,11 +235,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cases", nargs="*", default=list(CASES))
     ap.add_argument("--tp", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--out", type=Path, default=FIXTURES, help="where to write (default: the committed fixtures)")
+    ap.add_argument("--adapter", action="store_true", help="also run fsdp_sync's adapter on each model")
     args = ap.parse_args()
     import vllm
 
     assert vllm.__version__ == VLLM_VERSION, f"fixtures are for vLLM {VLLM_VERSION}, found {vllm.__version__}"
-    FIXTURES.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for case in args.cases:
             (Path(scratch) / case).mkdir()
@@ -207,21 +251,21 @@ def main() -> None:
             if not jobs:
                 continue
             start = time.perf_counter()
-            mp.spawn(record, args=(tp, _free_port(), jobs, scratch), nprocs=tp, join=True)
+            mp.spawn(record, args=(tp, _free_port(), jobs, scratch, args.adapter), nprocs=tp, join=True)
             print(f"tp {tp}: {len(jobs)} runs in {time.perf_counter() - start:.0f} s", flush=True)
         for case in args.cases:
-            path = FIXTURES / f"{case}.json"
+            path = args.out / f"{case}.json"
             fixture = json.loads(path.read_text()) if path.exists() else {}
             fixture.update(vllm=VLLM_VERSION, torch=torch.__version__, recipe=FILL_RECIPE, config=CASES[case][0])
             fixture.setdefault("runs", {})
             for tp, ep in runs(case):
                 if tp not in args.tp:
                     continue
-                ranks = [json.loads(Path(scratch, f"{case}.tp{tp}.ep{int(ep)}.rank{r}.json").read_text())
+                ranks = [compact(json.loads(Path(scratch, f"{case}.tp{tp}.ep{int(ep)}.rank{r}.json").read_text()))
                          for r in range(tp)]
                 fixture["runs"][f"tp{tp}" + ("-ep" if ep else "")] = dict(tp=tp, ep=ep, ranks=ranks)
             path.write_text(json.dumps(fixture, indent=1, sort_keys=True) + "\n")
-            print(f"wrote {path.relative_to(ROOT)}", flush=True)
+            print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ def hf_params(cfg: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
                 if cfg.get("attention_bias"):
                     add(a + f"{part}_proj.bias", rows)
             add(a + "o_proj.weight", h, heads * d)
+            if cfg.get("attention_bias") and cfg["model_type"] == "llama":  # Llama's bias covers o_proj too
+                add(a + "o_proj.bias", h)
             if cfg["model_type"].startswith("qwen3"):
                 add(a + "q_norm.weight", d)
                 add(a + "k_norm.weight", d)
@@ -143,9 +145,10 @@ FILL_RECIPE = ("int64 k = (arange(numel) * (2 * (s % 97) + 1) + s) % 251 - 125, 
                "sha256(name); value = k / 64 in float32, cast to the tensor's dtype (exact in bf16)")
 
 
-def fill(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The recipe (``FILL_RECIPE``): deterministic, exact in bf16, distinct per tensor."""
-    s = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+def fill(name: str, shape: tuple[int, ...], dtype: torch.dtype, *, salt: str = "") -> torch.Tensor:
+    """The recipe (``FILL_RECIPE``): deterministic, exact in bf16, distinct per tensor; a
+    ``salt`` (prefixed to the name) gives another version of the weights, for pushes."""
+    s = int(hashlib.sha256((salt + name).encode()).hexdigest()[:8], 16)
     n = 1
     for d in shape:
         n *= d
@@ -153,8 +156,45 @@ def fill(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return (k.to(F32) / 64).to(dtype).reshape(shape)
 
 
-def hf_tensors(cfg: dict) -> dict[str, torch.Tensor]:
-    return {n: fill(n, s, d) for n, (s, d) in hf_params(cfg).items()}
+def hf_tensors(cfg: dict, *, salt: str = "") -> dict[str, torch.Tensor]:
+    return {n: fill(n, s, d, salt=salt) for n, (s, d) in hf_params(cfg).items()}
+
+
+def layout_spec(case: str, *, tp_rank: int, tp_size: int, ep: bool):
+    """fsdp_sync's ``vllm`` layout for one rank of a case, as the adapter would publish it."""
+    from types import SimpleNamespace
+
+    from fsdp_sync.layouts.vllm import layout_kwargs
+    from fsdp_sync.meta import LayoutSpec
+
+    cfg = SimpleNamespace(**CASES[case][0])
+    return LayoutSpec("vllm", layout_kwargs(cfg, tp_rank=tp_rank, tp_size=tp_size, expert_parallel=ep,
+                                            vllm_version=VLLM_VERSION))
+
+
+def pushed(case: str, *, tp_rank: int, tp_size: int, ep: bool, dtypes: dict[str, torch.dtype],
+           salt: str = "") -> dict[str, torch.Tensor]:
+    """What a push of the recipe's tensors leaves in one rank's registered tensors. Which are
+    FP8 is the engine's per-layer choice (the ``dtypes`` it registered), as the planner decides."""
+    from fsdp_sync.destinations import expected_destinations
+
+    fp8 = "quantization_config" in CASES[case][0]
+    return expected_destinations(hf_tensors(CASES[case][0], salt=salt),
+                                 layout=layout_spec(case, tp_rank=tp_rank, tp_size=tp_size, ep=ep),
+                                 quant="fp8_block" if fp8 else "none", dest_dtypes=dtypes)
+
+
+def mla_absorbed(kv_b: torch.Tensor, scale: torch.Tensor | None, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM 0.33's ``W_UK_T`` [N, P, L] and ``W_UV`` [N, L, V] from one rank's ``kv_b_proj``
+    (``split_kv_b_proj``: dequantize to the model dtype, transpose, split per head)."""
+    if scale is None:
+        weight = kv_b.to(BF16)
+    else:
+        grid = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: kv_b.shape[0], : kv_b.shape[1]]
+        weight = (kv_b.to(F32) * grid.to(F32)).to(BF16)
+    rank, nope, v = cfg["kv_lora_rank"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    w_uk, w_uv = weight.T.view(rank, -1, nope + v).split([nope, v], dim=-1)
+    return w_uk.permute(1, 2, 0), w_uv.transpose(0, 1)
 
 
 def digest(t: torch.Tensor) -> str:
