@@ -25,7 +25,8 @@ import pytest
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
 
-from tests.engines.vllm_cases import CASES, VLLM_VERSION, describe, mla_absorbed, pushed, runs  # noqa: E402
+from tests.engines.vllm_cases import (CASES, VLLM_VERSION, describe, layout_spec, mla_absorbed, pushed,  # noqa: E402
+                                      runs)
 from tests.test_vllm_fixtures import CASE_RUNS, differences, engine_view, fixture, layout_view, run_id  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,9 @@ def test_live_vllm_matches_layout_and_fixtures(live, case, tp, ep):
         assert recorded["processed"] == committed[rank]["processed"], rank  # the fixtures are current
         adapter = recorded["adapter"]
         assert adapter["registered"] == sorted(engine), rank  # the adapter registers what the test compares
+        # ... and reads from the running engine the keywords the comparison used
+        assert adapter["layout_kwargs"] == layout_spec(case, tp_rank=rank, tp_size=tp, ep=ep).kwargs | dict(
+            dp_rank=0, dp_size=1, expert_placement="linear", vocab_padding=64), rank
         if recorded["moe_backends"]:  # on CPU: the CPU prepack / no FP8 kernel, refused by layer
             assert all(layer in adapter["moe_guard"] for layer in recorded["moe_backends"]), adapter["moe_guard"]
         else:

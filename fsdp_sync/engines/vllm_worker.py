@@ -46,9 +46,6 @@ class FsdpSyncWorkerExtension:
                            world_size: int | None = None) -> dict[str, Any]:
         """Register this worker's live weights as the destinations of rank ``rank`` (default:
         DP rank x TP size + TP rank) of the inference job; returns what was registered."""
-        import vllm
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
         pc = self.vllm_config.parallel_config
         if pc.pipeline_parallel_size > 1:
             raise ValueError("fsdp_sync's vllm layout covers TP, DP and EP; pipeline_parallel_size must be 1")
@@ -57,12 +54,8 @@ class FsdpSyncWorkerExtension:
         _refuse_e8m0()
         model = self.model_runner.model
         refuse_relaying_moe_backends(moe_backends(model))
-        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        dp_rank, dp_size = pc.data_parallel_rank, pc.data_parallel_size
-        kwargs = layout_kwargs(self.vllm_config.model_config.hf_text_config, tp_rank=tp_rank, tp_size=tp_size,
-                               dp_rank=dp_rank, dp_size=dp_size, expert_parallel=bool(pc.enable_expert_parallel),
-                               expert_placement=_placement(model, pc), vocab_padding=_vocab_padding(model),
-                               vllm_version=vllm.__version__)
+        kwargs = engine_layout_kwargs(self.vllm_config, model)
+        tp_rank, tp_size, dp_rank, dp_size = kwargs["tp_rank"], kwargs["tp_size"], kwargs["dp_rank"], kwargs["dp_size"]
         tensors = live_tensors(model)
         check_block_fp8(tensors)
         receiver = WeightReceiver(tensors, config=SyncConfig(**config), layout="vllm", layout_kwargs=kwargs,
@@ -79,6 +72,19 @@ class FsdpSyncWorkerExtension:
     def fsdp_sync_commit(self) -> int | None:
         """Make the newest landed version live; returns it. Call between engine steps."""
         return self._fsdp_sync.commit()
+
+
+def engine_layout_kwargs(vllm_config, model) -> dict[str, Any]:
+    """The ``vllm`` layout's keywords for this worker, read from the running engine."""
+    import vllm
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    pc = vllm_config.parallel_config
+    return layout_kwargs(vllm_config.model_config.hf_text_config, tp_rank=get_tensor_model_parallel_rank(),
+                         tp_size=get_tensor_model_parallel_world_size(), dp_rank=pc.data_parallel_rank,
+                         dp_size=pc.data_parallel_size, expert_parallel=bool(pc.enable_expert_parallel),
+                         expert_placement=_placement(model, pc), vocab_padding=_vocab_padding(model),
+                         vllm_version=vllm.__version__)
 
 
 def _refuse_e8m0() -> None:

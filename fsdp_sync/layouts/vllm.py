@@ -15,12 +15,14 @@ ranks are laid out. The rules, as the engines' own loaders apply them:
   declared ``unwritten``. Tied embeddings leave no ``lm_head`` on either side.
 * MoE experts (transformers >= 5 stacks them as ``experts.gate_up_proj`` [E, 2I, H] and
   ``experts.down_proj`` [E, H, I]) land in ``w13_weight`` [E_local, 2 I_tp, H] and
-  ``w2_weight`` [E_local, H, I_tp]: a rank holds its experts (EP) and its slice of each
-  expert's intermediate dim (TP inside experts). The router ``gate`` is replicated.
+  ``w2_weight`` [E_local, H, I_tp] (in vLLM >= 0.33 under ``experts.routed_experts``): a
+  rank holds its experts (EP) and its slice of each expert's intermediate dim (TP inside
+  experts). The router ``gate`` and its ``e_score_correction_bias`` are replicated.
 * MLA (DeepSeek): ``q_a_proj`` and ``kv_a_proj_with_mqa`` fuse into one replicated
   tensor; ``q_b_proj`` and ``kv_b_proj`` are column-parallel by heads.
 
-FP8 scales need no rule: the planner derives them from these pieces.
+FP8 scales need no rule: the planner derives them from these pieces. The vLLM naming is
+checked against vLLM 0.33.0 itself (tests/test_vllm_fixtures.py).
 """
 
 from __future__ import annotations

@@ -150,18 +150,19 @@ def offer_triton_block_fp8_on_cpu() -> None:
     linear._POSSIBLE_FP8_BLOCK_KERNELS[PlatformEnum.CPU].insert(0, OfferedOnCpu)
 
 
-def adapter_check(model, case: str, *, rank: int, tp: int, ep: bool) -> dict:
+def adapter_check(model, vllm_config, case: str, *, rank: int, tp: int, ep: bool) -> dict:
     """fsdp_sync's vLLM adapter on the real model (``--adapter``, the live tier): what it
     registers, what its MoE guard says, and MLA's derived tensors after a push of new
     weights (``salt="v2"``) into the registered tensors and the adapter's re-derivation."""
     from fsdp_sync.engines import check_block_fp8, live_tensors
     from fsdp_sync.engines.vllm_moe import moe_backends as chosen
     from fsdp_sync.engines.vllm_moe import refuse_relaying_moe_backends
-    from fsdp_sync.engines.vllm_worker import _rederive_mla
+    from fsdp_sync.engines.vllm_worker import _rederive_mla, engine_layout_kwargs
     from tests.engines.vllm_cases import pushed
 
     live = live_tensors(model)
-    out: dict = {"registered": sorted(live), "moe_guard": None}
+    out: dict = {"registered": sorted(live), "moe_guard": None,
+                 "layout_kwargs": engine_layout_kwargs(vllm_config, model)}
     check_block_fp8(live)
     try:
         refuse_relaying_moe_backends(chosen(model))
@@ -208,7 +209,7 @@ def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool]], scratch:
             processed.update(derived(model))
             out = dict(loaded=loaded, processed=processed, processed_errors=errors, moe_backends=moe_backends(model))
             if adapter:
-                out["adapter"] = adapter_check(model, case, rank=rank, tp=tp, ep=ep)
+                out["adapter"] = adapter_check(model, vllm_config, case, rank=rank, tp=tp, ep=ep)
             Path(scratch, f"{case}.tp{tp}.ep{int(ep)}.rank{rank}.json").write_text(json.dumps(out))
             del model
             destroy_model_parallel()
