@@ -23,15 +23,19 @@ from fsdp_sync.destinations import expected_destinations
 from fsdp_sync.engines import registered_name
 from fsdp_sync.meta import LayoutSpec
 from tests.engines.vllm_cases import (CASES, VLLM_VERSION, describe, hf_params, hf_tensors, layout_spec, mla_absorbed,
-                                      pushed, runs)
+                                      pushed, run_key, runs)
 
 FIXTURES = Path(__file__).parent / "engines" / "fixtures"
-CASE_RUNS = [(case, tp, ep) for case in CASES for tp, ep in runs(case)]
+CASE_RUNS = [(case, tp, ep, placement) for case in CASES for tp, ep, placement in runs(case)]
 
 
 def run_id(v) -> str:
     return v if isinstance(v, str) else (f"tp{v}" if isinstance(v, int) and not isinstance(v, bool) else
                                          ("ep" if v else "noep"))
+
+
+def recorded_ranks(case: str, tp: int, ep: bool, placement: str) -> list[dict]:
+    return fixture(case)["runs"][run_key(tp, ep, placement)]["ranks"]
 
 
 @functools.cache
@@ -50,17 +54,19 @@ def trainer(case: str) -> dict[str, torch.Tensor]:
 
 
 @functools.cache
-def _pushed(case: str, tp_rank: int, tp_size: int, ep: bool, dtypes: tuple) -> dict[str, torch.Tensor]:
-    return pushed(case, tp_rank=tp_rank, tp_size=tp_size, ep=ep, dtypes=dict(dtypes))
+def _pushed(case: str, tp_rank: int, tp_size: int, ep: bool, placement: str, dtypes: tuple) -> dict[str, torch.Tensor]:
+    return pushed(case, tp_rank=tp_rank, tp_size=tp_size, ep=ep, placement=placement, dtypes=dict(dtypes))
 
 
-def pushed_into(case: str, *, tp_rank: int, tp_size: int, ep: bool, engine: dict[str, list]) -> dict[str, torch.Tensor]:
+def pushed_into(case: str, *, tp_rank: int, tp_size: int, ep: bool, placement: str = "linear",
+                engine: dict[str, list]) -> dict[str, torch.Tensor]:
     dtypes = tuple(sorted((n, getattr(torch, d)) for n, (_, d, _) in engine.items()))
-    return _pushed(case, tp_rank, tp_size, ep, dtypes)
+    return _pushed(case, tp_rank, tp_size, ep, placement, dtypes)
 
 
-def layout_view(case: str, *, tp_rank: int, tp_size: int, ep: bool, engine: dict[str, list]) -> dict[str, list]:
-    dests = pushed_into(case, tp_rank=tp_rank, tp_size=tp_size, ep=ep, engine=engine)
+def layout_view(case: str, *, tp_rank: int, tp_size: int, ep: bool, placement: str = "linear",
+                engine: dict[str, list]) -> dict[str, list]:
+    dests = pushed_into(case, tp_rank=tp_rank, tp_size=tp_size, ep=ep, placement=placement, engine=engine)
     return {n: describe(t) for n, t in dests.items()}
 
 
@@ -76,15 +82,14 @@ def differences(want: dict[str, list], got: dict[str, list]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("case,tp,ep", CASE_RUNS, ids=run_id)
-def test_layout_matches_vllm(case, tp, ep):
-    run = fixture(case)["runs"][f"tp{tp}" + ("-ep" if ep else "")]
+@pytest.mark.parametrize("case,tp,ep,placement", CASE_RUNS, ids=run_id)
+def test_layout_matches_vllm(case, tp, ep, placement):
     bad = []
-    for rank, recorded in enumerate(run["ranks"]):
+    for rank, recorded in enumerate(recorded_ranks(case, tp, ep, placement)):
         engine = engine_view(recorded["processed"])
-        got = layout_view(case, tp_rank=rank, tp_size=tp, ep=ep, engine=engine)
+        got = layout_view(case, tp_rank=rank, tp_size=tp, ep=ep, placement=placement, engine=engine)
         bad += [f"rank {rank}: {d}" for d in differences(engine, got)]
-    assert not bad, f"{case} tp {tp} ep {ep}:\n  " + "\n  ".join(bad)
+    assert not bad, f"{case} tp {tp} ep {ep} {placement}:\n  " + "\n  ".join(bad)
 
 
 def test_fixtures_are_for_this_recipe():
@@ -93,8 +98,8 @@ def test_fixtures_are_for_this_recipe():
     for case in CASES:
         f = fixture(case)
         assert (f["vllm"], f["recipe"], f["config"]) == (VLLM_VERSION, FILL_RECIPE, CASES[case][0]), case
-        assert {k: (r["tp"], r["ep"]) for k, r in f["runs"].items()} == {
-            f"tp{tp}" + ("-ep" if ep else ""): (tp, ep) for tp, ep in runs(case)}, case
+        assert {k: (r["tp"], r["ep"], r["placement"]) for k, r in f["runs"].items()} == {
+            run_key(*r): r for r in runs(case)}, case
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -114,19 +119,18 @@ def test_hf_params_restate_transformers(case):
 
 # --- what vLLM derives after loading ---------------------------------------------------------
 
-MLA_RUNS = [(case, tp, ep) for case, tp, ep in CASE_RUNS if CASES[case][0]["model_type"].startswith("deepseek")]
+MLA_RUNS = [r for r in CASE_RUNS if CASES[r[0]][0]["model_type"].startswith("deepseek")]
 
 
-@pytest.mark.parametrize("case,tp,ep", MLA_RUNS, ids=run_id)
-def test_mla_derived_tensors_follow_the_pushed_kv_b_proj(case, tp, ep):
+@pytest.mark.parametrize("case,tp,ep,placement", MLA_RUNS, ids=run_id)
+def test_mla_derived_tensors_follow_the_pushed_kv_b_proj(case, tp, ep, placement):
     """The adapter does not register W_UK_T/W_UV; at commit it re-runs vLLM's derivation on the
     pushed kv_b_proj. Here: that derivation, applied to what a push leaves, gives vLLM's bytes."""
     cfg = CASES[case][0]
-    run = fixture(case)["runs"][f"tp{tp}" + ("-ep" if ep else "")]
-    for rank, recorded in enumerate(run["ranks"]):
+    for rank, recorded in enumerate(recorded_ranks(case, tp, ep, placement)):
         engine = recorded["processed"]
         assert not [n for n in engine if n.endswith(("W_UK_T", "W_UV")) and registered_name(n)]
-        dests = pushed_into(case, tp_rank=rank, tp_size=tp, ep=ep, engine=engine_view(engine))
+        dests = pushed_into(case, tp_rank=rank, tp_size=tp, ep=ep, placement=placement, engine=engine_view(engine))
         for i in range(cfg["num_hidden_layers"]):
             a = f"model.layers.{i}.self_attn."
             kv_b = dests[a + "kv_b_proj.weight"]

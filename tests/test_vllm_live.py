@@ -21,13 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
 
 from tests.engines.vllm_cases import (CASES, VLLM_VERSION, describe, layout_spec, mla_absorbed, pushed,  # noqa: E402
-                                      runs)
-from tests.test_vllm_fixtures import CASE_RUNS, differences, engine_view, fixture, layout_view, run_id  # noqa: E402
+                                      run_key, runs)
+from tests.test_vllm_fixtures import (CASE_RUNS, differences, engine_view, layout_view, recorded_ranks,  # noqa: E402
+                                      run_id)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,39 +46,40 @@ def live(tmp_path_factory) -> Path:
     return out
 
 
-def ranks(live: Path, case: str, tp: int, ep: bool) -> list[dict]:
-    return json.loads((live / f"{case}.json").read_text())["runs"][f"tp{tp}" + ("-ep" if ep else "")]["ranks"]
+def ranks(live: Path, case: str, tp: int, ep: bool, placement: str) -> list[dict]:
+    return json.loads((live / f"{case}.json").read_text())["runs"][run_key(tp, ep, placement)]["ranks"]
 
 
-@pytest.mark.parametrize("case,tp,ep", CASE_RUNS, ids=run_id)
-def test_live_vllm_matches_layout_and_fixtures(live, case, tp, ep):
-    committed = fixture(case)["runs"][f"tp{tp}" + ("-ep" if ep else "")]["ranks"]
-    for rank, recorded in enumerate(ranks(live, case, tp, ep)):
+@pytest.mark.parametrize("case,tp,ep,placement", CASE_RUNS, ids=run_id)
+def test_live_vllm_matches_layout_and_fixtures(live, case, tp, ep, placement):
+    committed = recorded_ranks(case, tp, ep, placement)
+    for rank, recorded in enumerate(ranks(live, case, tp, ep, placement)):
         engine = engine_view(recorded["processed"])
-        got = layout_view(case, tp_rank=rank, tp_size=tp, ep=ep, engine=engine)
+        got = layout_view(case, tp_rank=rank, tp_size=tp, ep=ep, placement=placement, engine=engine)
         assert not differences(engine, got), (rank, differences(engine, got))
         assert recorded["processed"] == committed[rank]["processed"], rank  # the fixtures are current
         adapter = recorded["adapter"]
         assert adapter["registered"] == sorted(engine), rank  # the adapter registers what the test compares
         # ... and reads from the running engine the keywords the comparison used
-        assert adapter["layout_kwargs"] == layout_spec(case, tp_rank=rank, tp_size=tp, ep=ep).kwargs | dict(
-            dp_rank=0, dp_size=1, expert_placement="linear", vocab_padding=64), rank
+        assert adapter["layout_kwargs"] == layout_spec(case, tp_rank=rank, tp_size=tp, ep=ep,
+                                                       placement=placement).kwargs | dict(
+            dp_rank=0, dp_size=1, vocab_padding=64), rank
         if recorded["moe_backends"]:  # on CPU: the CPU prepack / no FP8 kernel, refused by layer
             assert all(layer in adapter["moe_guard"] for layer in recorded["moe_backends"]), adapter["moe_guard"]
         else:
             assert adapter["moe_guard"] is None
 
 
-@pytest.mark.parametrize("case,tp,ep", [r for r in CASE_RUNS if CASES[r[0]][0]["model_type"].startswith("deepseek")],
-                         ids=run_id)
-def test_live_mla_rederived_after_a_push(live, case, tp, ep):
+@pytest.mark.parametrize("case,tp,ep,placement",
+                         [r for r in CASE_RUNS if CASES[r[0]][0]["model_type"].startswith("deepseek")], ids=run_id)
+def test_live_mla_rederived_after_a_push(live, case, tp, ep, placement):
     """New weights pushed into the registered tensors, then the adapter's commit-time
     re-derivation: W_UK_T/W_UV follow the new kv_b_proj (not stale, not refused)."""
     cfg = CASES[case][0]
-    for rank, recorded in enumerate(ranks(live, case, tp, ep)):
+    for rank, recorded in enumerate(ranks(live, case, tp, ep, placement)):
         after = recorded["adapter"]["after_push"]
-        dtypes = {n: getattr(__import__("torch"), d) for n, (_, d, _) in engine_view(recorded["processed"]).items()}
-        dests = pushed(case, tp_rank=rank, tp_size=tp, ep=ep, dtypes=dtypes, salt="v2")
+        dtypes = {n: getattr(torch, d) for n, (_, d, _) in engine_view(recorded["processed"]).items()}
+        dests = pushed(case, tp_rank=rank, tp_size=tp, ep=ep, placement=placement, dtypes=dtypes, salt="v2")
         for i in range(cfg["num_hidden_layers"]):
             a = f"model.layers.{i}.self_attn."
             w_uk_t, w_uv = mla_absorbed(dests[a + "kv_b_proj.weight"], dests.get(a + "kv_b_proj.weight_scale_inv"), cfg)
@@ -86,4 +89,4 @@ def test_live_mla_rederived_after_a_push(live, case, tp, ep):
 
 
 def test_every_case_ran():
-    assert {c for c, _, _ in CASE_RUNS} == set(CASES) and all(runs(c) for c in CASES)
+    assert {r[0] for r in CASE_RUNS} == set(CASES) and all(runs(c) for c in CASES)

@@ -37,7 +37,8 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from tests.engines.vllm_cases import CASES, FILL_RECIPE, VLLM_VERSION, describe, hf_tensors, runs  # noqa: E402
+from tests.engines.vllm_cases import (CASES, FILL_RECIPE, VLLM_VERSION, describe, hf_tensors, run_key,  # noqa: E402
+                                      runs)
 
 FIXTURES = ROOT / "tests" / "engines" / "fixtures"
 FP8 = torch.float8_e4m3fn
@@ -150,7 +151,7 @@ def offer_triton_block_fp8_on_cpu() -> None:
     linear._POSSIBLE_FP8_BLOCK_KERNELS[PlatformEnum.CPU].insert(0, OfferedOnCpu)
 
 
-def adapter_check(model, vllm_config, case: str, *, rank: int, tp: int, ep: bool) -> dict:
+def adapter_check(model, vllm_config, case: str, *, rank: int, tp: int, ep: bool, placement: str) -> dict:
     """fsdp_sync's vLLM adapter on the real model (``--adapter``, the live tier): what it
     registers, what its MoE guard says, and MLA's derived tensors after a push of new
     weights (``salt="v2"``) into the registered tensors and the adapter's re-derivation."""
@@ -169,7 +170,8 @@ def adapter_check(model, vllm_config, case: str, *, rank: int, tp: int, ep: bool
     except ValueError as e:
         out["moe_guard"] = str(e)
     if CASES[case][0]["model_type"].startswith("deepseek"):
-        dests = pushed(case, tp_rank=rank, tp_size=tp, ep=ep, dtypes={n: t.dtype for n, t in live.items()}, salt="v2")
+        dests = pushed(case, tp_rank=rank, tp_size=tp, ep=ep, dtypes={n: t.dtype for n, t in live.items()},
+                       placement=placement, salt="v2")
         for name, t in dests.items():
             live[name].copy_(t)
         _rederive_mla(model, torch.bfloat16)
@@ -177,7 +179,7 @@ def adapter_check(model, vllm_config, case: str, *, rank: int, tp: int, ep: bool
     return out
 
 
-def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool]], scratch: str, adapter: bool) -> None:
+def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool, str]], scratch: str, adapter: bool) -> None:
     from vllm.config import DeviceConfig, ModelConfig, ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.distributed.parallel_state import destroy_model_parallel
@@ -186,12 +188,13 @@ def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool]], scratch:
 
     offer_triton_block_fp8_on_cpu()
     first = True
-    for case, ep in jobs:
+    for case, ep, placement in jobs:
         cfg = CASES[case][0]
         folder = Path(scratch) / case
         model_config = ModelConfig(model=str(folder), skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16")
         vllm_config = VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"),
-                                 parallel_config=ParallelConfig(tensor_parallel_size=tp, enable_expert_parallel=ep))
+                                 parallel_config=ParallelConfig(tensor_parallel_size=tp, enable_expert_parallel=ep,
+                                                                expert_placement_strategy=placement))
         # The MoE config must be current when the groups are made, or no EP group exists.
         with set_current_vllm_config(vllm_config):
             if first:
@@ -209,8 +212,8 @@ def record(rank: int, tp: int, port: int, jobs: list[tuple[str, bool]], scratch:
             processed.update(derived(model))
             out = dict(loaded=loaded, processed=processed, processed_errors=errors, moe_backends=moe_backends(model))
             if adapter:
-                out["adapter"] = adapter_check(model, vllm_config, case, rank=rank, tp=tp, ep=ep)
-            Path(scratch, f"{case}.tp{tp}.ep{int(ep)}.rank{rank}.json").write_text(json.dumps(out))
+                out["adapter"] = adapter_check(model, vllm_config, case, rank=rank, tp=tp, ep=ep, placement=placement)
+            Path(scratch, f"{case}.{run_key(tp, ep, placement)}.rank{rank}.json").write_text(json.dumps(out))
             del model
             destroy_model_parallel()
 
@@ -248,7 +251,7 @@ def main() -> None:
             (Path(scratch) / case).mkdir()
             (Path(scratch) / case / "config.json").write_text(json.dumps(CASES[case][0]))
         for tp in args.tp:
-            jobs = [(case, ep) for case in args.cases for t, ep in runs(case) if t == tp]
+            jobs = [(case, ep, placement) for case in args.cases for t, ep, placement in runs(case) if t == tp]
             if not jobs:
                 continue
             start = time.perf_counter()
@@ -259,12 +262,12 @@ def main() -> None:
             fixture = json.loads(path.read_text()) if path.exists() else {}
             fixture.update(vllm=VLLM_VERSION, torch=torch.__version__, recipe=FILL_RECIPE, config=CASES[case][0])
             fixture.setdefault("runs", {})
-            for tp, ep in runs(case):
+            for tp, ep, placement in runs(case):
                 if tp not in args.tp:
                     continue
-                ranks = [compact(json.loads(Path(scratch, f"{case}.tp{tp}.ep{int(ep)}.rank{r}.json").read_text()))
-                         for r in range(tp)]
-                fixture["runs"][f"tp{tp}" + ("-ep" if ep else "")] = dict(tp=tp, ep=ep, ranks=ranks)
+                key = run_key(tp, ep, placement)
+                ranks = [compact(json.loads(Path(scratch, f"{case}.{key}.rank{r}.json").read_text())) for r in range(tp)]
+                fixture["runs"][key] = dict(tp=tp, ep=ep, placement=placement, ranks=ranks)
             path.write_text(json.dumps(fixture, indent=1, sort_keys=True) + "\n")
             print(f"wrote {path}", flush=True)
 

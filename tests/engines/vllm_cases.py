@@ -60,10 +60,27 @@ CASES: dict[str, tuple[dict[str, Any], tuple[int, ...], bool]] = {
 }
 
 
-def runs(case: str) -> list[tuple[int, bool]]:
-    """(tp_size, expert_parallel) pairs a case is recorded at; EP only where TP > 1 splits experts."""
+# Also recorded with --expert-placement-strategy round_robin under EP: DeepSeek-V3 (two
+# expert groups, so vLLM keeps it) and Qwen3-MoE (no groups: vLLM falls back to linear).
+ROUND_ROBIN = ("qwen3-moe", "deepseek-v3")
+
+
+def runs(case: str) -> list[tuple[int, bool, str]]:
+    """(tp_size, expert_parallel, requested expert placement) a case is recorded at; EP only
+    where TP > 1 splits experts."""
     _, tps, moe = CASES[case]
-    return [(tp, ep) for tp in tps for ep in ((False, True) if moe and tp > 1 else (False,))]
+    out = [(tp, ep, "linear") for tp in tps for ep in ((False, True) if moe and tp > 1 else (False,))]
+    return out + [(tp, True, "round_robin") for tp in tps if tp > 1 and case in ROUND_ROBIN]
+
+
+def run_key(tp: int, ep: bool, placement: str) -> str:
+    return f"tp{tp}" + ("-ep" if ep else "") + ("-rr" if placement == "round_robin" else "")
+
+
+def placement_used(case: str, placement: str) -> str:
+    """The placement vLLM 0.33 keeps (``determine_expert_placement_strategy``): round robin
+    only for models with several expert groups."""
+    return "round_robin" if placement == "round_robin" and CASES[case][0].get("n_group", 1) > 1 else "linear"
 
 
 def is_moe_layer(cfg: dict, i: int) -> bool:
@@ -160,7 +177,7 @@ def hf_tensors(cfg: dict, *, salt: str = "") -> dict[str, torch.Tensor]:
     return {n: fill(n, s, d, salt=salt) for n, (s, d) in hf_params(cfg).items()}
 
 
-def layout_spec(case: str, *, tp_rank: int, tp_size: int, ep: bool):
+def layout_spec(case: str, *, tp_rank: int, tp_size: int, ep: bool, placement: str = "linear"):
     """fsdp_sync's ``vllm`` layout for one rank of a case, as the adapter would publish it."""
     from types import SimpleNamespace
 
@@ -169,18 +186,20 @@ def layout_spec(case: str, *, tp_rank: int, tp_size: int, ep: bool):
 
     cfg = SimpleNamespace(**CASES[case][0])
     return LayoutSpec("vllm", layout_kwargs(cfg, tp_rank=tp_rank, tp_size=tp_size, expert_parallel=ep,
+                                            expert_placement=placement_used(case, placement),
                                             vllm_version=VLLM_VERSION))
 
 
 def pushed(case: str, *, tp_rank: int, tp_size: int, ep: bool, dtypes: dict[str, torch.dtype],
-           salt: str = "") -> dict[str, torch.Tensor]:
+           placement: str = "linear", salt: str = "") -> dict[str, torch.Tensor]:
     """What a push of the recipe's tensors leaves in one rank's registered tensors. Which are
     FP8 is the engine's per-layer choice (the ``dtypes`` it registered), as the planner decides."""
     from fsdp_sync.destinations import expected_destinations
 
     fp8 = "quantization_config" in CASES[case][0]
     return expected_destinations(hf_tensors(CASES[case][0], salt=salt),
-                                 layout=layout_spec(case, tp_rank=tp_rank, tp_size=tp_size, ep=ep),
+                                 layout=layout_spec(case, tp_rank=tp_rank, tp_size=tp_size, ep=ep,
+                                                    placement=placement),
                                  quant="fp8_block" if fp8 else "none", dest_dtypes=dtypes)
 
 
