@@ -47,10 +47,11 @@ FP8 = torch.float8_e4m3fn
 def checkpoint_module(name: str, cfg: dict) -> str:
     """The vLLM module an HF tensor loads into (its fused module where vLLM fuses)."""
     stem = name.rsplit(".", 1)[0]
-    for old, new in ((".q_proj", ".qkv_proj"), (".k_proj", ".qkv_proj"), (".v_proj", ".qkv_proj"),
-                     (".gate_proj", ".gate_up_proj"), (".up_proj", ".gate_up_proj")):
-        if stem.endswith(old) and not cfg["model_type"].startswith("deepseek") or (
-                stem.endswith(old) and old in (".gate_proj", ".up_proj")):
+    fused = {".gate_proj": ".gate_up_proj", ".up_proj": ".gate_up_proj"}
+    if not cfg["model_type"].startswith("deepseek"):  # MLA keeps its own q_proj
+        fused |= {".q_proj": ".qkv_proj", ".k_proj": ".qkv_proj", ".v_proj": ".qkv_proj"}
+    for old, new in fused.items():
+        if stem.endswith(old):
             return stem[: -len(old)] + new
     if cfg.get("q_lora_rank") and stem.endswith((".q_a_proj", ".kv_a_proj_with_mqa")):
         return stem.rsplit(".", 1)[0] + ".fused_qkv_a_proj"
