@@ -40,6 +40,11 @@ class LinkModel:
                 raise ValueError(f"LinkModel.{name} must be > 0, got {getattr(self, name)}")
 
 
+# Buffers that change in training and that engines hold as parameters: synced by default.
+# DeepSeek-V3 / Kimi-K2 routers update e_score_correction_bias outside the optimizer.
+DEFAULT_SYNC_BUFFERS = (r"\.e_score_correction_bias$",)
+
+
 @dataclass(kw_only=True)
 class SyncConfig:
     """Settings shared by the trainer (senders) and the inference job (receivers)."""
@@ -49,6 +54,7 @@ class SyncConfig:
     host_control: bool = True  # trainer rank 0 hosts the store; False: one already runs at `control`
     quant: str = "none"  # none | fp8_block | fp8_rowwise | fp8_tensor
     quant_skip: tuple[str, ...] = DEFAULT_QUANT_SKIP  # names kept in high precision
+    buffers: tuple[str, ...] = DEFAULT_SYNC_BUFFERS  # patterns of named buffers synced like parameters
     mode: str = "direct"  # direct | reconstruct
     transport: str = "gloo"
     watermark_mb: float = 256.0  # bound on a sender's temporary bytes in flight
@@ -92,6 +98,7 @@ class SyncConfig:
         if isinstance(self.links, dict):
             self.links = LinkModel(**self.links)
         self.quant_skip = tuple(self.quant_skip)
+        self.buffers = tuple(self.buffers)
 
     def shared_settings(self) -> dict[str, object]:
         """What a receiver registers and the controller compares with its own, before planning."""

@@ -22,16 +22,30 @@ def _pieces(name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: Layou
     return make_layout(layout).pieces(SourceParam(name, tuple(shape), dtype, ()))
 
 
+def _quantized(name: str, shape: Sequence[int], pieces, fmt, quant_skip: Sequence[str],
+               dest_dtypes: Mapping[str, torch.dtype] | None) -> bool:
+    """Whether a source lands in FP8: where the receiver registered its destination as float8
+    (``dest_dtypes``, the engine's own per-layer choice, as the planner decides), else by name."""
+    if not fmt.is_quantized:
+        return False
+    if dest_dtypes is None:
+        return should_quantize(name, shape, quant_skip)
+    return any(dest_dtypes.get(p.dst) == fmt.dtype for p in pieces)
+
+
 def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dtype] | torch.Tensor], *,
                           layout: LayoutSpec | str, layout_kwargs: dict | None = None, quant: str = "none",
                           quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP,
+                          dest_dtypes: Mapping[str, torch.dtype] | None = None,
                           device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Empty destination tensors (and FP8 scale tensors) for sources given as name -> (shape, dtype)
     or name -> tensor (e.g. a model's state_dict, read for shapes and dtypes only).
 
     ``layout`` is a LayoutSpec, or a layout name with ``layout_kwargs``, as WeightReceiver takes it;
     a TP layout given neither ``tp_rank`` nor ``tp_size`` slices this process's job world, as the
-    receiver will (torchrun's RANK and WORLD_SIZE).
+    receiver will (torchrun's RANK and WORLD_SIZE). ``dest_dtypes`` (destination name -> dtype,
+    what a receiver registered) decides which destinations are FP8; without it, ``quant_skip``
+    does, by source name.
     """
     layout = with_tp_defaults(as_layout_spec(layout, layout_kwargs), *job_rank_and_size())
     fmt = get_quant_format(quant)
@@ -39,8 +53,9 @@ def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dty
     dtypes: dict[str, torch.dtype] = {}
     for name, source in sources.items():
         shape, dtype = (tuple(source.shape), source.dtype) if isinstance(source, torch.Tensor) else source
-        quantized = fmt.is_quantized and should_quantize(name, shape, quant_skip)
-        for piece in _pieces(name, shape, dtype, layout):
+        pieces = _pieces(name, shape, dtype, layout)
+        quantized = _quantized(name, shape, pieces, fmt, quant_skip, dest_dtypes)
+        for piece in pieces:
             ends = shapes.setdefault(piece.dst, [0] * len(piece.dst_box.ends))
             shapes[piece.dst] = [max(a, b) for a, b in zip(ends, piece.dst_box.ends)]
             dtypes[piece.dst] = fmt.dtype if quantized else dtype
@@ -59,17 +74,21 @@ def allocate_destinations(sources: Mapping[str, tuple[tuple[int, ...], torch.dty
 
 def expected_destinations(full: Mapping[str, torch.Tensor], *, layout: LayoutSpec | str,
                           layout_kwargs: dict | None = None, quant: str = "none",
-                          quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP) -> dict[str, torch.Tensor]:
-    """What a receiver must hold after a push of the full tensors ``full``: the reference, sliced."""
+                          quant_skip: Sequence[str] = DEFAULT_QUANT_SKIP,
+                          dest_dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """What a receiver must hold after a push of the full tensors ``full``: the reference, sliced.
+    ``dest_dtypes`` as for ``allocate_destinations``."""
     layout = as_layout_spec(layout, layout_kwargs)
     fmt = get_quant_format(quant)
     shapes = {n: (tuple(t.shape), t.dtype) for n, t in full.items()}
     device = next(iter(full.values())).device if full else "cpu"
-    out = allocate_destinations(shapes, layout=layout, quant=quant, quant_skip=quant_skip, device=device)
+    out = allocate_destinations(shapes, layout=layout, quant=quant, quant_skip=quant_skip, dest_dtypes=dest_dtypes,
+                                device=device)
     for name, tensor in full.items():
-        quantized = fmt.is_quantized and should_quantize(name, tensor.shape, quant_skip)
+        pieces = _pieces(name, tuple(tensor.shape), tensor.dtype, layout)
+        quantized = _quantized(name, tensor.shape, pieces, fmt, quant_skip, dest_dtypes)
         values, scales = reference_quantize(tensor, fmt) if quantized else (tensor, None)
-        for piece in _pieces(name, tuple(tensor.shape), tensor.dtype, layout):
+        for piece in pieces:
             piece.dst_box.view(out[piece.dst]).copy_(piece.src_box.view(values))
             if scales is not None:
                 block = fmt.block_shape(tensor.shape)

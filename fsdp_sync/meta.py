@@ -102,17 +102,20 @@ def clean_name(name: str) -> str:
     return name
 
 
-def source_params(model: nn.Module, *, world_size: int) -> list[SourceParam]:
-    """Source metadata for every parameter of an FSDP2 model, for all ranks at once.
+def source_params(model: nn.Module, *, world_size: int, buffers: tuple[str, ...] = ()) -> list[SourceParam]:
+    """Source metadata for every parameter of an FSDP2 model, for all ranks at once, then
+    for the named buffers that match a ``buffers`` pattern (``SyncConfig.buffers``).
 
     A DTensor's mesh lists the global ranks of every coordinate, so any one rank can
-    derive every rank's box without communication. A plain tensor is taken to be
-    replicated on every rank of the world.
+    derive every rank's box without communication. A plain tensor (and FSDP2 leaves
+    buffers plain) is taken to be replicated on every rank of the world.
     """
     from torch.distributed.tensor import DTensor
 
+    from .param_scan import synced_buffers
+
     params = []
-    for raw_name, p in model.named_parameters():
+    for raw_name, p in list(model.named_parameters()) + synced_buffers(model, buffers):
         name = clean_name(raw_name)
         shape = tuple(p.shape)
         if isinstance(p, DTensor):

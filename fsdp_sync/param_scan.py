@@ -13,6 +13,7 @@ modules, 707 parameters) took ~2.4 ms, on the critical path of every push.
 from __future__ import annotations
 
 import operator
+import re
 from itertools import chain
 from typing import Callable
 
@@ -23,14 +24,15 @@ from .meta import clean_name
 
 _PARAMS = operator.attrgetter("_parameters")
 _CHILDREN = operator.attrgetter("_modules")
+_BUFFERS = operator.attrgetter("_buffers")
 _SPEC = operator.attrgetter("_spec")
 _LOCAL = operator.attrgetter("_local_tensor")
 _NEEDS_GRAD = operator.attrgetter("requires_grad")
 
 
-def _walk(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[nn.Module]]:
+def _walk(model: nn.Module, buffers: tuple[str, ...] = ()) -> tuple[list[tuple[str, torch.Tensor]], list[nn.Module]]:
     """(``list(model.named_parameters())``, every module once, in ``named_modules`` order),
-    without nn.Module's generator chain."""
+    without nn.Module's generator chain; then the named buffers matching a ``buffers`` pattern."""
     out: list[tuple[str, nn.Parameter]] = []
     modules: list[nn.Module] = []
     seen_modules: set[int] = set()
@@ -48,7 +50,14 @@ def _walk(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[nn.Mod
                 walk(child, prefix + name + ".")
 
     walk(model, "")
+    if buffers:
+        out.extend(synced_buffers(model, buffers))
     return out, modules
+
+
+def synced_buffers(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    """The named buffers a push syncs: those a pattern matches (``SyncConfig.buffers``)."""
+    return [(n, b) for n, b in model.named_buffers() if any(re.search(p, n) for p in patterns)]
 
 
 def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -66,6 +75,7 @@ def _tree_state(modules: list[nn.Module]) -> tuple[list[int], list[int], list[st
     """
     dicts = list(map(_PARAMS, modules))
     dicts += map(_CHILDREN, modules)
+    dicts += map(_BUFFERS, modules)  # a synced buffer may be reassigned, not only edited
     return (list(map(len, dicts)), list(map(id, chain.from_iterable(map(dict.values, dicts)))),
             list(chain.from_iterable(dicts)))
 
@@ -73,8 +83,10 @@ def _tree_state(modules: list[nn.Module]) -> tuple[list[int], list[int], list[st
 class ParamScan:
     """Gives each push the layout key and local shards; walks the tree only when it changed."""
 
-    def __init__(self, model: nn.Module, mesh_ranks: Callable[[object], tuple[int, ...]]):
+    def __init__(self, model: nn.Module, mesh_ranks: Callable[[object], tuple[int, ...]], *,
+                 buffers: tuple[str, ...] = ()):
         self.model = model
+        self.buffers = buffers
         self.mesh_ranks = mesh_ranks  # DeviceMesh -> its ranks, cached by the caller
         self._modules: list[nn.Module] = []
         self._tree: tuple | None = None
@@ -118,7 +130,7 @@ class ParamScan:
     def _rebuild(self) -> None:
         from torch.distributed.tensor import DTensor
 
-        params, self._modules = _walk(self.model)
+        params, self._modules = _walk(self.model, self.buffers)
         try:
             self._tree = _tree_state(self._modules)
         except TypeError:  # a module's _parameters or _modules is no dict: walk every push

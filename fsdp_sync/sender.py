@@ -104,7 +104,7 @@ class WeightSender:
         self._plan: SenderPlan | None = None
         self._sources: dict[str, SourceParam] = {}
         self._sources_key: tuple | None = None
-        self._scan = ParamScan(model, self._mesh_ranks)
+        self._scan = ParamScan(model, self._mesh_ranks, buffers=config.buffers)
         self._groups: dict[tuple[int, ...], object] = {}
         self._meshes: dict[int, tuple[object, tuple[int, ...]]] = {}  # id -> (mesh kept alive, its ranks)
         self._transport = None
@@ -296,7 +296,8 @@ class WeightSender:
         Returns this rank's local shards, by parameter name, for the push to read."""
         key, local = self._scan.scan()
         if key != self._sources_key:
-            self._sources = {s.name: s for s in source_params(self.model, world_size=self.world_size)}
+            self._sources = {s.name: s for s in source_params(self.model, world_size=self.world_size,
+                                                                 buffers=self.config.buffers)}
             self._sources_key = key
         if self.controller is not None:
             if self._announced is not None:  # first, so its failure is in the count read next

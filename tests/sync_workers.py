@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fsdp_sync import LayoutSpec, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
+from fsdp_sync.param_scan import synced_buffers
 from recipes.jobs import pack
 from recipes.tiny_llama import apply_fsdp, build_model, param_shapes, tiny_llama_config
 from tests.timeouts import scaled
@@ -76,10 +77,23 @@ class OddModel(nn.Module):
         return self.proj(x).pow(2).mean() + self.tiny.pow(2).sum() + self.wide.pow(2).sum() + self.scale.pow(2).sum()
 
 
+class RouterModel(OddModel):
+    """OddModel plus a DeepSeek-style router buffer that training moves outside the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Module()
+        self.gate.register_buffer("e_score_correction_bias", torch.zeros(5, dtype=torch.float32))
+
+
 def _model(case: Case) -> nn.Module:
     if case.model == "llama":
         return build_model(tiny_llama_config(), seed=0, dtype=DTYPE)
     torch.manual_seed(0)
+    if case.model == "router":
+        model = RouterModel().to(DTYPE)
+        model.gate.e_score_correction_bias = model.gate.e_score_correction_bias.float()  # kept in fp32, as DeepSeek's
+        return model
     return OddModel().to(DTYPE)
 
 
@@ -90,7 +104,10 @@ def _device(case: Case) -> torch.device:
 def _shapes(case: Case) -> dict:
     if case.model == "llama":
         return param_shapes(tiny_llama_config(), DTYPE)
-    return {n: (tuple(p.shape), DTYPE) for n, p in OddModel().named_parameters()}
+    shapes = {n: (tuple(p.shape), DTYPE) for n, p in OddModel().named_parameters()}
+    if case.model == "router":
+        shapes["gate.e_score_correction_bias"] = ((5,), torch.float32)
+    return shapes
 
 
 def _step(case: Case, model: nn.Module, optim: torch.optim.Optimizer, version: int) -> None:
@@ -103,6 +120,8 @@ def _step(case: Case, model: nn.Module, optim: torch.optim.Optimizer, version: i
         model(torch.randn(4, 257, generator=gen).to(DTYPE).to(device)).backward()
     optim.step()
     optim.zero_grad()
+    if case.model == "router":  # DeepSeek-V3 nudges the bias by load balance, outside the optimizer
+        model.gate.e_score_correction_bias.add_(torch.arange(5.0, device=device) * version / 8)
 
 
 def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> None:
@@ -136,6 +155,8 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
                 outcome["error"] = repr(e)
             full = ({n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
                     if "error" not in outcome else None)
+            if full is not None:
+                full |= {n: b.detach().cpu() for n, b in synced_buffers(model, case.config().buffers)}
             results.put(("trainer", rank, case.name, version, pack({"full": full, "plans": sender.num_plans_built, **outcome})))
             if "error" in outcome:
                 break

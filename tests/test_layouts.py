@@ -22,7 +22,7 @@ from transformers import (AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, Q
 
 from fsdp_sync import wire
 from fsdp_sync.boxes import Box
-from fsdp_sync.config import LinkModel
+from fsdp_sync.config import DEFAULT_SYNC_BUFFERS, LinkModel
 from fsdp_sync.destinations import expected_destinations
 from fsdp_sync.errors import PlanError
 from fsdp_sync.layouts import make_layout
@@ -92,8 +92,8 @@ def _num_experts(cfg) -> int:
     return cfg.num_experts if cfg.model_type == "qwen3_moe" else cfg.n_routed_experts
 
 
-def _engine_params(cfg, *, tp_size: int, fp8: bool, fused_qkv_a: str, experts: tuple[int, ...],
-                   moe_tp: int) -> _Params:
+def _engine_params(cfg, *, tp_size: int, fp8: bool, fused_qkv_a: str, experts_module: str,
+                   experts: tuple[int, ...], moe_tp: int) -> _Params:
     """The parameters one rank holds after loading: vLLM and SGLang agree but for the given bits."""
     p = _Params(fp8)
     hidden, tp = cfg.hidden_size, tp_size
@@ -129,8 +129,8 @@ def _engine_params(cfg, *, tp_size: int, fp8: bool, fused_qkv_a: str, experts: t
         if _is_moe_layer(cfg, i):
             inter = cfg.moe_intermediate_size // moe_tp
             p.plain(m + "gate.weight", (_num_experts(cfg), hidden))
-            p.linear(m + "experts.w13_weight", len(experts), 2 * inter, hidden)
-            p.linear(m + "experts.w2_weight", len(experts), hidden, inter)
+            p.linear(f"{m}{experts_module}.w13_weight", len(experts), 2 * inter, hidden)
+            p.linear(f"{m}{experts_module}.w2_weight", len(experts), hidden, inter)
             if cfg.model_type == "deepseek_v3":
                 p.plain(m + "gate.e_score_correction_bias", (cfg.n_routed_experts,), F32)
                 shared = cfg.moe_intermediate_size * cfg.n_shared_experts // tp
@@ -169,16 +169,19 @@ def _moe(cfg) -> bool:
     return cfg.model_type in ("qwen3_moe", "deepseek_v3")
 
 
+VLLM_EXPERTS = "experts.routed_experts"  # vLLM 0.33's module for the stacked experts
+
+
 def vllm_params(cfg, *, fp8: bool, **parallel) -> _Params:
     experts, _, moe_tp = vllm_experts(_num_experts(cfg), **parallel) if _moe(cfg) else ((), 0, 1)
     return _engine_params(cfg, tp_size=parallel["tp_size"], fp8=fp8, fused_qkv_a="fused_qkv_a_proj",
-                          experts=experts, moe_tp=moe_tp)
+                          experts_module=VLLM_EXPERTS, experts=experts, moe_tp=moe_tp)
 
 
 def sglang_params(cfg, *, fp8: bool, **parallel) -> _Params:
     experts, _, moe_tp = sglang_experts(_num_experts(cfg), **parallel) if _moe(cfg) else ((), 0, 1)
     return _engine_params(cfg, tp_size=parallel["tp_size"], fp8=fp8, fused_qkv_a="fused_qkv_a_proj_with_mqa",
-                          experts=experts, moe_tp=moe_tp)
+                          experts_module="experts", experts=experts, moe_tp=moe_tp)
 
 
 ENGINES = {"vllm": (vllm_params, vllm_experts), "sglang": (sglang_params, sglang_experts)}
@@ -196,13 +199,20 @@ def hf_shapes(model: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The trainer's parameter names and shapes (transformers on the meta device: no weights)."""
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(CONFIGS[model]())
-    return tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
+    return tuple((n, tuple(p.shape)) for n, p in trainer_tensors(m))
+
+
+def trainer_tensors(m) -> list:
+    """What a sender syncs: every parameter, and the buffers the default patterns select."""
+    return list(m.named_parameters()) + [(n, b) for n, b in m.named_buffers()
+                                         if any(re.search(p, n) for p in DEFAULT_SYNC_BUFFERS)]
 
 
 def fsdp_sources(shapes) -> list[SourceParam]:
     """Sources as FSDP2 over NUM_SENDERS ranks holds them: dim 0 chunks."""
     mesh = list(range(NUM_SENDERS))
-    return [SourceParam(n, s, BF16, shard_groups(s, mesh, [Shard(0)], name=n)) for n, s in shapes]
+    return [SourceParam(n, s, F32 if n.endswith("e_score_correction_bias") else BF16,
+                        shard_groups(s, mesh, [Shard(0)], name=n)) for n, s in shapes]
 
 
 def plan_for(sources: list[SourceParam], receivers: list[ReceiverMeta]):
@@ -249,8 +259,10 @@ REFUSED = {
 }
 FP8_REFUSED = {
     # 768 / 4 = 192 and 768 / 8 = 96 are not multiples of the 128 block: experts sliced by TP cannot be FP8.
-    ("qwen3-30b-a3b", 4): r"'model\.layers\.0\.mlp\.experts\.w13_weight': FP8 block of 128 misaligned",
-    ("qwen3-30b-a3b", 8): r"'model\.layers\.0\.mlp\.experts\.w13_weight': FP8 block of 128 misaligned",
+    ("qwen3-30b-a3b", 4): r"'model\.layers\.0\.mlp\.experts\.(routed_experts\.)?w13_weight': FP8 block of 128 "
+                          r"misaligned",
+    ("qwen3-30b-a3b", 8): r"'model\.layers\.0\.mlp\.experts\.(routed_experts\.)?w13_weight': FP8 block of 128 "
+                          r"misaligned",
 }
 HF_TP_FP8_REFUSED = {
     # Unfused slices at TP 8: Qwen2.5-7B has 3584 / 8 = 448 query rows, Qwen3-30B-A3B 512 / 8 = 64 key rows.
@@ -321,7 +333,7 @@ def test_hf_tp_covers_at_tp(model, quant):
                     grid = shape[:-2] + tuple(-(-s // 128) for s in shape[-2:])
                     tensors[scale_name(name)] = DestTensor(scale_name(name), grid, F32)
                 else:
-                    tensors[name] = DestTensor(name, shape, BF16)
+                    tensors[name] = DestTensor(name, shape, F32 if name.endswith("e_score_correction_bias") else BF16)
             receivers.append(ReceiverMeta(r, "infer0", tensors, spec, quant))
         refusal = HF_TP_FP8_REFUSED.get((model, tp)) if quant != "none" else None
         _expect_plan(receivers, sources, refusal)
@@ -402,7 +414,8 @@ TINY = {
 def tiny_weights(model: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(TINY[model]()).to(BF16)
-    return {n: torch.randn(p.shape).to(BF16) for n, p in m.named_parameters()}
+    return {n: torch.randn(p.shape).to(F32 if n.endswith("e_score_correction_bias") else BF16)
+            for n, p in trainer_tensors(m)}
 
 
 def read_back(cfg, engine: str, ranks: list[dict], held: list[dict[str, torch.Tensor]], full: dict, *,
@@ -476,7 +489,8 @@ def read_back(cfg, engine: str, ranks: list[dict], held: list[dict[str, torch.Te
 
 def _read_experts(cfg, engine, ranks, held, prefix: str, *, gate_up: bool, cut, one, cat) -> torch.Tensor:
     num_experts, inter = _num_experts(cfg), cfg.moe_intermediate_size
-    dst = f"{prefix}.experts.{'w13_weight' if gate_up else 'w2_weight'}"
+    module = VLLM_EXPERTS if engine == "vllm" else "experts"
+    dst = f"{prefix}.{module}.{'w13_weight' if gate_up else 'w2_weight'}"
     found: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (expert, half, slice) -> copies
     for r, parallel in enumerate(ranks):
         experts, t, moe_tp = ENGINES[engine][1](num_experts, **parallel)

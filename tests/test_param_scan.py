@@ -137,3 +137,25 @@ def test_a_module_whose_dicts_are_not_dicts_is_walked_every_push():
     assert [k[0] for k in key] == ["0.weight", "0.bias"]
     model[0].register_parameter("extra", nn.Parameter(torch.zeros(1)))
     assert scan.scan()[0][-1][0] == "0.extra"
+
+
+def test_synced_buffers_are_plain_sources(fsdp_model):
+    """Buffers a pattern selects (DeepSeek's e_score_correction_bias) ride along as plain
+    replicated tensors; edited in place they keep the key, reassigned they change it."""
+    from fsdp_sync.meta import source_params
+
+    fsdp_model[1].register_buffer("e_score_correction_bias", torch.arange(2.0))
+    fsdp_model[1].register_buffer("step_counter", torch.zeros(1))  # no pattern: not synced
+    patterns = (r"\.e_score_correction_bias$",)
+    scan = ParamScan(fsdp_model, _ranks, buffers=patterns)
+    key, local = scan.scan()
+    assert key[-1] == ("1.e_score_correction_bias", (2,), torch.float32, None) and "1.step_counter" not in local
+    assert local["1.e_score_correction_bias"] is fsdp_model[1].e_score_correction_bias
+    fsdp_model[1].e_score_correction_bias.add_(1.0)
+    assert scan.scan()[0] is key
+    fsdp_model[1].e_score_correction_bias = torch.ones(2)  # a new tensor under the same name
+    again, local = scan.scan()
+    assert again == key and again is not key and torch.equal(local["1.e_score_correction_bias"], torch.ones(2))
+    sources = {s.name: s for s in source_params(fsdp_model, world_size=1, buffers=patterns)}
+    assert sources["1.e_score_correction_bias"].shape == (2,) and "1.step_counter" not in sources
+    assert "1.e_score_correction_bias" not in ParamScan(fsdp_model, _ranks).scan()[1]  # opt-in by pattern

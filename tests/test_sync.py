@@ -8,6 +8,7 @@ bytes must equal reconstruct mode's.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fsdp_sync import expected_destinations, mismatches
 from tests.harness import all_cases, check_cases, new_port, run_cases
@@ -33,6 +34,16 @@ def test_fsdp4_to_tp2():
 def test_hsdp_2x2_to_two_replicas_shm():
     cases = all_cases("hsdp", model="llama", mesh=(2, 2), num_receivers=2, tp=1, transport="shm")
     check_cases(run_cases(cases, num_senders=4, num_receivers=2), cases, 2)
+
+
+def test_router_buffer_is_synced():
+    """e_score_correction_bias, a buffer that training moves, lands as the default patterns say."""
+    cases = [Case(name="buf", model="router", mesh=(2,), num_receivers=1, tp=1, quant="fp8_block", mode="direct",
+                  port=new_port())]
+    out = run_cases(cases, num_senders=2, num_receivers=1)
+    check_cases(out, cases, 1)
+    got = [out[("receiver", 0, "buf", v)]["tensors"]["gate.e_score_correction_bias"] for v in (1, 2)]
+    assert got[0].dtype == got[1].dtype == torch.float32 and not got[0].equal(got[1]) and got[1].abs().sum() > 0
 
 
 def test_uneven_rows_and_fewer_rows_than_ranks_small_buckets():

@@ -15,16 +15,21 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..layouts.vllm import ENGINE_ONLY
+from ..layouts.vllm import DERIVED, ENGINE_ONLY
 from ..meta import clean_name
 from ..quant import FP8_DTYPE, scale_name
 from ..receiver import WeightReceiver
 
 
+def registered_name(name: str) -> bool:
+    """Whether an engine parameter is registered: not engine-only, not derived from other weights
+    (those are re-derived at commit, the way the engine's own reload does)."""
+    return not any(re.search(pattern, name) for pattern in ENGINE_ONLY + DERIVED)
+
+
 def live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The engine's parameters, as its kernels read them, less those no trainer parameter fills."""
-    return {clean_name(n): p.data for n, p in model.named_parameters()
-            if not any(re.search(pattern, n) for pattern in ENGINE_ONLY)}
+    return {clean_name(n): p.data for n, p in model.named_parameters() if registered_name(n)}
 
 
 def check_block_fp8(tensors: dict[str, torch.Tensor]) -> None:

@@ -17,26 +17,26 @@ of that grid is written through logical-index views. If vLLM re-encoded or requa
 scales (DeepGEMM UE8M0 on Blackwell, ``is_deep_gemm_e8m0_used``), repacked weights
 (Marlin) or shuffled experts (FlashInfer MoE), registration refuses by tensor name
 instead of writing values the kernels would misread: run vLLM without that
-post-processing. What vLLM derives from weights is re-derived at commit: MLA's
-``W_UK_T`` / ``W_UV`` (from ``kv_b_proj``), copied into their old storage so captured
-CUDA graphs stay valid.
+post-processing. MoE layers are checked by the backend each one chose
+(``vllm_moe.refuse_relaying_moe_backends``): vLLM 0.33 selects it per layer through
+``kernel_config.moe_backend``, not through environment variables. What vLLM derives
+from weights is not registered but re-derived at commit: MLA's ``W_UK_T`` / ``W_UV``
+(from ``kv_b_proj``), which vLLM 0.33 registers as parameters, by the attention layer's
+own ``process_weights_after_loading``, as vLLM's reload does, copied into their old
+storage so captured CUDA graphs stay valid.
 
-Written against vLLM main as of 2026 (see docs/layouts.md); not run live in this
-repository's CI, where vLLM cannot be installed.
+Checked against vLLM 0.33.0 on CPU (tests/test_vllm_fixtures.py, docs/layouts.md).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ..config import SyncConfig
 from ..layouts.vllm import layout_kwargs
 from ..receiver import WeightReceiver
 from . import Attached, check_block_fp8, copy_into_old, live_tensors
-
-# vLLM switches that re-lay weights or scales in ways no shape check can see.
-RELAYING_ENV = ("VLLM_USE_FLASHINFER_MOE_FP8", "VLLM_USE_FLASHINFER_MOE_FP16", "VLLM_ROCM_USE_AITER")
+from .vllm_moe import moe_backends, refuse_relaying_moe_backends
 
 
 class FsdpSyncWorkerExtension:
@@ -46,23 +46,16 @@ class FsdpSyncWorkerExtension:
                            world_size: int | None = None) -> dict[str, Any]:
         """Register this worker's live weights as the destinations of rank ``rank`` (default:
         DP rank x TP size + TP rank) of the inference job; returns what was registered."""
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
         pc = self.vllm_config.parallel_config
         if pc.pipeline_parallel_size > 1:
             raise ValueError("fsdp_sync's vllm layout covers TP, DP and EP; pipeline_parallel_size must be 1")
         if getattr(pc, "enable_eplb", False):
             raise ValueError("fsdp_sync cannot place redundant (EPLB) experts; run vLLM without --enable-eplb")
-        relaying = [v for v in RELAYING_ENV if os.environ.get(v, "0") not in ("", "0")]
-        if relaying:
-            raise ValueError(f"{relaying} make vLLM re-lay weights after loading; unset them to sync in place")
         _refuse_e8m0()
         model = self.model_runner.model
-        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        dp_rank, dp_size = pc.data_parallel_rank, pc.data_parallel_size
-        kwargs = layout_kwargs(self.vllm_config.model_config.hf_text_config, tp_rank=tp_rank, tp_size=tp_size,
-                               dp_rank=dp_rank, dp_size=dp_size, expert_parallel=bool(pc.enable_expert_parallel),
-                               expert_placement=_placement(model, pc), vocab_padding=_vocab_padding(model))
+        refuse_relaying_moe_backends(moe_backends(model))
+        kwargs = engine_layout_kwargs(self.vllm_config, model)
+        tp_rank, tp_size, dp_rank, dp_size = kwargs["tp_rank"], kwargs["tp_size"], kwargs["dp_rank"], kwargs["dp_size"]
         tensors = live_tensors(model)
         check_block_fp8(tensors)
         receiver = WeightReceiver(tensors, config=SyncConfig(**config), layout="vllm", layout_kwargs=kwargs,
@@ -79,6 +72,19 @@ class FsdpSyncWorkerExtension:
     def fsdp_sync_commit(self) -> int | None:
         """Make the newest landed version live; returns it. Call between engine steps."""
         return self._fsdp_sync.commit()
+
+
+def engine_layout_kwargs(vllm_config, model) -> dict[str, Any]:
+    """The ``vllm`` layout's keywords for this worker, read from the running engine."""
+    import vllm
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    pc = vllm_config.parallel_config
+    return layout_kwargs(vllm_config.model_config.hf_text_config, tp_rank=get_tensor_model_parallel_rank(),
+                         tp_size=get_tensor_model_parallel_world_size(), dp_rank=pc.data_parallel_rank,
+                         dp_size=pc.data_parallel_size, expert_parallel=bool(pc.enable_expert_parallel),
+                         expert_placement=_placement(model, pc), vocab_padding=_vocab_padding(model),
+                         vllm_version=vllm.__version__)
 
 
 def _refuse_e8m0() -> None:

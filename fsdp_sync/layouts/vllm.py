@@ -15,12 +15,14 @@ ranks are laid out. The rules, as the engines' own loaders apply them:
   declared ``unwritten``. Tied embeddings leave no ``lm_head`` on either side.
 * MoE experts (transformers >= 5 stacks them as ``experts.gate_up_proj`` [E, 2I, H] and
   ``experts.down_proj`` [E, H, I]) land in ``w13_weight`` [E_local, 2 I_tp, H] and
-  ``w2_weight`` [E_local, H, I_tp]: a rank holds its experts (EP) and its slice of each
-  expert's intermediate dim (TP inside experts). The router ``gate`` is replicated.
+  ``w2_weight`` [E_local, H, I_tp] (in vLLM >= 0.33 under ``experts.routed_experts``): a
+  rank holds its experts (EP) and its slice of each expert's intermediate dim (TP inside
+  experts). The router ``gate`` and its ``e_score_correction_bias`` are replicated.
 * MLA (DeepSeek): ``q_a_proj`` and ``kv_a_proj_with_mqa`` fuse into one replicated
   tensor; ``q_b_proj`` and ``kv_b_proj`` are column-parallel by heads.
 
-FP8 scales need no rule: the planner derives them from these pieces.
+FP8 scales need no rule: the planner derives them from these pieces. The vLLM naming is
+checked against vLLM 0.33.0 itself (tests/test_vllm_fixtures.py).
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ from .base import Piece
 from .rules import Keep, Refuse, RuleTable, Split, even_part, slab, target
 
 VOCAB_PADDING = 64  # vLLM's and SGLang's DEFAULT_VOCAB_PADDING_SIZE
-# Engine parameters that no trainer parameter fills (transformers keeps this one as a
-# buffer): adapters leave them out of registration, so they keep their loaded values.
-ENGINE_ONLY = (r"\.e_score_correction_bias$",)
+# Engine parameters that no trainer tensor fills: adapters leave them out of registration,
+# so they keep their loaded values. (The router's ``e_score_correction_bias`` is not one:
+# it changes in training, transformers keeps it as a buffer, and senders sync it.)
+ENGINE_ONLY: tuple[str, ...] = ()
+# What the engine computes from other weights after loading, registered as parameters (vLLM
+# 0.33 registers MLA's absorbed W_UK_T and W_UV): adapters leave them out of registration
+# and re-derive them from the pushed weights at commit, as the engine's own reload does.
+DERIVED = (r"\.W_UK_T$", r"\.W_UV$", r"\.W_UK_T_dcp_qrep$")
 EXPERT_PLACEMENTS = ("linear", "round_robin")
 
 
@@ -128,10 +135,11 @@ class Experts:
     """Stacked experts [E, ...] into ``w13_weight`` or ``w2_weight``: this rank's experts and slice.
 
     ``gate_up`` sources are [E, 2I, H] with gate rows first, as in ``w13``; each half is
-    sliced for TP inside experts. ``down`` sources are [E, H, I], sliced along I.
+    sliced for TP inside experts. ``down`` sources are [E, H, I], sliced along I. The
+    stacked tensors live in the layout's ``experts_module`` under the MoE block.
     """
 
-    dst: str
+    weight: str
     gate_up: bool
 
     def __call__(self, layout: "FusedLayout", match: re.Match, src: SourceParam) -> list[Piece]:
@@ -142,7 +150,7 @@ class Experts:
         inter = src.shape[dim] // 2 if self.gate_up else src.shape[dim]
         start, size = even_part(src.name, inter, moe_tp_size, moe_tp_rank, what="expert intermediate size",
                                 by="moe tp size")
-        name = target(self.dst, match, src)
+        name = f"{match['p']}.{layout.experts_module}.{self.weight}"
         halves = (0, 1) if self.gate_up else (0,)
         return [slab(src, name, {0: (first, count, local), dim: (half * inter + start, size, half * size)})
                 for local, first, count in expert_runs(experts) for half in halves]
@@ -153,9 +161,10 @@ MOE_RULES = (
     (r"\.experts\.\d+\.(gate|up|down)_proj\.weight$",
      Refuse("per-expert 2-D weights cannot land in stacked w13/w2 experts; use a model with stacked experts "
             "(transformers >= 5: experts.gate_up_proj, experts.down_proj)")),
-    (r"^(?P<p>.+)\.experts\.gate_up_proj$", Experts(r"\g<p>.experts.w13_weight", gate_up=True)),
-    (r"^(?P<p>.+)\.experts\.down_proj$", Experts(r"\g<p>.experts.w2_weight", gate_up=False)),
+    (r"^(?P<p>.+)\.experts\.gate_up_proj$", Experts("w13_weight", gate_up=True)),
+    (r"^(?P<p>.+)\.experts\.down_proj$", Experts("w2_weight", gate_up=False)),
     (r"\.mlp\.gate\.weight$", Keep()),  # the router: replicated, never fused
+    (r"\.mlp\.gate\.e_score_correction_bias$", Keep()),  # a trainer buffer, an engine parameter
 )
 GQA_RULES = (
     (r"^(?P<p>.+)\.(?P<part>[qkv])_proj\.(?P<kind>weight|bias)$", QKV(r"\g<p>.qkv_proj.\g<kind>")),
@@ -184,6 +193,7 @@ class FusedLayout:
 
     engine = "?"
     fused_qkv_a = "fused_qkv_a_proj"
+    experts_module = "experts"  # where the stacked w13/w2 live, under the MoE block
 
     def __init__(self, *, tp_rank: int, tp_size: int, hidden_size: int, vocab_size: int,
                  num_attention_heads: int, num_key_value_heads: int, tie_word_embeddings: bool = False,
@@ -235,21 +245,36 @@ class FusedLayout:
         raise NotImplementedError
 
 
+def version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``0.33.0`` or ``0.33.0rc1+cu130``."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ValueError(f"cannot read a version from {version!r}")
+    return int(m[1]), int(m[2])
+
+
 class VllmLayout(FusedLayout):
     """vLLM's naming. MoE ranks span DP x TP: with ``expert_parallel`` they split the
     experts (``linear`` or ``round_robin``, as ``--expert-placement-strategy``), otherwise
-    every rank holds every expert and a 1/(DP x TP) slice of its intermediate dim."""
+    every rank holds every expert and a 1/(DP x TP) slice of its intermediate dim.
+
+    ``vllm_version`` selects the naming: 0.33 keeps stacked experts in the MoE block's
+    ``experts.routed_experts`` module (checked against real vLLM 0.33.0); older versions
+    (as the layout was first written, against 2026 main before 0.33) in ``experts``."""
 
     engine = "vllm"
+    ROUTED_EXPERTS_SINCE = (0, 33)
 
     def __init__(self, *, dp_rank: int = 0, dp_size: int = 1, expert_parallel: bool = False,
-                 expert_placement: str = "linear", **kwargs: Any):
+                 expert_placement: str = "linear", vllm_version: str = "0.33.0", **kwargs: Any):
         if expert_placement not in EXPERT_PLACEMENTS:
             raise ValueError(f"expert_placement={expert_placement!r} is not one of {list(EXPERT_PLACEMENTS)}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.expert_parallel, self.expert_placement = expert_parallel, expert_placement
+        routed = version_tuple(vllm_version) >= self.ROUTED_EXPERTS_SINCE
+        self.experts_module = "experts.routed_experts" if routed else "experts"
         super().__init__(**kwargs)
 
     def moe_shard(self, name: str, num_experts: int) -> tuple[tuple[int, ...], int, int]:
