@@ -7,13 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import OmegaConf
 
-from fsdp_sync import SyncConfig
-from recipes.config_store import SYNC_GROUPS, GRPOJob, register_configs, to_job
-from tests.timeouts import scaled
+pytest.importorskip("hydra", reason="the Hydra configs need hydra-core (in '.[test]'; GPU machines may lack it)")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.errors import ConfigCompositionException, MissingConfigException  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from fsdp_sync import SyncConfig  # noqa: E402
+from recipes.config_store import SYNC_GROUPS, GRPOJob, register_configs, to_job  # noqa: E402
+from tests.timeouts import scaled  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml"))
