@@ -26,7 +26,7 @@ import triton.language as tl
 from fsdp_sync.boxes import Box
 from fsdp_sync.quant import FP8_DTYPE
 
-from .fp8_quant import _abs_max, _as_3d, _e4m3_bits, _num_warps, _plan_cells, _scale_of, _use_hw_cast
+from .fp8_quant import _abs_max, _as_3d, _e4m3_bits, _num_warps, _plan_cells, _quotient, _scale_of, _use_hw_cast
 from .prepared import PreparedLaunch
 
 # Columns of a row of the table, in the order the kernel loads them. ``x`` and ``q`` are
@@ -120,7 +120,7 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, NUM_FIELDS: tl.co
         sqb = tl.load(row + 6)
         sqr = tl.load(row + 7)
         sqc = tl.load(row + 8)
-        q = _e4m3_bits(tl.math.div_rn(x, scale), HW_CAST)
+        q = _e4m3_bits(_quotient(x, scale), HW_CAST)
         if VEC:
             q_off = tl.multiple_of(q_off, 16)
             sqb = tl.multiple_of(sqb, 16)

@@ -16,10 +16,12 @@ Bit-exactness with the torch reference rests on four choices:
 
 * amax is an integer max over ``bits & 0x7fffffff``: exact, and NaN (whose bits exceed
   inf's) wins, as ``torch.amax`` propagates it, where float max on GPU would drop it;
-* the scale ``amax / 448`` and every quotient ``x / scale`` are correctly rounded
-  divisions, ``div_rn`` (Triton's ``/`` on fp32 is ``div.full.f32`` on GPU, approximate;
-  a CPU test checks the PTX). Multiplying by ``1 / scale`` would round twice and move
-  ~0.04% of codes one step, ties among them;
+* the scale ``amax / 448`` is a correctly rounded division (``div_rn``; Triton's ``/`` on
+  fp32 is ``div.full.f32`` on GPU, approximate), and every quotient ``x / scale`` is
+  correctly rounded too, at a multiply's cost (``_quotient``): one correctly rounded
+  reciprocal per block, then ``x * r`` corrected once by its FMA residual (Markstein's
+  theorem). Plain ``x * (1 / scale)`` would round twice and move ~0.04% of codes one step,
+  ties among them; ``div.rn.f32`` per element is exact but cost a third of the bandwidth;
 * the FP8 encoding on sm_89+ is ``cvt.rn.satfinite``: round to nearest even, saturating
   to +-448, which equals torch's clamp-then-cast; elsewhere it is c10's algorithm in
   integers, because the CPU interpreter's fp8 cast is wrong on ties and subnormals and
@@ -103,6 +105,28 @@ def _scale_of(amax):
 
 
 @triton.jit
+def _quotient(x, scale):
+    """``x / scale`` correctly rounded (as ``div.rn.f32``), for a scalar ``scale > 0``.
+
+    With r = RN(1 / scale) and q = RN(x * r), the residual x - q * scale is exact in one FMA
+    and RN(q + residual * r) is the correctly rounded quotient (Markstein), while nothing
+    overflows or underflows. Quotients here stay within +-448-ish; a scale below 2^-100
+    (a block of tiny values) is first multiplied by 2^64 together with x, which is exact and
+    keeps 1 / scale finite. Where the residual is 0, q is exact and kept as it is (so -0 stays
+    -0); where q is infinite or the residual NaN, q is the infinity or NaN that division
+    gives too (a quotient past fp32's range, x or the scale infinite or NaN, a zero scale).
+    """
+    lift = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
+    s = scale * lift
+    xs = x * lift
+    r = tl.math.div_rn(1.0, s)
+    q = xs * r
+    residual = tl.math.fma(-q, s, xs)
+    keep = (residual == 0.0) | (residual != residual) | (tl.abs(q) == float("inf"))
+    return tl.where(keep, q, tl.math.fma(residual, r, q))
+
+
+@triton.jit
 def _fp8_cell_kernel(
     x_ptr,
     q_ptr,
@@ -180,7 +204,7 @@ def _fp8_cell_kernel(
             tl.store(scale_ptr + scale_off, scale)
         else:
             scale = tl.load(scale_ptr + scale_off)
-        q = _e4m3_bits(tl.math.div_rn(x, scale), HW_CAST)
+        q = _e4m3_bits(_quotient(x, scale), HW_CAST)
         q_base = q_ptr + b.to(tl.int64) * stride_qb + r0.to(tl.int64) * stride_qr + c0.to(tl.int64) * stride_qc
         tl.store(q_base + tr[:, None] * stride_qr + tc[None, :] * stride_qc, q, mask=mask)
     else:
