@@ -106,24 +106,24 @@ def _scale_of(amax):
 
 @triton.jit
 def _quotient(x, scale):
-    """``x / scale`` correctly rounded (as ``div.rn.f32``), for a scalar ``scale > 0``.
+    """``x / scale`` correctly rounded (as ``div.rn.f32``), for a scalar ``scale``.
 
-    With r = RN(1 / scale) and q = RN(x * r), the residual x - q * scale is exact in one FMA
-    and RN(q + residual * r) is the correctly rounded quotient (Markstein), while nothing
-    overflows or underflows. Quotients here stay within +-448-ish; a scale below 2^-100
-    (a block of tiny values) is first multiplied by 2^64 together with x, which is exact and
-    keeps 1 / scale finite. Where the residual is 0, q is exact and kept as it is (so -0 stays
-    -0); where q is infinite or the residual NaN, q is the infinity or NaN that division
-    gives too (a quotient past fp32's range, x or the scale infinite or NaN, a zero scale).
+    With r = RN(1 / scale) and q = RN(x * r), the residual q * scale - x is exact in one FMA
+    and RN(q - residual * r) is the correctly rounded quotient (Markstein), while nothing
+    overflows or underflows: quotients here stay within +-448-ish. Written this way round,
+    a zero residual leaves q's sign alone (-0 stays -0). Where the correction gives NaN, q is
+    the infinity, zero or NaN that division gives too (a quotient past fp32's range, x or the
+    scale infinite or NaN, a zero scale). A scale below 2^-100 (a block of tiny values, where
+    1 / scale would overflow) divides instead: one scalar branch per block.
     """
-    lift = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
-    s = scale * lift
-    xs = x * lift
-    r = tl.math.div_rn(1.0, s)
-    q = xs * r
-    residual = tl.math.fma(-q, s, xs)
-    keep = (residual == 0.0) | (residual != residual) | (tl.abs(q) == float("inf"))
-    return tl.where(keep, q, tl.math.fma(residual, r, q))
+    if scale < 7.888609052210118e-31:  # 2^-100
+        q = tl.math.div_rn(x, scale)
+    else:
+        r = tl.math.div_rn(1.0, scale)
+        q0 = x * r
+        q = tl.math.fma(-tl.math.fma(q0, scale, -x), r, q0)
+        q = tl.where(q != q, q0, q)
+    return q
 
 
 @triton.jit
