@@ -106,24 +106,26 @@ def _scale_of(amax):
 
 @triton.jit
 def _quotient(x, scale):
-    """``x / scale`` correctly rounded (as ``div.rn.f32``), for a scalar ``scale``.
+    """``x / scale`` correctly rounded (as ``div.rn.f32``), for a scalar ``scale >= 0`` (or NaN).
 
-    With r = RN(1 / scale) and q = RN(x * r), the residual q * scale - x is exact in one FMA
-    and RN(q - residual * r) is the correctly rounded quotient (Markstein), while nothing
-    overflows or underflows: quotients here stay within +-448-ish. Written this way round,
-    a zero residual leaves q's sign alone (-0 stays -0). Where the correction gives NaN, q is
-    the infinity, zero or NaN that division gives too (a quotient past fp32's range, x or the
-    scale infinite or NaN, a zero scale). A scale below 2^-100 (a block of tiny values, where
-    1 / scale would overflow) divides instead: one scalar branch per block.
+    With r = RN(1 / scale) and q = RN(x * r), the residual x - q * scale is exact in one FMA
+    and RN(q + residual * r) is the correctly rounded quotient (Markstein), while nothing
+    overflows or underflows: quotients here stay within +-448-ish. Where the correction gives
+    NaN, q is the infinity, zero or NaN that division gives too (a quotient past fp32's range,
+    x or the scale infinite or NaN, a zero scale). A zero quotient takes x's sign from its
+    bits: FMA rewrites may lose the sign of a zero (-0 / s is -0). A scale below 2^-100 (a
+    block of tiny values, where 1 / scale would overflow) divides instead: one scalar branch
+    per block.
     """
     if scale < 7.888609052210118e-31:  # 2^-100
         q = tl.math.div_rn(x, scale)
     else:
         r = tl.math.div_rn(1.0, scale)
         q0 = x * r
-        q = tl.math.fma(-tl.math.fma(q0, scale, -x), r, q0)
+        q = tl.math.fma(tl.math.fma(-q0, scale, x), r, q0)
         q = tl.where(q != q, q0, q)
-    return q
+    signed_zero = (x.to(tl.int32, bitcast=True) & -2147483648).to(tl.float32, bitcast=True)
+    return tl.where(q == 0.0, signed_zero, q)
 
 
 @triton.jit
