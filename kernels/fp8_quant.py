@@ -16,12 +16,10 @@ Bit-exactness with the torch reference rests on four choices:
 
 * amax is an integer max over ``bits & 0x7fffffff``: exact, and NaN (whose bits exceed
   inf's) wins, as ``torch.amax`` propagates it, where float max on GPU would drop it;
-* the scale ``amax / 448`` is a correctly rounded division (``div_rn``; Triton's ``/`` on
-  fp32 is ``div.full.f32`` on GPU, approximate), and every quotient ``x / scale`` is
-  correctly rounded too, at a multiply's cost (``_quotient``): one correctly rounded
-  reciprocal per block, then ``x * r`` corrected once by its FMA residual (Markstein's
-  theorem). Plain ``x * (1 / scale)`` would round twice and move ~0.04% of codes one step,
-  ties among them; ``div.rn.f32`` per element is exact but cost a third of the bandwidth;
+* the scale ``amax / 448`` and every quotient ``x / scale`` are correctly rounded
+  divisions, ``div_rn`` (Triton's ``/`` on fp32 is ``div.full.f32`` on GPU, approximate;
+  a CPU test checks the PTX). Multiplying by ``1 / scale`` would round twice and move
+  ~0.04% of codes one step, ties among them;
 * the FP8 encoding on sm_89+ is ``cvt.rn.satfinite``: round to nearest even, saturating
   to +-448, which equals torch's clamp-then-cast; elsewhere it is c10's algorithm in
   integers, because the CPU interpreter's fp8 cast is wrong on ties and subnormals and
@@ -106,26 +104,15 @@ def _scale_of(amax):
 
 @triton.jit
 def _quotient(x, scale):
-    """``x / scale`` correctly rounded (as ``div.rn.f32``), for a scalar ``scale >= 0`` (or NaN).
+    """``x / scale``, correctly rounded: ``div.rn.f32`` per element.
 
-    With r = RN(1 / scale) and q = RN(x * r), the residual x - q * scale is exact in one FMA
-    and RN(q + residual * r) is the correctly rounded quotient (Markstein), while nothing
-    overflows or underflows: quotients here stay within +-448-ish. Where the correction gives
-    NaN, q is the infinity, zero or NaN that division gives too (a quotient past fp32's range,
-    x or the scale infinite or NaN, a zero scale). A zero quotient takes x's sign from its
-    bits: FMA rewrites may lose the sign of a zero (-0 / s is -0). A scale below 2^-100 (a
-    block of tiny values, where 1 / scale would overflow) divides instead: one scalar branch
-    per block.
+    Measured on one H200 (bench_kernels, 1 GiB, share of a device copy; fp8_block / its
+    quantize_box / grouped x32): div.rn 67 / 75 / 57%. A reciprocal per block with one FMA
+    residual (Markstein) is as exact and reached 76 / 88 / 70%, but the compiled FMA pair
+    lost the sign of -0 / s; restoring it with a select fell to 48 / 61 / 51%. The inexact
+    ``x * (1 / scale)`` of before was 92 / 100 / 91%. Kept: the exact one that measured fastest.
     """
-    if scale < 7.888609052210118e-31:  # 2^-100
-        q = tl.math.div_rn(x, scale)
-    else:
-        r = tl.math.div_rn(1.0, scale)
-        q0 = x * r
-        q = tl.math.fma(tl.math.fma(-q0, scale, x), r, q0)
-        q = tl.where(q != q, q0, q)
-    signed_zero = (x.to(tl.int32, bitcast=True) & -2147483648).to(tl.float32, bitcast=True)
-    return tl.where(q == 0.0, signed_zero, q)
+    return tl.math.div_rn(x, scale)
 
 
 @triton.jit

@@ -1,5 +1,6 @@
-"""The kernels' ``x / scale``: a reciprocal per block and an FMA residual, held bit for bit to
-IEEE division (numpy's float32 divide on CPU, CUDA's on the GPU) on random and adversarial pairs."""
+"""The kernels' ``x / scale`` (``_quotient``), held bit for bit to IEEE division (numpy's float32
+divide on CPU, CUDA's on the GPU) on random and adversarial pairs: any faster exact quotient
+that replaces ``div.rn.f32`` must pass it, signed zeros and tiny scales included."""
 
 from __future__ import annotations
 
