@@ -253,7 +253,9 @@ class ControlPlane:
                 raise SyncError(reason)
             if time.monotonic() > deadline:
                 waited = f"{timeout_s or self.timeout_s:.1f}s"
-                what_open = describe(pending) if describe else f"keys {pending}"
+                # Name the keys still missing (or refused), not those merely read in no poll yet.
+                missing = [k for k in pending if k in refused or not self.store.check([k])] or pending
+                what_open = describe(missing) if describe else f"keys {missing}"
                 if refused:
                     raise ControlPlaneError(f"gave up after {waited} waiting for {what_open}: "
                                             + "; ".join(refused.values()), key=next(iter(refused)))

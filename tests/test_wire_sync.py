@@ -88,7 +88,7 @@ def test_forged_keys_commit_nothing_and_mismatched_secrets_fail_clearly():
                 forger.set_many({push_key(2): ("go", 999, fp, generation), done_key(2, 0): True})
             if why:
                 with pytest.raises(ControlPlaneError, match=f"forge/push/2 refused: .*{why}"):
-                    recv.wait_for(timeout=10)
+                    recv.wait_for(2, timeout=10)  # wait_for() would return the landed version 1 at once
             else:
                 time.sleep(0.3)
             assert (recv.version, recv.landed_version) == (1, 1) and _values(recv) == [1.0]
