@@ -50,9 +50,12 @@ def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_
     model = _model().to(_device(gpu))
     recv = WeightReceiver(model, config=cfg, commit="staged")
     seen, reads, torn = set(), 0, []
+    longest_commit = 0.0
     writes_during_reads = threading.Event()
     while recv.version != num_versions:
+        started = time.perf_counter()
         recv.commit()
+        longest_commit = max(longest_commit, time.perf_counter() - started)
         values = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
         reads += 1
         if recv.version is None:
@@ -62,13 +65,28 @@ def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_
         seen.add(recv.version)
         if recv.landed_version != recv.version:
             writes_during_reads.set()
-    outcome = {"seen": sorted(seen), "reads": reads, "torn": torn}
+    outcome = {"seen": sorted(seen), "reads": reads, "torn": torn, "longest_commit_s": longest_commit}
     if kill_at:
+        # An engine thread keeps committing through the push that fails: it must never wait.
+        failing, stop = [0.0], threading.Event()
+
+        def keep_committing() -> None:
+            while not stop.is_set():
+                started = time.perf_counter()
+                recv.commit()
+                failing[0] = max(failing[0], time.perf_counter() - started)
+                time.sleep(0.001)
+
+        committer = threading.Thread(target=keep_committing)
+        committer.start()
         try:
             recv.wait_for(kill_at, timeout=cfg.timeout_s * 3)
             outcome["after_kill"] = "no error"
         except Exception as e:  # noqa: BLE001 - the test inspects it
             outcome["after_kill"] = f"{type(e).__name__}: {e}"
+        stop.set()
+        committer.join()
+        outcome["longest_commit_failing_s"] = failing[0]
         time.sleep(0.2)
         recv.commit()
         outcome["live_after_kill"] = sorted({float(x) for p in model.parameters() for x in p.detach().float().reshape(-1)})
