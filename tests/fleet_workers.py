@@ -67,3 +67,25 @@ def lone_receiver(cfg: SyncConfig, rank: int, world_size: int, until: int, resul
         values = sorted({float(x) for t in receiver.tensors.values() for x in t.float().reshape(-1)})
         results.put((rank, live, values))
     receiver.close()
+
+
+def reports(procs: list, results, timeout_s: float, ranks: list[int] | None = None) -> dict[int, str]:
+    """Job rank -> what its process reported ("process error: ..." if it raised), from ``ranks``
+    (default: all); then every process is joined, or killed."""
+    ranks = list(range(len(procs))) if ranks is None else ranks
+    got: dict[int, str] = {}
+    try:
+        while set(got) < set(ranks):
+            _name, rank, status, payload = results.get(timeout=timeout_s)
+            got[rank] = payload if status == "ok" else f"process error: {payload}"
+    finally:
+        for p in procs:
+            p.join(timeout=timeout_s / 10)
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+def values(receiver: WeightReceiver) -> set[float]:
+    """Every value the receiver's live tensors hold (each version fills all weights with one)."""
+    return {float(x) for t in receiver.tensors.values() for x in t.float().reshape(-1)}

@@ -62,15 +62,11 @@ class Fleet:
 
     def trainer_outcome(self) -> dict[int, str]:
         """Trainer rank -> its report, from every rank that was not killed."""
-        got = {}
         alive = [rank for rank, p in enumerate(self.trainer) if p.exitcode != -signal.SIGKILL]
         try:
-            while set(got) < set(alive):
-                _name, rank, status, payload = self.results.get(timeout=scaled(120))
-                got[rank] = payload if status == "ok" else f"process error: {payload}"
+            return fleet_workers.reports(self.trainer, self.results, scaled(120), ranks=alive)
         finally:
             self.close()
-        return got
 
     def close(self) -> None:
         for p in self.trainer + ([self.other] if self.other else []):
@@ -99,8 +95,7 @@ def _report(case: str, trainer: str, receiver: str, seconds: float) -> None:
     assert seconds <= LIMIT_S, f"{case}: {seconds:.1f}s > 1.25 x timeout_s ({LIMIT_S:.1f}s)"
 
 
-def _values(receiver: WeightReceiver) -> set[float]:
-    return {float(x) for t in receiver.tensors.values() for x in t.float().reshape(-1)}
+_values = fleet_workers.values
 
 
 def test_killed_sender_mid_push():

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from fsdp_sync import (PlanError, SyncConfig, SyncError, TrainerGone, WeightReceiver, expected_destinations,
                        mismatches)
 from fsdp_sync.world import job_rank_and_size
-from recipes.jobs import free_port, next_message, spawn_context, start_job
+from recipes.jobs import free_port, spawn_context, start_job
 from tests import fleet_workers
 from tests.timeouts import scaled
 
@@ -121,22 +121,10 @@ def _trainer_job(cfg: SyncConfig, versions: list[int], *, gate: str | None = Non
 
 
 def _finish(procs, results) -> dict[int, str]:
-    """Trainer rank -> what it reported, once every rank ended."""
-    got = {}
-    try:
-        while len(got) < len(procs):
-            _name, rank, _status, payload = next_message(results, procs, scaled(120))
-            got[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=scaled(10))
-            if p.is_alive():
-                p.kill()
-    return got
+    return fleet_workers.reports(procs, results, scaled(120))
 
 
-def _values(receiver: WeightReceiver) -> set[float]:
-    return {float(x) for t in receiver.tensors.values() for x in t.float().reshape(-1)}
+_values = fleet_workers.values
 
 
 def test_wait_for_returns_the_newest_landed_version_and_waits_only_for_a_newer_one_asked_for():

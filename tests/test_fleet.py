@@ -27,21 +27,10 @@ def _start_trainer(cfg: SyncConfig, versions: list[int], ctx=None):
 
 
 def _finish(procs, results) -> dict[int, str]:
-    got = {}
-    try:
-        while len(got) < len(procs):
-            _name, rank, status, payload = results.get(timeout=scaled(120))
-            got[rank] = payload if status == "ok" else f"process error: {payload}"
-    finally:
-        for p in procs:
-            p.join(timeout=scaled(10))
-            if p.is_alive():
-                p.kill()
-    return got
+    return fleet_workers.reports(procs, results, scaled(120))
 
 
-def _values(receiver: WeightReceiver) -> set[float]:
-    return {float(x) for t in receiver.tensors.values() for x in t.float().reshape(-1)}
+_values = fleet_workers.values
 
 
 def test_a_second_trainer_job_under_the_same_name_is_refused_and_the_first_goes_on():
