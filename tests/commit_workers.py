@@ -14,6 +14,9 @@ from fsdp_sync import SyncConfig, WeightReceiver, WeightSender
 from recipes.jobs import pack
 
 
+ENGINE_LIVE = "test/engine-serves-the-last-version"
+
+
 def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64)).to(torch.bfloat16)
 
@@ -37,6 +40,11 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill
 
     sender = WeightSender(model, cfg, progress=die_mid_push)
     for v in range(1, num_versions + (1 if kill_at else 0) + 1):
+        if v == kill_at:
+            # A staged version that landed but was never committed is lost when the next push
+            # starts writing the shadow and then fails: wait until the engine serves the last.
+            while not sender.control.has(ENGINE_LIVE):
+                time.sleep(0.01)
         with torch.no_grad():
             for p in model.parameters():
                 p.to_local().fill_(v)
@@ -52,7 +60,11 @@ def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_
     seen, reads, torn = set(), 0, []
     longest_commit = 0.0
     writes_during_reads = threading.Event()
+    deadline = time.monotonic() + cfg.timeout_s * 10
     while recv.version != num_versions:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the engine serves version {recv.version}, not {num_versions} (landed "
+                               f"{recv.landed_version}) after {cfg.timeout_s * 10:.0f}s")
         started = time.perf_counter()
         recv.commit()
         longest_commit = max(longest_commit, time.perf_counter() - started)
@@ -67,6 +79,7 @@ def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_
             writes_during_reads.set()
     outcome = {"seen": sorted(seen), "reads": reads, "torn": torn, "longest_commit_s": longest_commit}
     if kill_at:
+        recv.control.set(ENGINE_LIVE, True)
         # An engine thread keeps committing through the push that fails: it must never wait.
         failing, stop = [0.0], threading.Event()
 
@@ -104,6 +117,7 @@ def paused_engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int
                           resume=lambda: calls.append("resume"))
     recv.wait_for(num_versions)
     outcome = {"version_before_kill": recv.version, "calls_before_kill": len(calls)}
+    recv.control.set(ENGINE_LIVE, True)
     try:
         recv.wait_for(kill_at, timeout=cfg.timeout_s * 3)
         outcome["after_kill"] = "no error"
