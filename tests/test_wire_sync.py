@@ -12,7 +12,6 @@ import time
 from datetime import timedelta
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from fsdp_sync import SyncConfig, WeightReceiver
