@@ -303,6 +303,9 @@ class WeightReceiver:
             raise PlanError(announced[1])
         if announced[0] == "refused":
             raise ControlPlaneError(announced[1])
+        if self._gone is not None:  # a new trainer on a store that outlived the one that closed
+            with self._cond:
+                self._gone = None
         _, version, fp, generation = announced
         if not self.control.has(plan_receiver_key(fp, self.rank)) and self.control.has(plan_sender_key(fp, 0)):
             # A published plan that leaves this rank out: the trainer dropped it after a failed
