@@ -47,6 +47,17 @@ class Fleet:
         self.receiver = WeightReceiver(fleet_workers.model(), config=cfg, rank=0, world_size=receivers,
                                        commit="staged")
 
+    def serve_version_1(self) -> None:
+        assert self.receiver.wait_for(1, timeout=scaled(60)) == 1 and self.receiver.commit() == 1
+
+    def assert_still_version_1(self) -> None:
+        assert self.receiver.commit() == 1 and _values(self.receiver) == {1.0}
+
+    def report_push_2(self, case: str, receiver_kind: str, receiver_s: float) -> None:
+        """The table line for a fault trainer rank 0 survives: its push of version 2 failed too."""
+        push_kind, push_s = _push_error(self.trainer_outcome()[0], 2)
+        _report(case, f"rank 0: {push_kind}", receiver_kind, max(receiver_s, push_s))
+
     def wait_key(self, key: str) -> None:
         deadline = time.monotonic() + scaled(60)
         while not self.receiver.control.has(key):
@@ -100,54 +111,48 @@ _values = fleet_workers.values
 
 def test_killed_sender_mid_push():
     fleet = Fleet(_config("kill-sender-mid"), stall=(1, 2))
-    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.serve_version_1()
     fleet.receiver.control.set("go/2", True)
     fleet.wait_key("stalled/1")
     _kill(fleet.trainer[1])
     kind, seconds = fleet.receiver_error(2)
-    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
-    outcome = fleet.trainer_outcome()
-    push_kind, push_s = _push_error(outcome[0], 2)
-    _report("sender killed mid-push", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+    fleet.assert_still_version_1()
+    fleet.report_push_2("sender killed mid-push", kind, seconds)
 
 
 def test_killed_sender_between_pushes():
     fleet = Fleet(_config("kill-sender-idle"))
-    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.serve_version_1()
     _kill(fleet.trainer[1])
     fleet.receiver.control.set("go/2", True)
     kind, seconds = fleet.receiver_error(2)
-    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
-    outcome = fleet.trainer_outcome()
-    push_kind, push_s = _push_error(outcome[0], 2)
-    _report("sender killed between pushes", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+    fleet.assert_still_version_1()
+    fleet.report_push_2("sender killed between pushes", kind, seconds)
 
 
 def test_stopped_sender_mid_push():
     fleet = Fleet(_config("stop-sender"), stall=(1, 2))
-    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.serve_version_1()
     fleet.receiver.control.set("go/2", True)
     fleet.wait_key("stalled/1")
     os.kill(fleet.trainer[1].pid, signal.SIGSTOP)
     try:
         kind, seconds = fleet.receiver_error(2)
-        assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+        fleet.assert_still_version_1()
     finally:
         os.kill(fleet.trainer[1].pid, signal.SIGCONT)
         fleet.receiver.control.set("release/1", True)
-    outcome = fleet.trainer_outcome()
-    push_kind, push_s = _push_error(outcome[0], 2)
-    _report("sender stopped (SIGSTOP) mid-push", f"rank 0: {push_kind}", kind, max(seconds, push_s))
+    fleet.report_push_2("sender stopped (SIGSTOP) mid-push", kind, seconds)
 
 
 def test_killed_store_host_mid_push():
     fleet = Fleet(_config("kill-host-mid"), stall=(0, 2))
-    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.serve_version_1()
     fleet.receiver.control.set("go/2", True)
     fleet.wait_key("stalled/0")
     _kill(fleet.trainer[0])
     kind, seconds = fleet.receiver_error(2)
-    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    fleet.assert_still_version_1()
     outcome = fleet.trainer_outcome()
     assert "ControlPlaneLost" in outcome[1] or "SyncError" in outcome[1] or "SyncTimeout" in outcome[1], outcome
     _report("store host (trainer rank 0) killed mid-push", "rank 1: " + _first_error(outcome[1]), kind, seconds)
@@ -155,20 +160,20 @@ def test_killed_store_host_mid_push():
 
 def test_killed_store_host_between_pushes():
     fleet = Fleet(_config("kill-host-idle"), senders=1)
-    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.serve_version_1()
     started = time.monotonic()
     _kill(fleet.trainer[0])
     kind, _ = fleet.receiver_error(2)
     seconds = time.monotonic() - started
     assert kind == "TrainerGone"
-    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    fleet.assert_still_version_1()
     fleet.close()
     _report("store host killed between pushes", "(dead)", kind, seconds)
 
 
 def test_killed_receiver_mid_push():
     fleet = Fleet(_config("kill-recv-mid"), senders=1, receivers=2, extra_receiver=True, stall=(0, 2))
-    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.serve_version_1()
     fleet.receiver.control.set("go/2", True)
     fleet.wait_key("stalled/0")
     _kill(fleet.other)
@@ -180,12 +185,12 @@ def test_killed_receiver_mid_push():
 
 def test_killed_receiver_between_pushes():
     fleet = Fleet(_config("kill-recv-idle"), senders=1, receivers=2, extra_receiver=True)
-    assert fleet.receiver.wait_for(1, timeout=scaled(60)) == 1 and fleet.receiver.commit() == 1
+    fleet.serve_version_1()
     assert fleet.replica.get(timeout=scaled(60))[:2] == (1, 1)
     _kill(fleet.other)
     fleet.receiver.control.set("go/2", True)
     kind, seconds = fleet.receiver_error(2)
-    assert fleet.receiver.commit() == 1 and _values(fleet.receiver) == {1.0}
+    fleet.assert_still_version_1()
     outcome = fleet.trainer_outcome()
     push_kind, push_s = _push_error(outcome[0], 2)
     assert "receivers [1]" in outcome[0], outcome
