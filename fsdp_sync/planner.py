@@ -60,7 +60,7 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
         raise ValueError(f"unknown mode {mode!r}; valid: ['direct', 'reconstruct']")
     buckets, bucket_of = _make_buckets(raw, by_name, mode, watermark_bytes)
     tasks, arrivals = _order(raw, bucket_of)
-    _validate_cover(arrivals, receivers, layouts)
+    _validate_cover(arrivals, receivers, layouts, by_name)
     fmt_of = {s.name: "none" for s in sources}
     for job in jobs:
         if job.fmt.is_quantized:
@@ -142,6 +142,8 @@ def _map_receiver(recv: ReceiverMeta, sources: list[SourceParam], errors: list[s
                 errors.append(f"receiver {r} has no tensor {piece.dst!r} for source parameter {src.name!r}")
                 continue
             targeted.add(piece.dst)
+            if dest.dtype == torch.float8_e4m3fn:
+                targeted.add(scale_name(piece.dst))  # a refused piece's scale is no second problem
             if len(dest.shape) != len(src.shape):
                 errors.append(f"receiver {r} tensor {piece.dst!r}: shape {dest.shape} does not match "
                               f"source {src.name!r} shape {src.shape}")
@@ -410,24 +412,30 @@ def _order(raw: list[tuple[tuple, Task]], bucket_of: dict[tuple, int]
     return tasks, dict(arrivals)
 
 
-def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta], layouts: dict[int, Layout]) -> None:
+def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta], layouts: dict[int, Layout],
+                    by_name: dict[str, SourceParam]) -> None:
     """Prove that every destination element is written exactly once and inside its bounds.
 
     A layout may declare boxes that no source fills (vocab padding rows); they count as
-    covered, and nothing may write them.
+    covered, and nothing may write them. A failure names both shapes: the destination's
+    and those of the sources that write it (most often, one of them is simply wrong).
     """
     problems = []
     for recv in receivers:
         boxes: dict[str, list[Box]] = defaultdict(list)
+        writers: dict[str, set[str]] = defaultdict(set)
         unwritten = getattr(layouts[recv.rank], "unwritten", None)
         for name, extra in (unwritten() if unwritten else {}).items():
             boxes[name].extend(extra)
         for t in arrivals.get(recv.rank, []):
             boxes[t.dst].append(t.dst_box)
+            writers[t.dst].add(t.src)
         for name, dest in recv.tensors.items():
             why = check_exact_cover(boxes.get(name, []), dest.shape)
             if why is not None:
-                problems.append(f"receiver {recv.rank} tensor {name!r}: {why}")
+                srcs = ", ".join(f"{s!r} {tuple(by_name[s].shape)}" for s in sorted(writers[name]) if s in by_name)
+                problems.append(f"receiver {recv.rank} tensor {name!r} of shape {tuple(dest.shape)}: {why}"
+                                + (f" (written from {srcs})" if srcs else ""))
     if problems:
         raise PlanError("plan does not cover every destination element exactly once:\n  " + "\n  ".join(problems[:40]))
 

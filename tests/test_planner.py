@@ -98,7 +98,8 @@ def test_refuses_shape_mismatch_and_too_small():
     sources, (recv,) = _small()
     with pytest.raises(PlanError, match="'b.weight': destination too small"):
         plan(sources, [_edit(recv, b=DestTensor("b.weight", (32,), torch.bfloat16))])
-    with pytest.raises(PlanError, match="'b.weight'.*cover 64 of 100"):
+    with pytest.raises(PlanError, match=r"'b.weight' of shape \(100,\): boxes cover 64 of 100 elements "
+                                        r"\(written from 'b.weight' \(64,\)\)"):
         plan(sources, [_edit(recv, b=DestTensor("b.weight", (100,), torch.bfloat16))])
     with pytest.raises(PlanError, match="'b.weight': shape"):
         plan(sources, [_edit(recv, b=DestTensor("b.weight", (8, 8), torch.bfloat16))])
@@ -118,12 +119,19 @@ def test_refuses_fp8_block_misaligned_with_tp_slice():
     receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")  # 192-row slices
     with pytest.raises(PlanError, match=r"'l.q_proj.weight': FP8 block of 128 misaligned .*\[192:384\)"):
         plan(sources, receivers)
+    with pytest.raises(PlanError) as info:
+        plan(sources, receivers)
+    assert "has no source parameter" not in str(info.value)  # its scale is no second problem
 
 
 def test_refuses_missing_scale_tensor():
     sources, (recv,) = _small(quant="fp8_block")
     with pytest.raises(PlanError, match="scale tensor 'a.q_proj.weight_scale_inv'"):
         plan(sources, [_edit(recv, a__q_proj__weight_scale_inv=None)])
+    wrong = DestTensor("a.q_proj.weight_scale_inv", (3, 3), torch.float32)
+    with pytest.raises(PlanError, match=r"of shape \(2, 2\), got torch.float32 \(3, 3\)") as info:
+        plan(sources, [_edit(recv, a=wrong)])
+    assert "has no source parameter" not in str(info.value)
 
 
 def test_every_problem_is_listed_at_once():
