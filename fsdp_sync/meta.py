@@ -7,7 +7,7 @@ any number of ranks, and the control plane can carry it (``wire`` lists what it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -102,13 +102,15 @@ def clean_name(name: str) -> str:
     return name
 
 
-def source_params(model: nn.Module, *, world_size: int, buffers: tuple[str, ...] = ()) -> list[SourceParam]:
+def source_params(model: nn.Module, *, world_size: int, buffers: tuple[str, ...] = (),
+                  rank_of: Callable[..., tuple[int, ...]] | None = None) -> list[SourceParam]:
     """Source metadata for every parameter of an FSDP2 model, for all ranks at once, then
     for the named buffers that match a ``buffers`` pattern (``SyncConfig.buffers``).
 
     A DTensor's mesh lists the global ranks of every coordinate, so any one rank can
-    derive every rank's box without communication. A plain tensor (and FSDP2 leaves
-    buffers plain) is taken to be replicated on every rank of the world.
+    derive every rank's box without communication; ``rank_of(global_ranks, what=name)``
+    turns them into the sender group's ranks (default: the same). A plain tensor (and
+    FSDP2 leaves buffers plain) is taken to be replicated on every rank of the group.
     """
     from torch.distributed.tensor import DTensor
 
@@ -119,7 +121,10 @@ def source_params(model: nn.Module, *, world_size: int, buffers: tuple[str, ...]
         name = clean_name(raw_name)
         shape = tuple(p.shape)
         if isinstance(p, DTensor):
-            mesh_ranks = p.device_mesh.mesh.tolist()
+            mesh = p.device_mesh.mesh
+            if rank_of is not None:
+                mesh = torch.tensor(rank_of(mesh.reshape(-1).tolist(), what=f"parameter {name!r}")).reshape(mesh.shape)
+            mesh_ranks = mesh.tolist()
             if not isinstance(mesh_ranks, list):
                 mesh_ranks = [mesh_ranks]
             groups = shard_groups(shape, mesh_ranks, p.placements, name=name)

@@ -33,6 +33,7 @@ from .param_scan import ParamScan
 from .pipeline import ByteBudget, run_pipeline
 from .plan import SenderPlan
 from .trace import Trace
+from .trainer_group import trainer_group
 from .transport import get_transport
 
 
@@ -83,15 +84,19 @@ class PushHandle:
 class WeightSender:
     """Pushes an FSDP2 model's weights to the registered receivers, replaying one plan."""
 
-    def __init__(self, model: nn.Module, config: SyncConfig, *, host: str | None = None,
+    def __init__(self, model: nn.Module, config: SyncConfig, *, group=None, host: str | None = None,
                  device: torch.device | None = None, progress: Callable[[int, int], None] | None = None):
-        """``progress(done, total)`` is called from the transfer thread after each bucket lands."""
+        """``group``: the trainer ranks, as a ProcessGroup or the DeviceMesh the model is sharded
+        on (default: the whole world); its ranks call this together, and its rank 0 is the
+        controller. ``progress(done, total)`` is called from the transfer thread after each
+        bucket lands."""
         if not dist.is_initialized():
             raise SyncError("WeightSender needs torch.distributed initialized in the trainer job")
         self.model = model
         self.config = config
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        self.trainers = trainer_group(group)
+        self.rank = self.trainers.rank
+        self.world_size = self.trainers.size
         self.host = host or socket.gethostname()
         self.device = device or _model_device(model)
         self._hosts_store = self.rank == 0 and config.host_control
@@ -137,7 +142,7 @@ class WeightSender:
                 outcome[0] = run_id
             except SyncError as e:
                 outcome[1] = str(e)
-        dist.broadcast_object_list(outcome, src=0, device=self.device if self.device.type == "cuda" else None)
+        self.trainers.broadcast_from_first(outcome, device=self.device if self.device.type == "cuda" else None)
         self.run_id, error = outcome
         if error is not None:
             raise SyncError(f"trainer rank {self.rank}: {error}" if self.rank else error)
@@ -297,7 +302,8 @@ class WeightSender:
         key, local = self._scan.scan()
         if key != self._sources_key:
             self._sources = {s.name: s for s in source_params(self.model, world_size=self.world_size,
-                                                                 buffers=self.config.buffers)}
+                                                                 buffers=self.config.buffers,
+                                                                 rank_of=self.trainers.local_ranks)}
             self._sources_key = key
         if self.controller is not None:
             if self._announced is not None:  # first, so its failure is in the count read next
@@ -350,7 +356,7 @@ class WeightSender:
         for ranks in self._plan.groups:
             if ranks not in self._groups:
                 # Sync's own groups, so its collectives never interleave with FSDP's.
-                self._groups[ranks] = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+                self._groups[ranks] = self.trainers.new_group(ranks) if len(ranks) > 1 else None
         self._open_transport(generation, seq)
 
     def _open_transport(self, generation: int, seq: int) -> None:

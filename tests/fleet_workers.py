@@ -51,6 +51,34 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, versions: list[int], ga
     return "\n".join(outcome)
 
 
+def subgroup_trainer(rank: int, world_size: int, cfg: SyncConfig, versions: list[int]) -> bytes | str:
+    """Global rank 0 plays another role (a reference model, say); ranks 1.. shard the policy on a
+    mesh of their own and push through ``WeightSender(group=mesh)``. Sender rank 0 returns the
+    full weights of every version it pushed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from recipes.jobs import pack
+
+    policy = dist.new_group(list(range(1, world_size)))  # every rank of the world enters
+    fulls = {}
+    if rank > 0:
+        mesh = DeviceMesh.from_group(policy, "cpu")
+        torch.manual_seed(0)
+        net = fully_shard(model(), mesh=mesh)
+        sender = WeightSender(net, cfg, group=mesh)
+        for v in versions:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.to_local().add_(torch.randn_like(p.to_local()) * 0.01)
+            sender.push(v).wait()
+            fulls[v] = {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
+        sender.close()
+    dist.barrier()  # rank 0 hosts the world's store, which the policy's own groups were made on
+    return pack(fulls) if rank == 1 else f"rank {rank} ok"
+
+
 def lone_receiver(cfg: SyncConfig, rank: int, world_size: int, until: int, results) -> None:
     """A receiver process of rank ``rank``: reports each version it made live, up to ``until``."""
 
