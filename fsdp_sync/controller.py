@@ -50,6 +50,7 @@ class Controller:
                 return self.plan, failures
         receivers = self._receivers()
         check_shared_settings(self.config, receivers)
+        check_model_layouts(receivers)
         key = (sources_key, self.control.add(RECV_EPOCH, 0))
         places = self._sender_places()
         # The planner numbers receivers 0..n-1: once some were dropped, slots stand for ranks.
@@ -163,3 +164,32 @@ def check_shared_settings(config: SyncConfig, receivers: list[ReceiverMeta]) -> 
             problems.append(f"{what} is {value!r} on the trainer but {got!r} on receiver ranks {ranks}")
     if problems:
         raise PlanError("the trainer and the inference job must share these settings: " + "; ".join(problems))
+
+
+# Layout keywords that place a receiver in its engine's parallel layout, which replicas may
+# set differently; every other keyword describes the model, which all receivers serve alike.
+PARALLEL_KEYWORDS = frozenset({"tp_rank", "tp_size", "dp_rank", "dp_size", "ep_size", "expert_parallel",
+                               "expert_placement"})
+
+
+def check_model_layouts(receivers: list[ReceiverMeta]) -> None:
+    """Refuse receivers whose layouts describe different models (another layout, other head
+    counts, other naming rules): each would take bytes meant for a model it does not serve.
+
+    Their parallel coordinates may differ (replicas of TP 2 beside TP 4); nothing else may.
+    """
+    def described(meta: ReceiverMeta) -> dict[str, object]:
+        kwargs = {k: v for k, v in meta.layout.kwargs.items() if k not in PARALLEL_KEYWORDS}
+        return {"layout": meta.layout.name, **{f"layout_kwargs[{k!r}]": v for k, v in kwargs.items()}}
+
+    views = {meta.rank: described(meta) for meta in receivers}
+    problems = []
+    for key in sorted({k for view in views.values() for k in view}):
+        by_value: dict[str, list[int]] = {}
+        for rank, view in sorted(views.items()):
+            by_value.setdefault(repr(view.get(key, "<not set>")), []).append(rank)
+        if len(by_value) > 1:
+            problems.append(f"{key} is " + " but ".join(f"{value} on receiver ranks {ranks}"
+                                                       for value, ranks in by_value.items()))
+    if problems:
+        raise PlanError("the receivers must describe the same model: " + "; ".join(problems))
