@@ -103,6 +103,12 @@ class Claim:
             pass
 
 
+def trainer_holder(control: ControlPlane) -> str:
+    """Who holds the trainer role now ("" when nobody does): a new trainer job's claim differs."""
+    store = control.store
+    return store.get(claim_key("trainer")).decode() if store.check([claim_key("trainer")]) else ""
+
+
 def receiver_claim(control: ControlPlane, rank: int) -> Claim:
     return Claim(control, f"recv/{rank}", what=f"receiver rank {rank}",
                  hint="each process of the inference job needs its own rank (under torchrun they come from "

@@ -28,10 +28,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .claims import Claim, receiver_claim
+from .claims import Claim, receiver_claim, trainer_holder
 from .config import SyncConfig
 from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
-                      plan_sender_key, push_key, ready_key, recv_meta_key)
+                      plan_sender_key, push_key, ready_key, recv_meta_key, listening)
 from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout, TrainerGone
 from .meta import LayoutSpec, ReceiverMeta, as_layout_spec, clean_name, dest_tensors, device_id, with_tp_defaults
 from .plan import ReceiverPlan
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.005  # how late an idle receiver may notice a push
 _IDLE_POLL_MIN_S = 0.00005  # right after a push it looks again soon: back-to-back pushes
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 0.2, 5.0  # backoff while no trainer hosts the control plane
+_CLOSE_GRACE_S = 5.0  # after a trainer closed, a store still up this long outlives its trainers
 COMMIT_MODES = ("in_place", "staged")
 
 
@@ -91,6 +92,7 @@ class WeightReceiver:
         self._register(ControlPlane.connect(config, serve=False))
         self._gone: str | None = None  # why no trainer is there now (closed, or its store went away)
         self._backoff = _RECONNECT_MIN_S
+        self._closed_by: tuple[str, float | None] | None = None  # (claim, when) of a trainer that closed
         self.version: int | None = None  # the version the engine sees in self.tensors
         self.landed_version: int | None = None  # the newest version whose every byte landed
         self._staging_lock = threading.Lock()  # held while a push writes or commit() reads staging
@@ -269,15 +271,49 @@ class WeightReceiver:
         self._plan, self._claim, self.control = None, None, None
         self._backoff = _RECONNECT_MIN_S
 
+    def _hear_close(self) -> None:
+        """The trainer closed: let go of its store at once, before its exit takes the store down
+        under a poll (which torch reports with pages of C++ frames), and wait for a new trainer."""
+        try:
+            holder = trainer_holder(self.control)
+        except Exception:  # noqa: BLE001 - already gone: any claim found later is a new trainer's
+            holder = ""
+        with self._cond:
+            self._gone = f"the trainer closed (job {self.config.job!r})"
+            self._cond.notify_all()
+        log.info("fsdp_sync receiver %d: %s; serving version %s", self.rank, self._gone, self.version)
+        self._drop_trainer()
+        self._closed_by = (holder, time.monotonic())
+
+    def _closing_store_settled(self) -> bool:
+        """After a close: whether to look at the store again. Its host may still be exiting, so
+        only a plain socket probes it, until it went down or stayed up past the grace period
+        (a store that outlives its trainers)."""
+        holder, since = self._closed_by
+        if not listening(self.config.control_host, self.config.control_port, 0.0):
+            self._closed_by = (holder, None)  # it went down: whoever serves it next is a new trainer
+            return False
+        return since is None or time.monotonic() - since > _CLOSE_GRACE_S
+
     def _reconnect(self) -> None:
         """Once a trainer hosts the control plane again, claim this rank and register there."""
         if self._stop.wait(self._backoff):
             return
         self._backoff = min(self._backoff * 2, _RECONNECT_MAX_S)
+        if self._closed_by is not None and not self._closing_store_settled():
+            return
         try:
             control = ControlPlane.connect(self.config, serve=False, connect_timeout_s=self._backoff)
         except SyncError:
             return  # nobody hosts it yet
+        if self._closed_by is not None:
+            try:
+                holder = trainer_holder(control)
+            except Exception:  # noqa: BLE001 - it went down between the probe and the read
+                return
+            if holder in ("", self._closed_by[0]):
+                return  # still the closed trainer's store, and no new trainer on it: look again later
+            self._closed_by = None
         try:
             self._register(control)
         except Exception as e:  # noqa: BLE001 - a duplicate rank, or the store went away again
@@ -294,18 +330,12 @@ class WeightReceiver:
 
     def _land(self, seq: int, announced: tuple) -> None:
         if announced[0] == CLOSED:
-            with self._cond:
-                self._gone = f"the trainer closed (job {self.config.job!r})"
-                self._cond.notify_all()
-            log.info("fsdp_sync receiver %d: %s; serving version %s", self.rank, self._gone, self.version)
+            self._hear_close()
             return
         if announced[0] == "error":
             raise PlanError(announced[1])
         if announced[0] == "refused":
             raise ControlPlaneError(announced[1])
-        if self._gone is not None:  # a new trainer on a store that outlived the one that closed
-            with self._cond:
-                self._gone = None
         _, version, fp, generation = announced
         if not self.control.has(plan_receiver_key(fp, self.rank)) and self.control.has(plan_sender_key(fp, 0)):
             # A published plan that leaves this rank out: the trainer dropped it after a failed
