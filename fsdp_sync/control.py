@@ -54,7 +54,7 @@ _POLL_MAX_S = 0.005
 _CHECKS_PER_S = 100_000
 
 
-def _listening(host: str, port: int, timeout_s: float) -> bool:
+def listening(host: str, port: int, timeout_s: float) -> bool:
     """Whether something accepts connections at host:port within ``timeout_s``.
 
     Probed with plain sockets first: a TCPStore client that retries logs every failed try
@@ -113,7 +113,7 @@ class ControlPlane:
 
         A client retries for ``connect_timeout_s`` (default ``SyncConfig.connect_timeout_s``)."""
         timeout = config.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
-        if not serve and not _listening(config.control_host, config.control_port, timeout):
+        if not serve and not listening(config.control_host, config.control_port, timeout):
             raise SyncError(f"cannot reach the control plane at {config.control} (SyncConfig.control) within "
                             f"{timeout:.0f}s: nothing listens there (is the trainer running, with the same control?)")
         try:
@@ -204,7 +204,9 @@ class ControlPlane:
             if not keys or self.store.check(keys):
                 return
             if abort is not None and (reason := abort()):
-                raise SyncError(reason)
+                # Another side failed first; what this one still waited for may name the culprit.
+                missing = [k for k in keys if not self.store.check([k])]
+                raise SyncError(reason + (f" (this side still waited for {describe(missing)})" if describe else ""))
             if time.monotonic() > deadline:
                 missing = [k for k in keys if not self.store.check([k])]
                 what = describe(missing) if describe else f"keys {missing}"
@@ -250,7 +252,9 @@ class ControlPlane:
                 if not pending:
                     continue
             if abort is not None and (reason := abort()):
-                raise SyncError(reason)
+                # Another side failed first; what this one still waited for may name the culprit.
+                still = f" (this side still waited for {describe(pending)})" if describe else ""
+                raise SyncError(reason + still)
             if time.monotonic() > deadline:
                 waited = f"{timeout_s or self.timeout_s:.1f}s"
                 # Name the keys still missing (or refused), not those merely read in no poll yet.
