@@ -58,16 +58,20 @@ def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_
     model = _model().to(_device(gpu))
     recv = WeightReceiver(model, config=cfg, commit="staged")
     seen, reads, torn = set(), 0, []
-    longest_commit = 0.0
+    longest_commit = longest_nothing_new = 0.0
     writes_during_reads = threading.Event()
     deadline = time.monotonic() + cfg.timeout_s * 10
     while recv.version != num_versions:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the engine serves version {recv.version}, not {num_versions} (landed "
                                f"{recv.landed_version}) after {cfg.timeout_s * 10:.0f}s")
+        before = recv.version
         started = time.perf_counter()
         recv.commit()
-        longest_commit = max(longest_commit, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        longest_commit = max(longest_commit, took)
+        if recv.version == before:  # nothing new made live: a push in flight, or none landed yet
+            longest_nothing_new = max(longest_nothing_new, took)
         values = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
         reads += 1
         if recv.version is None:
@@ -77,7 +81,8 @@ def engine(rank: int, world_size: int, cfg: SyncConfig, num_versions: int, kill_
         seen.add(recv.version)
         if recv.landed_version != recv.version:
             writes_during_reads.set()
-    outcome = {"seen": sorted(seen), "reads": reads, "torn": torn, "longest_commit_s": longest_commit}
+    outcome = {"seen": sorted(seen), "reads": reads, "torn": torn, "longest_commit_s": longest_commit,
+               "longest_nothing_new_s": longest_nothing_new}
     if kill_at:
         recv.control.set(ENGINE_LIVE, True)
         # An engine thread keeps committing through the push that fails: it must never wait.

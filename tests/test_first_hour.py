@@ -15,10 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fsdp_sync import (PlanError, SyncConfig, SyncError, TrainerGone, WeightReceiver, expected_destinations,
+from fsdp_sync import (PlanError, allocate_destinations, SyncConfig, SyncError, TrainerGone, WeightReceiver, expected_destinations,
                        mismatches)
+from fsdp_sync.controller import check_model_layouts
+from fsdp_sync.meta import LayoutSpec, ReceiverMeta
 from fsdp_sync.world import job_rank_and_size
-from recipes.jobs import free_port, spawn_context, start_job
+from recipes.jobs import free_port, spawn_context, start_job, unpack
 from tests import fleet_workers
 from tests.timeouts import scaled
 
@@ -160,7 +162,7 @@ def test_a_quant_the_two_sides_do_not_share_is_refused_on_both_sides():
     assert all("PlanError" in o and "SyncConfig.quant" in o for o in outcome.values()), outcome
 
 
-def test_a_closing_trainer_leaves_receivers_serving_and_a_new_trainer_job_lands_on_them(caplog):
+def test_a_closing_trainer_leaves_receivers_serving_and_a_new_trainer_job_lands_on_them(caplog, capfd):
     """Trainer rank 0 hosts the store; it closes and exits. The receiver keeps version 1, says the
     trainer closed without a raw torch error, registers with the next trainer job, and lands its push."""
     cfg = _config(f"127.0.0.1:{free_port()}", "restart")
@@ -189,3 +191,51 @@ def test_a_closing_trainer_leaves_receivers_serving_and_a_new_trainer_job_lands_
     finally:
         receiver.close()
     assert not [r for r in caplog.records if "DistNetworkError" in r.getMessage() or "frame" in r.getMessage()]
+    err = capfd.readouterr().err  # torch's C++ warnings go to the process's stderr, not to logging
+    assert "frame #" not in err and "DistNetworkError" not in err, err[-3000:]
+
+
+def test_a_sender_on_a_mesh_inside_a_larger_world_counts_its_ranks_in_that_mesh():
+    """World of 3: global rank 0 is no sender; ranks 1 and 2 shard the model and push with
+    ``group=mesh``. Global rank 1 is the controller; the push lands bit-exact in FP8."""
+    cfg = _config(f"127.0.0.1:{free_port()}", "subgroup", quant="fp8_block")
+    ctx = spawn_context()
+    results = ctx.Queue()
+    procs = start_job(ctx, fleet_workers.subgroup_trainer, 3, results, cfg, [1, 2])
+    fp8 = allocate_destinations(fleet_workers.model().state_dict(), layout="identity", quant="fp8_block")
+    receiver = WeightReceiver(fp8, config=cfg, commit="staged")
+    try:
+        assert receiver.wait_for(2, timeout=scaled(60)) == 2
+        receiver.commit()
+        got = {n: t.clone() for n, t in receiver.tensors.items()}
+    finally:
+        outcome = _finish(procs, results)
+        receiver.close()
+    assert outcome[0] == "rank 0 ok" and outcome[2] == "rank 2 ok", outcome
+    full = unpack(outcome[1])[2]
+    assert mismatches(got, expected_destinations(full, layout="identity", quant="fp8_block")) == []
+
+
+def test_a_mesh_rank_outside_the_senders_group_is_refused_naming_the_parameter():
+    from fsdp_sync.trainer_group import local_ranks
+
+    assert local_ranks([5, 7], (3, 5, 7), what="parameter 'w'") == (1, 2)
+    with pytest.raises(PlanError, match=r"parameter 'w' lives on global ranks \[9\], outside the sender's group"):
+        local_ranks([5, 9], (3, 5, 7), what="parameter 'w'")
+
+
+def _meta(rank: int, layout: str, **kwargs) -> ReceiverMeta:
+    return ReceiverMeta(rank, "host", {}, LayoutSpec(layout, kwargs), "none")
+
+
+def test_receivers_describing_different_models_are_refused_naming_the_keyword_and_both_values():
+    heads = dict(hidden_size=64, vocab_size=128, num_attention_heads=4)
+    metas = [_meta(0, "vllm", tp_rank=0, tp_size=2, num_key_value_heads=4, **heads),
+             _meta(1, "vllm", tp_rank=1, tp_size=2, num_key_value_heads=2, **heads)]
+    with pytest.raises(PlanError, match=r"layout_kwargs\['num_key_value_heads'\] is 4 on receiver ranks \[0\] "
+                                        r"but 2 on receiver ranks \[1\]"):
+        check_model_layouts(metas)
+    with pytest.raises(PlanError, match=r"layout is 'vllm' on receiver ranks \[0\] but 'sglang' on receiver ranks \[1\]"):
+        check_model_layouts([metas[0], _meta(1, "sglang", tp_rank=1, tp_size=2, num_key_value_heads=4, **heads)])
+    # Replicas may differ in their parallel layout: TP 2 beside TP 1 serves the same model.
+    check_model_layouts(metas[:1] + [_meta(1, "vllm", tp_rank=0, tp_size=1, num_key_value_heads=4, **heads)])
