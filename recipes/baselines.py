@@ -3,7 +3,10 @@
 * rank-0 funnel: every parameter is gathered (``full_tensor()``) on the trainer; rank 0
   sends it whole to inference rank 0, which scatters the TP slices to its peers;
 * bucketed all-gather + broadcast: the trainer gathers ~1 GiB buckets of parameters and
-  rank 0 sends each flat bucket to every inference rank, which keeps its slices.
+  rank 0 sends each flat bucket to every inference rank, which keeps its slices;
+* same process (colocated, one trainer rank): the hybrid-engine path, where the engine's
+  tensors live in the trainer's process and each parameter is gathered, cast and copied
+  in turn.
 
 Both cast to FP8 on trainer rank 0 when the receivers hold FP8. On one host the hop from
 trainer rank 0 to a receiver is a CUDA IPC copy into the receiver's staging buffer (as
@@ -182,3 +185,10 @@ def broadcast_receiver(shapes, layout: LayoutSpec, quant: str, dests, inbox: Inb
             offset += size
         torch.cuda.synchronize()
         inbox.release()
+
+
+def same_process_loop(model, dests: dict[str, torch.Tensor], layout: LayoutSpec, quant: str) -> None:
+    """One parameter at a time into engine tensors of this process: gather, cast, copy."""
+    for name, p in model.named_parameters():
+        _keep_slices(name, _payload(name, p.full_tensor(), quant), layout, quant, dests)
+    torch.cuda.synchronize()

@@ -1,16 +1,19 @@
 """Benchmark: fsdp_sync pushes against the measured floor and two baselines, on 1-2 GPUs.
 
-    python -m recipes.bench [--cases a,b] [--repeats 10] [--nccl-tests DIR]
+    python -m recipes.bench [--cases f,a,b] [--repeats 10] [--nccl-tests DIR]
 
 Cases (each in both modes, for quant none and fp8_block, over cuda_ipc and nccl):
+  f: colocated 1 -> 1 on one GPU, trainer and engine processes sharing it (Qwen3-8B-like), the
+     setup most RL users start with (verl's hybrid engine, TRL's colocate mode); IPC only;
   a: disaggregated 1 -> 1, trainer on GPU0, receiver on GPU1 (Qwen3-8B-like by default);
   b: colocated 2 -> 2, FSDP over both GPUs, TP=2 receivers on the same GPUs (Qwen3-32B-like);
   c, d, e: disjoint trainer and inference GPUs on 4 or 8 GPUs (FSDP 2 -> TP 2, FSDP 4 -> TP 4,
   HSDP 2x2 -> 2 replicas of TP 2); a case needing more GPUs than present is skipped.
 The same run measures the link ceilings (peer copy, NCCL send/recv, device copy), checks
 every receiver's bytes against the reference before timing, times >= 10 pushes after
-warm-up, times the rank-0 funnel and bucketed all-gather + broadcast baselines, and
-writes one JSON file under bench_results/.
+warm-up, times the rank-0 funnel and bucketed all-gather + broadcast baselines (and, with one
+trainer rank colocated, the same-process per-parameter loop), and writes one JSON file under
+bench_results/. A case needing more GPUs than present is skipped, saying so.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from .models import param_shapes, qwen3_config, sharded_random_model
 
 GiB = 1 << 30
 CASES = {
+    "f": dict(senders=1, receivers=1, tp=1, receiver_gpu_offset=0, model="qwen3_8b",
+              about="colocated 1->1 on one GPU: trainer and engine processes share GPU0"),
     "a": dict(senders=1, receivers=1, tp=1, receiver_gpu_offset=1, model="qwen3_8b",
               about="disaggregated 1->1: trainer GPU0, receiver GPU1"),
     "b": dict(senders=2, receivers=2, tp=2, receiver_gpu_offset=0, model="qwen3_32b",
@@ -71,10 +76,11 @@ class Spec:
     warmup: int
     baseline_repeats: int
     watermark_mb: float
-    probe_receiver: int = 0  # a receiver on another GPU than trainer rank 0
+    probe_receiver: int | None = 0  # a receiver on another GPU than trainer rank 0 (None: there is none)
     kernels: str = "auto"  # SyncConfig.kernels: grouped launches per bucket, or one per box
     mesh: tuple[int, ...] = ()  # trainer mesh: (shard,) for FSDP, (replicate, shard) for HSDP
     profile_dir: str = ""  # one more push per config under torch.profiler, trainer rank 0's trace here
+    colocated: bool = False  # every receiver shares its GPU with a trainer rank
 
     @property
     def pushes(self) -> int:
@@ -114,7 +120,8 @@ def _cuda_seconds(fn, repeats: int = 5) -> float:
 
 
 def _ceilings(group) -> dict:
-    """GB/s of a 1 GiB peer copy, device copy (read + write bytes) and NCCL send to a receiver."""
+    """GB/s of a 1 GiB peer copy, device copy (read + write bytes) and NCCL send to a receiver
+    (``group``; None on one GPU, where NCCL refuses two ranks)."""
     here = torch.device("cuda", torch.cuda.current_device())
     other = torch.device("cuda", (here.index + 1) % torch.cuda.device_count())
     src = torch.empty(GiB, dtype=torch.uint8, device=here)
@@ -126,6 +133,8 @@ def _ceilings(group) -> dict:
     dst = torch.empty_like(src)
     out["device_copy_gbps"] = 2 * GiB / _cuda_seconds(lambda: dst.copy_(src)) / 1e9
     del dst
+    if group is None:
+        return out
     times = []
     for _ in range(4):
         torch.cuda.synchronize()
@@ -148,10 +157,12 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
     model = sharded_random_model(config, init_device_mesh("cuda", spec.mesh or (world_size,)), seed=0)
     shapes = param_shapes(config)
     if rank == 0:
-        store.set("links", json.dumps(_ceilings(_probe_group(store, 0))))
+        probe = _probe_group(store, 0) if spec.probe_receiver is not None else None
+        store.set("links", json.dumps(_ceilings(probe)))
     ceilings = json.loads(store.get("links"))
-    links = LinkModel(intra_host_gbps=ceilings.get("peer_copy_gbps", ceilings["device_copy_gbps"]),
-                      inter_host_gbps=ceilings["nccl_sendrecv_gbps"], hbm_gbps=ceilings["device_copy_gbps"])
+    copy = ceilings["device_copy_gbps"]
+    links = LinkModel(intra_host_gbps=ceilings.get("peer_copy_gbps", copy),
+                      inter_host_gbps=ceilings.get("nccl_sendrecv_gbps", copy), hbm_gbps=copy)
     rows = []
     for quant, mode, transport, port in spec.configs:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
@@ -177,7 +188,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
             stages.append(result.stage_seconds)
             # Where the wall time goes: announcing, the push thread, then the receivers' acks.
-            parts.append(dict(publish=t1 - t0, run=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
+            parts.append(dict(announce=t1 - t0, push_thread=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
         if spec.profile_dir:
             _profiled_push(sender, os.path.join(spec.profile_dir, f"{cfg.job}-rank{rank}"), rank)
         peak = torch.tensor([max(peaks)], device=device)
@@ -214,6 +225,19 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
                     outbox.wait_finished(run_id)
                 times.append(time.perf_counter() - t0)
             base_rows[(quant, name)] = times[1:]
+    if spec.senders == 1 and spec.colocated:  # the hybrid engine: the engine's tensors in this process
+        for quant in sorted({c[0] for c in spec.configs}):
+            layout = spec.layout(0)
+            dests = allocate_destinations(shapes, layout=layout, quant=quant, device=device)
+            times = []
+            for _ in range(spec.baseline_repeats + 1):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                baselines.same_process_loop(model, dests, layout, quant)
+                times.append(time.perf_counter() - t0)
+            base_rows[(quant, "same_process")] = times[1:]
+            del dests
+            torch.cuda.empty_cache()
     if rank == 0:
         results.put(("bench", pickle.dumps(dict(ceilings=ceilings, rows=rows,
                                                 baselines={f"{q}/{n}": t for (q, n), t in base_rows.items()}))))
@@ -257,7 +281,7 @@ def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
     store = _store(spec.store_port)
     device = torch.device("cuda", torch.cuda.current_device())
     shapes = param_shapes(qwen3_config(spec.model))
-    if rank == spec.probe_receiver:
+    if spec.probe_receiver is not None and rank == spec.probe_receiver:
         group = _probe_group(store, 1)
         buf = torch.empty(GiB, dtype=torch.uint8, device=device)
         for _ in range(4):
@@ -336,10 +360,12 @@ def run_case(name: str, args, ctx) -> dict:
     # NCCL refuses two ranks of one communicator on one GPU: colocated cases use IPC only.
     transports = [t for t in args.transports if not (t == "nccl" and case["receiver_gpu_offset"] == 0)]
     configs = [(q, m, t, store.port) for t in transports for q in args.quants for m in args.modes]
+    colocated = case["receiver_gpu_offset"] == 0
+    # NCCL's ceiling needs a receiver on another GPU than trainer rank 0.
+    probe = 0 if not colocated else (case["receivers"] - 1 if case["receivers"] > 1 else None)
     spec = Spec(name, model, case["senders"], case["receivers"], case["tp"], store.port, configs, args.repeats,
-                args.warmup, args.baseline_repeats, args.watermark_mb,
-                probe_receiver=0 if case["receiver_gpu_offset"] else case["receivers"] - 1, mesh=case.get("mesh", ()),
-                kernels=args.kernels, profile_dir=args.profile or "")
+                args.warmup, args.baseline_repeats, args.watermark_mb, probe_receiver=probe,
+                mesh=case.get("mesh", ()), kernels=args.kernels, profile_dir=args.profile or "", colocated=colocated)
     results = ctx.Queue()
     procs = start_job(ctx, trainer, spec.senders, results, spec, results, gpu_offset=0)
     procs += start_job(ctx, receiver, spec.receivers, results, spec, results, gpu_offset=case["receiver_gpu_offset"])
@@ -396,15 +422,16 @@ def _print_case(report: dict) -> None:
     print("  ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()))
     head = (f"  {'quant':<10}{'mode':<12}{'transport':<10}{'MB':>8}{'floor_ms':>10}{'median_ms':>10}"
             f"{'min':>8}{'max':>8}{'ratio':>7}{'GB/s':>7}{'funnel_ms':>10}{'x':>6}{'ag+bc_ms':>10}{'x':>6}"
+            f"{'1proc_ms':>10}{'x':>6}"
             f"{'peak_MB':>9}{'wm_MB':>7}")
     print(head)
     for row in report["rows"]:
         med = statistics.median(row["times_s"])
         row.update(median_s=med, ratio=med / row["floor_s"], gbps=row["bytes"] / med / 1e9)
         base = ""
-        for name in ("funnel", "allgather_broadcast"):
+        for name in ("funnel", "allgather_broadcast", "same_process"):
             times = report["baselines"].get(f"{row['quant']}/{name}")
-            if times:  # absent when a baseline failed (report["error"] says how)
+            if times:  # absent when a baseline failed (report["error"] says how) or does not apply
                 t = statistics.median(times)
                 row.update({f"{name}_s": t, f"speedup_{name}": t / med})
                 base += f"{t * 1e3:10.1f}{t / med:6.1f}"
@@ -424,7 +451,7 @@ def _print_case(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="a,b")
+    ap.add_argument("--cases", default="f,a,b")
     ap.add_argument("--model", default=None, help="override the model of every case (e.g. qwen3_tiny)")
     ap.add_argument("--quants", default="none,fp8_block")
     ap.add_argument("--modes", default="direct,reconstruct")
@@ -443,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None,
                     help="folder: one more push per config under torch.profiler, a Chrome trace of trainer rank 0")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        print("recipes.bench needs at least 2 CUDA GPUs (every case puts trainer and engine on different GPUs)")
+    if not torch.cuda.is_available():
+        print("recipes.bench needs a CUDA GPU (case f runs on one, the others on 2 to 8)")
         return 2
     for name in ("quants", "modes", "transports", "cases"):
         setattr(args, name, [x for x in getattr(args, name).split(",") if x])
