@@ -3,8 +3,8 @@
     python -m recipes.simulate --model kimi_k2 --senders 256 --receivers 128 [--inference ep32]
         [--mode direct|reconstruct] [--nic-gbit 400] [--nics-per-gpu 1] [--validate]
 
-It builds shapes-only metadata (``recipes.scale_models``), runs the real planner, counts
-each sender's work per bucket and predicts the push with ``fsdp_sync.cost_model``. Every
+It builds shapes-only metadata (``recipes.sim.scale_models``), runs the real planner, counts
+each sender's work per bucket and predicts the push with ``recipes.sim.cost_model``. Every
 constant that is not a ceiling or an assumption comes from one benchmark run (BENCH_RUN,
 2x H100, code eaed402) and the kernel benchmark of the same code on the same card kind
 (KERNEL_RUN): Python costs from the run's traced stage spans, the per-push cost from its
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from torch.distributed.tensor import Replicate, Shard
 
-from fsdp_sync import cost_model as cm
+from .sim import cost_model as cm
 from fsdp_sync.errors import PlanError
 from fsdp_sync.meta import LayoutSpec, ReceiverMeta, SourceParam
 from fsdp_sync.plan import Plan
@@ -35,7 +35,7 @@ from fsdp_sync.planner import build_plan
 from fsdp_sync.quant import get_quant_format
 from fsdp_sync.sharding import shard_groups
 from . import data_path
-from . import scale_models as sm
+from .sim import scale_models as sm
 
 RUNS = data_path("bench_results")  # the wheel ships these two runs (pyproject package-data)
 BENCH_RUN = RUNS / "bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  # 2x H100 NV18, git eaed402

@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from fsdp_sync import cost_model as cm
+from recipes.sim import cost_model as cm
 from fsdp_sync.boxes import Box
 from fsdp_sync.planner import build_plan
 from fsdp_sync.transport.rdma_wr import contiguous_runs
-from recipes import scale_models as sm
+from recipes.sim import scale_models as sm
 from recipes import simulate
 
 

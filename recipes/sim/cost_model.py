@@ -18,11 +18,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
-from .boxes import Box
-from .config import LinkModel
-from .meta import ReceiverMeta, SourceParam
-from .plan import DATA, Plan, Task
-from .quant import get_quant_format
+from fsdp_sync.boxes import Box
+from fsdp_sync.config import LinkModel
+from fsdp_sync.meta import ReceiverMeta, SourceParam
+from fsdp_sync.plan import DATA, Plan, Task
+from fsdp_sync.quant import get_quant_format
 
 _NUM_SLOTS = 2  # the rdma transport's staging slots (fsdp_sync.transport.rdma_wr.NUM_SLOTS)
 _SMALL_COPY_ELEMS = 1 << 16  # fsdp_sync.kernels.copy_grouped.MAX_ELEMS: smaller copies share one launch
