@@ -36,6 +36,7 @@ from fsdp_sync.quant import get_quant_format
 from fsdp_sync.sharding import shard_groups
 from . import data_path
 from .sim import scale_models as sm
+from .sim import seed
 
 RUNS = data_path("bench_results")  # the wheel ships these two runs (pyproject package-data)
 BENCH_RUN = RUNS / "bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  # 2x H100 NV18, git eaed402
@@ -43,6 +44,11 @@ BENCH_RUN = RUNS / "bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  #
 # (4 warps a program since 105eabb) as pushes replay it, on one GPU and storing into a peer.
 KERNEL_RUN = RUNS / "kernels-NVIDIA-H100-80GB-HBM3-20261126T125656-eaed402.json"
 GROUPED, GROUPED_PEER = "fp8_block grouped x32", "fp8_block grouped fused -> peer"  # KERNEL_RUN's kernels
+# NIC goodput over line rate under many-to-many RDMA at 400 Gb/s. Low: DeepEP's published
+# pure-RDMA all-to-all (deepseek-ai/DeepEP docs/legacy.md, H800 + CX7 400 Gb/s, "~50 GB/s
+# maximum"): 39 GB/s at EP 128 and 256, i.e. 78%. High: large one-sided WRITEs near line rate,
+# 97% (assumed, as before; not measured: no RDMA device on the lent machines).
+GOODPUT_RANGE = (0.78, 0.97)
 # Rows whose measured time fits one constant each, in this order (case, quant, mode, transport).
 FITTED_ON = {"peer_copy_efficiency": ("a", "none", "direct", "cuda_ipc"),
              "copy_efficiency": ("b", "none", "direct", "cuda_ipc"),
@@ -338,6 +344,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--senders", type=int, default=256)
     ap.add_argument("--receivers", type=int, default=128)
     ap.add_argument("--inference", default="ep32", choices=sorted(sm.INFERENCE_LAYOUTS))
+    ap.add_argument("--layout", default="hsdp", choices=sorted(sm.TRAINING_LAYOUTS),
+                    help="training layout: hsdp (EP in a node, PP 2) or seed (FSDP in a node, EP across nodes "
+                         "outside DTensor, no PP); --mode reconstruct with seed models the seed's own method")
+    ap.add_argument("--seed-expert-tensors", default="stacked", choices=["stacked", "per_expert"],
+                    help="the seed method's full_tensor calls: one per stacked expert tensor, or per expert")
     ap.add_argument("--pp", type=int, default=2, help="training pipeline stages")
     ap.add_argument("--ep", type=int, default=8, help="training expert parallelism (inside a node)")
     ap.add_argument("--num-layers", type=int, default=None, help="cut the model to this many layers (quick runs)")
@@ -346,14 +357,22 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--nic-gbit", type=float, default=400.0, help="line rate of one NIC, Gb/s")
     ap.add_argument("--nics-per-gpu", type=int, default=1)
     ap.add_argument("--nic-efficiency", type=float, default=cm.Hardware.nic_efficiency)
+    ap.add_argument("--goodput-range", type=float, nargs=2, default=list(GOODPUT_RANGE), metavar=("LOW", "HIGH"),
+                    help="NIC goodput over line rate under the push's incast (default: %(default)s, see GOODPUT_RANGE)")
     ap.add_argument("--watermark-mb", type=float, default=2048)
     ap.add_argument("--push-s", type=float, default=None, help="override the per-push cost (announce + acks)")
     ap.add_argument("--validate", action="store_true", help="also print the model against every benchmark row")
     return ap
 
 
+def training_layout(args: argparse.Namespace) -> sm.Training:
+    if args.layout == "seed":
+        return sm.Training.seed(args.senders)
+    return sm.Training(num_gpus=args.senders, pp=args.pp, ep=args.ep)
+
+
 def plan_at_scale(args: argparse.Namespace, hw: cm.Hardware) -> Planned:
-    training = sm.Training(num_gpus=args.senders, pp=args.pp, ep=args.ep)
+    training = training_layout(args)
     inference = sm.inference_layout(args.inference, args.receivers)
     sources, hosts = sm.training_sources(args.model, training, num_layers=args.num_layers)
     receivers = sm.receivers_for(args.model, sources, inference, quant=args.quant)
@@ -368,6 +387,34 @@ def plan_at_scale(args: argparse.Namespace, hw: cm.Hardware) -> Planned:
     return Planned(plan, sources, receivers, hosts, devices)
 
 
+def run_seed_method(args: argparse.Namespace, hw: cm.Hardware, ov: cm.Overheads) -> int:
+    """The seed's own method (``recipes.sim.seed``): full_tensor per parameter in a node, then quantize and write.
+
+    Our planner's reconstruct mode rebuilds a tensor on one shard group, and its shard
+    groups span the EP axis; the seed's gathers stay inside a node, so its sender choice
+    is modelled in ``count_seed_work`` instead.
+    """
+    training = training_layout(args)
+    inference = sm.inference_layout(args.inference, args.receivers)
+    sources, hosts = sm.training_sources(args.model, training, num_layers=args.num_layers)
+    receivers = sm.receivers_for(args.model, sources, inference, quant=args.quant)
+    print(f"{args.model}: {sm.num_params(sources) / 1e9:.0f}B parameters; training {training.describe()}; "
+          f"inference {inference.describe()}; the seed's method (reconstruct), {args.quant}")
+    started = time.process_time()
+    work, recv_bytes = seed.count_seed_work(sources, receivers, hosts, expert_tensors=args.seed_expert_tensors)
+    assign_s = time.process_time() - started
+    spread = seed.push_spread(seed.bench_runs(RUNS))
+    goodput = tuple(args.goodput_range)
+    p = seed.predict_seed(work, recv_bytes, hw, ov, seed.SeedConstants(), spread, goodput=goodput)
+    floor = max(recv_bytes.values()) / (hw.nic_line_gbps * 1e9)
+    print(f"  straggler spread: {len(spread)} pushes of {len(seed.bench_runs(RUNS))} runs, sd {spread.std():.1%} "
+          f"of their row's mean; NIC goodput {goodput[0]:.0%}-{goodput[1]:.0%} of line rate")
+    print("\n".join(seed.describe(p)))
+    print(f"{args.model} {args.senders}->{args.receivers} predicted_s={p.seconds:.3f} "
+          f"range_s={p.range_s[0]:.3f}-{p.range_s[1]:.3f} floor_s={floor:.3f} plan_s={assign_s:.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     report, rows, fit = fitted()
@@ -378,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     # GPU-side speeds as BENCH_RUN measured them (H100, case a's ceilings); the NICs as given.
     hw = replace(bench_hardware(report["cases"][0]["ceilings"], fit.hw), nic_gbit=args.nic_gbit,
                  nics_per_gpu=args.nics_per_gpu, nic_efficiency=args.nic_efficiency)
+    if args.layout == "seed" and args.mode == "reconstruct":
+        return run_seed_method(args, hw, ov)
     try:
         planned = plan_at_scale(args, hw)
     except PlanError as e:
