@@ -36,7 +36,7 @@ from fsdp_sync.quant import get_quant_format
 from fsdp_sync.sharding import shard_groups
 from . import data_path
 from .sim import scale_models as sm
-from .sim import seed
+from .sim import delta, seed
 
 RUNS = data_path("bench_results")  # the wheel ships these two runs (pyproject package-data)
 BENCH_RUN = RUNS / "bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  # 2x H100 NV18, git eaed402
@@ -361,6 +361,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="NIC goodput over line rate under the push's incast (default: %(default)s, see GOODPUT_RANGE)")
     ap.add_argument("--watermark-mb", type=float, default=2048)
     ap.add_argument("--push-s", type=float, default=None, help="override the per-push cost (announce + acks)")
+    ap.add_argument("--replay", action="store_true",
+                    help="replace the receive-link bound with the flow-level replay (slow at full scale)")
     ap.add_argument("--validate", action="store_true", help="also print the model against every benchmark row")
     return ap
 
@@ -442,9 +444,42 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - started:.1f} s")
     print("\n".join(_stage_lines(p)))
     print(f"  rank-0 funnel baseline: {funnel(planned, hw, ov):.1f} s")
-    print(f"{args.model} {args.senders}->{args.receivers} predicted_s={p.seconds:.3f} "
-          f"floor_s={plan.stats.floor_s:.3f} plan_s={plan.stats.plan_s:.2f}")
+    low, high, lines = push_range(args, planned, work, nic_in, hw, ov)
+    print("\n".join(lines))
+    straggler = straggler_factors(len(work))
+    d = delta.predict_delta(work, nic_in, hw, ov, goodput=tuple(args.goodput_range), straggler=straggler)
+    print("\n".join(delta.describe(d)))
+    print(f"{args.model} {args.senders}->{args.receivers} predicted_s={(low + high) / 2:.3f} range_s={low:.3f}-{high:.3f} "
+          f"floor_s={plan.stats.floor_s:.3f} plan_s={plan.stats.plan_s:.2f} delta_s={d.seconds:.3f}")
     return 0
+
+
+def straggler_factors(num_senders: int) -> tuple[float, float]:
+    """The expected slowest of ``num_senders`` equal senders over one, with this project's push-to-push spread."""
+    import numpy as np
+
+    spread = seed.push_spread(seed.bench_runs(RUNS))
+    ones = np.ones(num_senders)
+    return (seed.expected_slowest(ones, spread, gaussian=True), seed.expected_slowest(ones, spread, gaussian=False))
+
+
+def push_range(args: argparse.Namespace, planned: Planned, work: dict, nic_in: dict[int, int], hw: cm.Hardware,
+               ov: cm.Overheads) -> tuple[float, float, list[str]]:
+    """(low, high) seconds of the push: NIC goodput over GOODPUT_RANGE, senders' straggler spread, and
+    the receive side as a bound (busy from the first byte) or, with ``--replay``, the flow-level replay."""
+    plan, watermark = planned.plan, int(args.watermark_mb * 2**20)
+    straggler = straggler_factors(len(work))
+    ends = []
+    lines = []
+    for goodput, factor in ((max(args.goodput_range), straggler[0]), (min(args.goodput_range), straggler[1])):
+        q = cm.predict(plan, work, replace(hw, nic_efficiency=goodput), ov, watermark_bytes=watermark, nic_in=nic_in,
+                       replay=(planned.receivers, planned.hosts) if args.replay else None)
+        receive = q.replay_s if args.replay else q.receive_bound_s
+        ends.append(max(q.senders_s * factor, receive, q.floor_s) + ov.push_s)
+        lines.append(f"  at {goodput:.0%} goodput, senders x {factor:.3f} (straggler): senders {q.senders_s * factor:.3f} s, "
+                     f"receive side {receive:.3f} s ({'flow replay' if args.replay else 'bound'}; bound "
+                     f"{q.receive_bound_s:.3f}) -> {ends[-1]:.3f} s")
+    return ends[0], ends[1], lines
 
 
 if __name__ == "__main__":

@@ -425,39 +425,43 @@ def flow_replay(plan: Plan, timelines: dict[int, SenderTimeline], receivers: Seq
 
     for s in order:
         schedule(s)
-    flow_s: list[int] = []
-    flow_r: list[int] = []
-    flow_left: list[float] = []
-    flow_key: list[tuple[int, int]] = []
+    key_id: dict[tuple[int, int], int] = {}
+    flow_s = np.zeros(0, dtype=np.int64)
+    flow_r = np.zeros(0, dtype=np.int64)
+    flow_left = np.zeros(0)
+    flow_key = np.zeros(0, dtype=np.int64)
+    keys: list[tuple[int, int]] = []
     now, last = 0.0, 0.0
-    while starts or flow_left:
-        rate = _max_min_rates(np.array(flow_s, dtype=np.int64), np.array(flow_r, dtype=np.int64) + num_s, cap) \
-            if flow_left else np.zeros(0)
-        remaining = np.array(flow_left)
-        finish = remaining / rate if len(remaining) else np.zeros(0)
+    rate = np.zeros(0)
+    dirty = True
+    while starts or len(flow_left):
+        if dirty and len(flow_left):
+            rate = _max_min_rates(flow_s, flow_r + num_s, cap)
+        dirty = False
+        finish = flow_left / rate if len(flow_left) else flow_left
         t_end = now + float(finish.min()) if len(finish) else math.inf
         t_start = starts[0][0] if starts else math.inf
         if t_start <= t_end:
-            step = t_start - now
-            ending = np.zeros(len(remaining), dtype=bool)
+            step, ending = t_start - now, np.zeros(len(flow_left), dtype=bool)
         else:
-            step = t_end - now
-            ending = finish <= finish.min() * (1 + batch) + 1e-12
-        remaining = remaining - rate * step
+            step, ending = t_end - now, finish <= finish.min() * (1 + batch) + 1e-12
+        flow_left = np.maximum(flow_left - rate * step, 0.0)
         now += step
-        keep = ~ending
-        ended_keys = [flow_key[i] for i in np.flatnonzero(ending)]
-        flow_s = [x for x, k in zip(flow_s, keep) if k]
-        flow_r = [x for x, k in zip(flow_r, keep) if k]
-        flow_key = [x for x, k in zip(flow_key, keep) if k]
-        flow_left = [max(float(x), 0.0) for x, k in zip(remaining, keep) if k]
         touched = set()
-        for key in ended_keys:
-            left[key] -= 1
-            if not left[key]:
-                done[key[0]][key[1]] = now
-                last = max(last, now)
-                touched.add(key[0])
+        if ending.any():
+            ended = flow_key[ending]
+            keep = ~ending
+            flow_s, flow_r, flow_left, flow_key, rate = (flow_s[keep], flow_r[keep], flow_left[keep], flow_key[keep],
+                                                         rate[keep])
+            dirty = True
+            for kid in ended.tolist():
+                key = keys[kid]
+                left[key] -= 1
+                if not left[key]:
+                    done[key[0]][key[1]] = now
+                    last = max(last, now)
+                    touched.add(key[0])
+        new_s, new_r, new_b, new_k = [], [], [], []
         while starts and starts[0][0] <= now + 1e-15:
             _, s, k = heapq.heappop(starts)
             flows = per.get((s, order[s][k]), {})
@@ -465,11 +469,22 @@ def flow_replay(plan: Plan, timelines: dict[int, SenderTimeline], receivers: Seq
             if not flows:
                 done[s][k] = now
                 touched.add(s)
+                continue
+            kid = key_id.setdefault((s, k), len(keys))
+            if kid == len(keys):
+                keys.append((s, k))
             for r, nbytes in flows.items():
-                flow_s.append(s)
-                flow_r.append(r)
-                flow_left.append(float(nbytes))
-                flow_key.append((s, k))
+                new_s.append(s)
+                new_r.append(r)
+                new_b.append(float(nbytes))
+                new_k.append(kid)
+        if new_s:
+            flow_s = np.concatenate([flow_s, new_s]).astype(np.int64)
+            flow_r = np.concatenate([flow_r, new_r]).astype(np.int64)
+            flow_left = np.concatenate([flow_left, new_b])
+            flow_key = np.concatenate([flow_key, new_k]).astype(np.int64)
+            rate = np.concatenate([rate, np.zeros(len(new_s))])
+            dirty = True
         for s in touched:
             schedule(s)
     return last
@@ -491,7 +506,7 @@ def _max_min_rates(src: "np.ndarray", dst: "np.ndarray", cap: "np.ndarray") -> "
         delta = share.min()
         rate[live] += delta
         room -= delta * count
-        full = used & (room <= 1e-9 * cap)
+        full = used & (share <= delta * (1 + 1e-9))  # the links at this level are now full
         frozen |= full[src] | full[dst]
     return rate
 
