@@ -297,16 +297,48 @@ def describe_fit(report: dict, fit: Fit) -> list[str]:
             f"{hw['allgather_gbps']:.0f} GB/s received per rank"]
 
 
+# Rows whose traced spans (not their total time) fix the per-task Python costs (see ``calibrate``).
+SPANS_FROM = {("a", "none", "direct", "nccl"): "task", ("a", "fp8_block", "direct", "nccl"): "quantize task, scale grid"}
+
+
+def is_twin(r: BenchRow, rows: list[BenchRow]) -> BenchRow | None:
+    """The direct row a reconstruct row duplicates: with shard groups of one rank there is nothing to
+    gather, so both modes build the same tasks, buckets and bytes (case a, one sender)."""
+    if r.mode != "reconstruct" or any(len(b.group) > 1 for b in r.planned.plan.buckets):
+        return None
+    return next((o for o in rows if o.key == (r.case, r.quant, "direct", r.transport)), None)
+
+
+def sample_of(rows: list[BenchRow], fit: Fit) -> dict[tuple, str]:
+    """Per row: 'in' (its time fixed a constant), 'twin' (a duplicate of another row), 'spans' (out of
+    sample in time, but its spans fixed Python costs) or 'out'."""
+    fitted = {key for key in fit.in_sample.values()}
+    out = {}
+    for r in rows:
+        out[r.key] = ("in" if r.key in fitted else "twin" if is_twin(r, rows) else
+                      "spans" if r.key in SPANS_FROM else "out")
+    return out
+
+
 def print_validation(report: dict, rows: list[BenchRow], fit: Fit) -> None:
     fitted = {key: name for name, key in fit.in_sample.items()}
-    print(f"validation on {BENCH_RUN.name} (fit: the row fixes that constant; the rest are out of sample)")
-    print(f"  {'case':<5}{'quant':<10}{'mode':<12}{'transport':<10}{'measured_ms':>12}{'predicted_ms':>13}{'error':>8}")
+    kind = sample_of(rows, fit)
+    print(f"validation on {BENCH_RUN.name}")
+    print(f"  {'case':<5}{'quant':<10}{'mode':<12}{'transport':<10}{'measured_ms':>12}{'predicted_ms':>13}{'error':>8}"
+          f"  sample")
     for r in rows:
-        flag = "  > 15%" if abs(r.error) > 0.15 else f"  fit: {fitted[r.key]}" if r.key in fitted else ""
+        twin = is_twin(r, rows)
+        note = {"in": f"in: fits {fitted.get(r.key)}", "twin": f"twin of {twin.mode} (same plan), not counted"
+                if twin else "", "spans": f"out (its spans fix the {SPANS_FROM.get(r.key)} cost)", "out": "out"}[kind[r.key]]
+        flag = "  > 15%" if abs(r.error) > 0.15 else ""
         print(f"  {r.case:<5}{r.quant:<10}{r.mode:<12}{r.transport:<10}{r.measured_s * 1e3:12.1f}"
-              f"{r.predicted_s * 1e3:13.1f}{r.error:8.1%}{flag}")
-    within = sum(abs(r.error) <= 0.15 for r in rows)
-    print(f"  {within} of {len(rows)} rows within 15%")
+              f"{r.predicted_s * 1e3:13.1f}{r.error:8.1%}  {note}{flag}")
+    for label, kinds in (("in sample", ("in",)), ("out of sample", ("out", "spans"))):
+        chosen = [r for r in rows if kind[r.key] in kinds]
+        within = sum(abs(r.error) <= 0.15 for r in chosen)
+        errs = ", ".join(f"{r.error:+.1%}" for r in chosen)
+        print(f"  {label}: {len(chosen)} rows, {within} within 15% ({errs})")
+    print(f"  twins dropped: {sum(k == 'twin' for k in kind.values())} (case a reconstruct = direct at 1 -> 1)")
     print("  rank-0 funnel (handshake per parameter fitted on case a, none):")
     for case in report["cases"]:
         hw = bench_hardware(case["ceilings"], fit.hw)

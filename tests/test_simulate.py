@@ -99,6 +99,22 @@ def test_model_predicts_every_bench_row_but_one_within_15_percent(rows, fit):
             assert abs(r.error) < 1e-3, (r.key, r.error)
 
 
+def test_validation_counts_twins_once_and_splits_in_from_out_of_sample(rows, fit):
+    """Case a has one sender: its reconstruct rows are its direct rows' plans again, so they are dropped.
+    Four rows fix a constant each; four remain out of sample, one of whose spans fixed Python costs."""
+    kind = simulate.sample_of(rows, fit)
+    twins = {k for k, v in kind.items() if v == "twin"}
+    assert twins == {("a", q, "reconstruct", t) for q in ("none", "fp8_block") for t in ("cuda_ipc", "nccl")}
+    assert sum(v == "in" for v in kind.values()) == 4
+    out = [r for r in rows if kind[r.key] in ("out", "spans")]
+    assert len(out) == 4 and {r.case for r in out} == {"a", "b"}
+    for r in rows:
+        if kind[r.key] == "twin":
+            twin = simulate.is_twin(r, rows)
+            assert r.planned.plan.stats.num_tasks == twin.planned.plan.stats.num_tasks
+            assert r.predicted_s == pytest.approx(twin.predicted_s)
+
+
 def test_known_miss_ran_its_cpu_and_gpu_in_series(rows, fit):
     """Case b fp8_block reconstruct: its producer thread's spans fill nearly all of the push thread's
     time, and the transfer thread had little GPU work left to wait for, so the producer waited for
