@@ -1,9 +1,13 @@
-"""The fixed cost of a push on CPU: many small weights, one trainer rank, one receiver.
+"""The fixed cost of a push on CPU: many small weights, N trainer ranks, M receivers.
 
     python -m recipes.bench_push_overhead [--transport shm] [--params 400] [--pushes 30]
+        [--senders 1] [--receivers 1]
 
 The bytes are negligible (64x64 fp32 weights), so the median push time is what the
-control plane and the per-parameter Python cost. Prints it with the sender's stage
+control plane and the per-parameter Python cost. With many ranks and few parameters it
+is the control plane's cost at that rank count: trainer rank 0 splits each push into
+announcing it (``publish``), its own part (``run``) and waiting for every receiver's ack
+(``acks``, which holds the wait for the slowest sender). Prints it with the sender's stage
 times and writes JSON to bench_results/.
 """
 
@@ -40,13 +44,17 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     sender = WeightSender(model, cfg)
     sender.push(1).wait()  # plans and connects
-    times, result = [], None
+    times, parts, result = [], [], None
     for version in range(2, pushes + 2):
         started = time.perf_counter()
-        result = sender.push(version).wait()
+        handle = sender.push(version)
+        announced = time.perf_counter()
+        result = handle.wait()
         times.append(time.perf_counter() - started)
+        parts.append(dict(publish=announced - started, run=result.seconds,
+                          acks=times[-1] - (announced - started) - result.seconds))
     sender.close()
-    return {"times_s": times, "stage_s": result.stage_seconds}
+    return {"times_s": times, "parts_s": parts, "stage_s": result.stage_seconds}
 
 
 def receiver(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes: int) -> None:
@@ -61,30 +69,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", default="shm", choices=["shm", "gloo"])
     ap.add_argument("--params", type=int, default=400)
     ap.add_argument("--pushes", type=int, default=30)
+    ap.add_argument("--senders", type=int, default=1, help="trainer ranks (fully_shard over all of them)")
+    ap.add_argument("--receivers", type=int, default=1, help="inference ranks (identity layout: each takes all)")
     ap.add_argument("--out", default="bench_results")
     args = ap.parse_args(argv)
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job="push-overhead", transport=args.transport)
     ctx = spawn_context()
     results = ctx.Queue()
-    procs = start_job(ctx, trainer, 1, results, cfg, args.params, args.pushes)
-    procs += start_job(ctx, receiver, 1, results, cfg, args.params, args.pushes)
+    procs = start_job(ctx, trainer, args.senders, results, cfg, args.params, args.pushes)
+    procs += start_job(ctx, receiver, args.receivers, results, cfg, args.params, args.pushes)
     report = None
     try:
         for _ in procs:
-            name, _rank, _status, payload = next_message(results, procs, 300)
-            if name == "trainer":
+            name, rank, _status, payload = next_message(results, procs, 600)
+            if name == "trainer" and rank == 0:
                 report = payload
     finally:
         for p in procs:
             p.join(timeout=10)
     median = statistics.median(report["times_s"])
     stages = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in report["stage_s"].items())
-    print(f"push overhead on CPU: {args.params} x {SHAPE} fp32 weights, 1 -> 1 over {args.transport}, "
-          f"torch {torch.__version__}: median {median * 1e3:.2f} ms over {args.pushes} pushes "
-          f"(min {min(report['times_s']) * 1e3:.2f}); sender stages ms: {stages}")
+    parts = ", ".join(f"{k} {statistics.median(p[k] for p in report['parts_s']) * 1e3:.2f}"
+                      for k in ("publish", "run", "acks"))
+    print(f"push overhead on CPU ({os.cpu_count()} cores): {args.params} x {SHAPE} fp32 weights, "
+          f"{args.senders} -> {args.receivers} over {args.transport}, torch {torch.__version__}: median "
+          f"{median * 1e3:.2f} ms over {args.pushes} pushes (min {min(report['times_s']) * 1e3:.2f}); trainer rank 0 "
+          f"ms (median): {parts}; sender stages ms: {stages}")
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    path = os.path.join(args.out, f"push-overhead-cpu-{args.transport}-{args.params}-{stamp}.json")
+    ranks = f"-{args.senders}x{args.receivers}" if (args.senders, args.receivers) != (1, 1) else ""
+    path = os.path.join(args.out, f"push-overhead-cpu-{args.transport}-{args.params}{ranks}-{stamp}.json")
     with open(path, "w") as f:
         json.dump({**vars(args), "torch": torch.__version__, "median_s": median, **report}, f, indent=1)
     print(f"wrote {path}")
