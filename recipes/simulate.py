@@ -36,7 +36,7 @@ from fsdp_sync.quant import get_quant_format
 from fsdp_sync.sharding import shard_groups
 from . import data_path
 from .sim import scale_models as sm
-from .sim import delta, seed
+from .sim import control_plane, delta, seed
 
 RUNS = data_path("bench_results")  # the wheel ships these two runs (pyproject package-data)
 BENCH_RUN = RUNS / "bench-NVIDIA-H100-80GB-HBM3-20261126T125428-eaed402.json"  # 2x H100 NV18, git eaed402
@@ -439,7 +439,8 @@ def run_seed_method(args: argparse.Namespace, hw: cm.Hardware, ov: cm.Overheads)
     assign_s = time.process_time() - started
     spread = seed.push_spread(seed.bench_runs(RUNS))
     goodput = tuple(args.goodput_range)
-    p = seed.predict_seed(work, recv_bytes, hw, ov, seed.SeedConstants(), spread, goodput=goodput)
+    control = control_plane.push_cost_range(ov.push_s, args.senders + args.receivers, RUNS)
+    p = seed.predict_seed(work, recv_bytes, hw, ov, seed.SeedConstants(), spread, goodput=goodput, push_s=control[:2])
     floor = max(recv_bytes.values()) / (hw.nic_line_gbps * 1e9)
     print(f"  straggler spread: {len(spread)} pushes of {len(seed.bench_runs(RUNS))} runs, sd {spread.std():.1%} "
           f"of their row's mean; NIC goodput {goodput[0]:.0%}-{goodput[1]:.0%} of line rate")
@@ -479,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     low, high, lines = push_range(args, planned, work, nic_in, hw, ov)
     print("\n".join(lines))
     straggler = straggler_factors(len(work))
-    d = delta.predict_delta(work, nic_in, hw, ov, goodput=tuple(args.goodput_range), straggler=straggler)
+    d = delta.predict_delta(work, nic_in, hw, ov, goodput=tuple(args.goodput_range), straggler=straggler,
+                            push_s=control_plane.push_cost_range(ov.push_s, args.senders + args.receivers, RUNS)[:2])
     print("\n".join(delta.describe(d)))
     print(f"{args.model} {args.senders}->{args.receivers} predicted_s={(low + high) / 2:.3f} range_s={low:.3f}-{high:.3f} "
           f"floor_s={plan.stats.floor_s:.3f} plan_s={plan.stats.plan_s:.2f} delta_s={d.seconds:.3f}")
@@ -501,13 +503,19 @@ def push_range(args: argparse.Namespace, planned: Planned, work: dict, nic_in: d
     the receive side as a bound (busy from the first byte) or, with ``--replay``, the flow-level replay."""
     plan, watermark = planned.plan, int(args.watermark_mb * 2**20)
     straggler = straggler_factors(len(work))
+    control = control_plane.push_cost_range(ov.push_s, args.senders + args.receivers, RUNS)
     ends = []
     lines = []
-    for goodput, factor in ((max(args.goodput_range), straggler[0]), (min(args.goodput_range), straggler[1])):
+    if control[2] is not None:
+        lines.append(f"  control plane per push at {args.senders + args.receivers} ranks: {control[0] * 1e3:.1f}-"
+                     f"{control[1] * 1e3:.1f} ms (the bench's 2-4 ranks; + the store fan-out measured on CPU, "
+                     f"{control[2].per_rank_s * 1e6:.0f} us a rank)")
+    for goodput, factor, push_s in ((max(args.goodput_range), straggler[0], control[0]),
+                                    (min(args.goodput_range), straggler[1], control[1])):
         q = cm.predict(plan, work, replace(hw, nic_efficiency=goodput), ov, watermark_bytes=watermark, nic_in=nic_in,
                        replay=(planned.receivers, planned.hosts) if args.replay else None)
         receive = q.replay_s if args.replay else q.receive_bound_s
-        ends.append(max(q.senders_s * factor, receive, q.floor_s) + ov.push_s)
+        ends.append(max(q.senders_s * factor, receive, q.floor_s) + push_s)
         lines.append(f"  at {goodput:.0%} goodput, senders x {factor:.3f} (straggler): senders {q.senders_s * factor:.3f} s, "
                      f"receive side {receive:.3f} s ({'flow replay' if args.replay else 'bound'}; bound "
                      f"{q.receive_bound_s:.3f}) -> {ends[-1]:.3f} s")

@@ -12,7 +12,7 @@ from recipes.sim import cost_model as cm
 from fsdp_sync.boxes import Box
 from fsdp_sync.planner import build_plan
 from fsdp_sync.transport.rdma_wr import contiguous_runs
-from recipes.sim import delta, seed
+from recipes.sim import control_plane, delta, seed
 from recipes.sim import scale_models as sm
 from recipes import simulate
 
@@ -414,3 +414,22 @@ def test_delta_moves_one_to_two_percent_of_the_bytes_and_ranges_are_ordered():
     assert 0.007 < d.wire_bytes[0] / 1e9 < d.wire_bytes[1] / 1e9 < 0.02
     assert d.range_s[0] <= d.seconds <= d.range_s[1]
     assert delta.delta_bytes(1e9, 0.125) > 1e9 / 8  # above ~12% a bitmap would be smaller: positions lose
+
+
+def test_control_plane_store_fanout_was_measured_at_384_ranks_and_grows_linearly():
+    """bench_store_fanout at 4-384 ranks (bench_results/store-fanout-cpu-*): a straight line fits every
+    point from 32 ranks on within 30%, and the push's control cost at 384 ranks is what was measured there."""
+    runs = control_plane.control_runs(simulate.RUNS)
+    assert max(n + m for n, m, _ in runs) == 384
+    fit = control_plane.fit_control(runs)
+    assert 0 < fit.per_rank_s < 1e-3
+    for n, t in fit.points:
+        if n >= 32:
+            assert abs(fit.at(n) / t - 1) < 0.30, (n, t)
+    low, high, _ = control_plane.push_cost_range(0.0024, 384, simulate.RUNS)
+    measured = next(t for n, m, t in runs if n + m == 384)
+    assert low == 0.0024 and high == pytest.approx(0.0024 + fit.at(384) - fit.at(4))
+    assert 0.5 * measured < high - low < 1.5 * measured
+    # The whole control plane, a process per rank on 2 cores: measured up to 48 processes.
+    processes = control_plane.control_runs(simulate.RUNS, kind="processes")
+    assert max(n + m for n, m, _ in processes) >= 32

@@ -54,8 +54,11 @@ def delta_bytes(fp8_bytes: float, density: float) -> float:
 
 
 def predict_delta(work: dict[int, Sequence[cm.BucketWork]], nic_in: dict[int, int], hw: cm.Hardware,
-                  ov: cm.Overheads, *, goodput: tuple[float, float], straggler: tuple[float, float]) -> DeltaPrediction:
-    """``straggler``: the expected slowest sender's factor over its own time (low, high)."""
+                  ov: cm.Overheads, *, goodput: tuple[float, float], straggler: tuple[float, float],
+                  push_s: tuple[float, float] | None = None) -> DeltaPrediction:
+    """``straggler``: the expected slowest sender's factor over its own time (low, high); ``push_s``: the
+    control plane's cost a push (low, high), by default ``ov.push_s``."""
+    push_s = push_s or (ov.push_s, ov.push_s)
     gb = 1e9
     busiest = max(nic_in.values(), default=0)
     # The receiver's bytes are FP8 codes plus scales (1/4096 of them); bf16 tensors (norms,
@@ -70,8 +73,8 @@ def predict_delta(work: dict[int, Sequence[cm.BucketWork]], nic_in: dict[int, in
         cpu_replayed = max(cpu_replayed, len(buckets) * ov.bucket_s)
         cpu_afresh = max(cpu_afresh, sum(w.quant_tasks * ov.quant_task_s + w.tasks * ov.task_s
                                          + w.amax_params * ov.amax_param_s + w.writes * ov.write_s for w in buckets))
-    low = max(max(gpu, cpu_replayed) * straggler[0], nic[0]) + ov.push_s
-    high = max(max(gpu, cpu_afresh) * straggler[1], nic[1]) + ov.push_s
+    low = max(max(gpu, cpu_replayed) * straggler[0], nic[0]) + push_s[0]
+    high = max(max(gpu, cpu_afresh) * straggler[1], nic[1]) + push_s[1]
     return DeltaPrediction(wire, float(busiest), gpu, (cpu_replayed, cpu_afresh), nic, (low, high))
 
 

@@ -96,7 +96,7 @@ class SeedPrediction:
     slowest_work_s: float
     senders_s: tuple[float, float]  # expected slowest rank, (low, high) straggler spread
     receive_s: tuple[float, float]  # busiest receive link at (low, high) goodput
-    push_s: float  # control plane per push
+    push_s: tuple[float, float]  # control plane per push (low, high)
     calls: int
     range_s: tuple[float, float] = (0.0, 0.0)
     extra: dict = field(default_factory=dict)
@@ -252,8 +252,11 @@ def stage_seconds(w: RankWork, hw: cm.Hardware, ov: cm.Overheads, sc: SeedConsta
 
 
 def predict_seed(work: dict[int, RankWork], recv_bytes: dict[int, int], hw: cm.Hardware, ov: cm.Overheads,
-                 sc: SeedConstants, spread: np.ndarray, *, goodput: tuple[float, float]) -> SeedPrediction:
-    """The push: the expected slowest rank (straggler range) or the busiest receive link (goodput range)."""
+                 sc: SeedConstants, spread: np.ndarray, *, goodput: tuple[float, float],
+                 push_s: tuple[float, float] | None = None) -> SeedPrediction:
+    """The push: the expected slowest rank (straggler range) or the busiest receive link (goodput range),
+    then the control plane (``push_s``: low, high; by default ``ov.push_s``)."""
+    push_s = push_s or (ov.push_s, ov.push_s)
     ranks = sorted(work)
     per_rank = [stage_seconds(work[r], hw, ov, sc) for r in ranks]
     totals = np.array([sum(s.values()) for s in per_rank])
@@ -262,10 +265,10 @@ def predict_seed(work: dict[int, RankWork], recv_bytes: dict[int, int], hw: cm.H
     busiest = max(recv_bytes.values(), default=0)
     line = hw.nic_line_gbps * 1e9
     receive = (busiest / (line * goodput[1]), busiest / (line * goodput[0]))
-    low, high = max(senders[0], receive[0]) + ov.push_s, max(senders[1], receive[1]) + ov.push_s
+    low, high = max(senders[0], receive[0]) + push_s[0], max(senders[1], receive[1]) + push_s[1]
     stages = dict(per_rank[median_rank])
     stages["waiting"] = (senders[0] + senders[1]) / 2 - totals[median_rank]
-    return SeedPrediction(stages, float(totals[median_rank]), float(totals.max()), senders, receive, ov.push_s,
+    return SeedPrediction(stages, float(totals[median_rank]), float(totals.max()), senders, receive, push_s,
                           work[ranks[median_rank]].calls, (low, high),
                           {"busiest_receiver_bytes": busiest, "ranks": len(ranks)})
 
@@ -282,5 +285,5 @@ def describe(p: SeedPrediction) -> list[str]:
     lines.append(f"  slowest rank's work {p.slowest_work_s:.3f} s; expected slowest of {p.extra['ranks']} with the "
                  f"measured spread {p.senders_s[0]:.3f}-{p.senders_s[1]:.3f} s; busiest receive link "
                  f"{p.extra['busiest_receiver_bytes'] / 1e9:.1f} GB in {p.receive_s[0]:.3f}-{p.receive_s[1]:.3f} s; "
-                 f"+ control {p.push_s * 1e3:.1f} ms")
+                 f"+ control {p.push_s[0] * 1e3:.1f}-{p.push_s[1] * 1e3:.1f} ms")
     return lines
