@@ -1,7 +1,8 @@
 """Plan a push at scale and predict its time with a cost model validated on measured runs.
 
     python -m recipes.simulate --model kimi_k2 --senders 256 --receivers 128 [--inference ep32]
-        [--mode direct|reconstruct] [--nic-gbit 400] [--nics-per-gpu 1] [--validate]
+        [--layout hsdp|seed] [--mode direct|reconstruct] [--goodput-range 0.78 0.97] [--replay]
+        [--nic-gbit 400] [--nics-per-gpu 1] [--validate]
 
 It builds shapes-only metadata (``recipes.sim.scale_models``), runs the real planner, counts
 each sender's work per bucket and predicts the push with ``recipes.sim.cost_model``. Every
@@ -10,8 +11,14 @@ constant that is not a ceiling or an assumption comes from one benchmark run (BE
 (KERNEL_RUN): Python costs from the run's traced stage spans, the per-push cost from its
 wall-time parts, the grouped quantize launch's speed here and into a peer from
 KERNEL_RUN, copy efficiencies and NCCL costs fitted on single rows (see ``calibrate``). ``--validate``
-rebuilds the benchmark's own plans and compares the model with every measured row. The
-last line is ``<model> <N>-><M> predicted_s=<x> floor_s=<y> plan_s=<planning seconds>``.
+rebuilds the benchmark's own plans and compares the model with every measured row,
+in-sample and out-of-sample rows apart, twins dropped.
+
+``--layout seed --mode reconstruct`` models the seed's own method instead
+(``recipes.sim.seed``): the check that the machinery reproduces the seed's 1.3 s first.
+Predictions are ranges (NIC goodput, the straggler spread, the control plane at N + M
+ranks); the last line is ``<model> <N>-><M> predicted_s=<midpoint> range_s=<low>-<high>
+floor_s=<y> plan_s=<planning seconds>`` and, in direct mode, `` delta_s=<delta push>``.
 """
 
 from __future__ import annotations
