@@ -188,7 +188,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
             stages.append(result.stage_seconds)
             # Where the wall time goes: announcing, the push thread, then the receivers' acks.
-            parts.append(dict(announce=t1 - t0, push_thread=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
+            parts.append(dict(publish=t1 - t0, run=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
         if spec.profile_dir:
             _profiled_push(sender, os.path.join(spec.profile_dir, f"{cfg.job}-rank{rank}"), rank)
         peak = torch.tensor([max(peaks)], device=device)
@@ -444,7 +444,8 @@ def _print_case(report: dict) -> None:
     # Where a push's time goes on trainer rank 0 (busy time per stage of its median push).
     for row in report["rows"]:
         stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.get("stage_s", {}).items())
-        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.get("parts_s", {}).items())
+        named = {"publish": "announce", "run": "push thread", "acks": "acks"}
+        parts = ", ".join(f"{named.get(k, k)} {v * 1e3:.1f}" for k, v in row.get("parts_s", {}).items())
         print(f"  stages ms, {row['quant']} {row['mode']} {row['transport']} ({row.get('kernels', 'auto')} kernels): "
               f"{stages}; wall: {parts}")
 

@@ -1,9 +1,13 @@
-"""The fixed cost of a push on CPU: many small weights, one trainer rank, one receiver.
+"""The fixed cost of a push on CPU: many small weights, N trainer ranks, M receivers.
 
     python -m recipes.bench_push_overhead [--transport shm] [--params 400] [--pushes 30]
+        [--senders 1] [--receivers 1]
 
 The bytes are negligible (64x64 fp32 weights), so the median push time is what the
-control plane and the per-parameter Python cost. Prints it with the sender's stage
+control plane and the per-parameter Python cost. With many ranks and few parameters it
+is the control plane's cost at that rank count: trainer rank 0 splits each push into
+announcing it (``publish``), its own part (``run``) and waiting for every receiver's ack
+(``acks``, which holds the wait for the slowest sender). Prints it with the sender's stage
 times and writes JSON to bench_results/.
 """
 
@@ -12,8 +16,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
-import json
 import io
+import json
 import os
 import pstats
 import statistics
@@ -34,8 +38,8 @@ def _shapes(num: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 
 def trainer(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes: int, profile: bool = False) -> dict:
-    """Times each push and splits its wall time: announcing (``push()`` returning), the push
-    thread, and the acks after it; with ``profile``, cProfile of the announcing calls."""
+    """Times each push, split into publishing it (push() returning), the push thread and the acks;
+    with ``profile``, cProfile of rank 0's publishing calls."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -46,7 +50,7 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes
     sender = WeightSender(model, cfg)
     sender.push(1).wait()  # plans and connects
     times, parts, result = [], [], None
-    profiler = cProfile.Profile() if profile else None
+    profiler = cProfile.Profile() if profile and rank == 0 else None
     for version in range(2, pushes + 2):
         started = time.perf_counter()
         if profiler:
@@ -57,7 +61,7 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes
         announced = time.perf_counter()
         result = handle.wait()
         times.append(time.perf_counter() - started)
-        parts.append(dict(announce=announced - started, push_thread=result.seconds,
+        parts.append(dict(publish=announced - started, run=result.seconds,
                           acks=times[-1] - (announced - started) - result.seconds))
     sender.close()
     top = ""
@@ -65,8 +69,7 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
         top = out.getvalue()
-    return {"times_s": times, "stage_s": result.stage_seconds, "announce_profile": top,
-            "parts_s": {k: statistics.median(p[k] for p in parts) for k in parts[0]}}
+    return {"times_s": times, "parts_s": parts, "stage_s": result.stage_seconds, "announce_profile": top}
 
 
 def receiver(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes: int) -> None:
@@ -81,34 +84,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", default="shm", choices=["shm", "gloo"])
     ap.add_argument("--params", type=int, default=400)
     ap.add_argument("--pushes", type=int, default=30)
+    ap.add_argument("--senders", type=int, default=1, help="trainer ranks (fully_shard over all of them)")
+    ap.add_argument("--receivers", type=int, default=1, help="inference ranks (identity layout: each takes all)")
     ap.add_argument("--out", default="bench_results")
-    ap.add_argument("--profile", action="store_true", help="print cProfile's top calls of the announcing")
+    ap.add_argument("--profile", action="store_true", help="print cProfile's top calls of the announcing (publish)")
     args = ap.parse_args(argv)
     cfg = SyncConfig(control=f"127.0.0.1:{free_port()}", job="push-overhead", transport=args.transport)
     ctx = spawn_context()
     results = ctx.Queue()
-    procs = start_job(ctx, trainer, 1, results, cfg, args.params, args.pushes, args.profile)
-    procs += start_job(ctx, receiver, 1, results, cfg, args.params, args.pushes)
+    procs = start_job(ctx, trainer, args.senders, results, cfg, args.params, args.pushes, args.profile)
+    procs += start_job(ctx, receiver, args.receivers, results, cfg, args.params, args.pushes)
     report = None
     try:
         for _ in procs:
-            name, _rank, _status, payload = next_message(results, procs, 300)
-            if name == "trainer":
+            name, rank, _status, payload = next_message(results, procs, 600)
+            if name == "trainer" and rank == 0:
                 report = payload
     finally:
         for p in procs:
             p.join(timeout=10)
     median = statistics.median(report["times_s"])
     stages = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in report["stage_s"].items())
-    print(f"push overhead on CPU: {args.params} x {SHAPE} fp32 weights, 1 -> 1 over {args.transport}, "
-          f"torch {torch.__version__}: median {median * 1e3:.2f} ms over {args.pushes} pushes "
-          f"(min {min(report['times_s']) * 1e3:.2f}); sender stages ms: {stages}; wall ms: "
-          + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in report["parts_s"].items()))
+    parts = ", ".join(f"{k} {statistics.median(p[k] for p in report['parts_s']) * 1e3:.2f}"
+                      for k in ("publish", "run", "acks"))
+    print(f"push overhead on CPU ({os.cpu_count()} cores): {args.params} x {SHAPE} fp32 weights, "
+          f"{args.senders} -> {args.receivers} over {args.transport}, torch {torch.__version__}: median "
+          f"{median * 1e3:.2f} ms over {args.pushes} pushes (min {min(report['times_s']) * 1e3:.2f}); trainer rank 0 "
+          f"ms (median): {parts}; sender stages ms: {stages}")
     if args.profile:
         print(report["announce_profile"])
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    path = os.path.join(args.out, f"push-overhead-cpu-{args.transport}-{args.params}-{stamp}.json")
+    ranks = f"-{args.senders}x{args.receivers}" if (args.senders, args.receivers) != (1, 1) else ""
+    path = os.path.join(args.out, f"push-overhead-cpu-{args.transport}-{args.params}{ranks}-{stamp}.json")
     with open(path, "w") as f:
         json.dump({**vars(args), "torch": torch.__version__, "median_s": median, **report}, f, indent=1)
     print(f"wrote {path}")

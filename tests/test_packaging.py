@@ -100,8 +100,8 @@ def _run_installed(site: Path, code: str, *, cwd: Path) -> subprocess.CompletedP
 
 def test_wheel_ships_recipes_conf_and_the_simulator_runs_inside_the_library(wheel):
     names = set(wheel.namelist())
-    for path in (ROOT / "recipes").glob("*.py"):
-        assert f"fsdp_sync/recipes/{path.name}" in names
+    for path in [*(ROOT / "recipes").glob("*.py"), *(ROOT / "recipes").glob("*/*.py")]:
+        assert f"fsdp_sync/recipes/{path.relative_to(ROOT / 'recipes').as_posix()}" in names
     conf = [p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")]
     assert len(conf) > 10
     assert {f"fsdp_sync/recipes/conf/{p}" for p in conf} <= names
@@ -169,12 +169,19 @@ def _recipe_imports(module: str) -> set[str]:
     seen, todo, third = set(), [module], set()
     while todo:
         name = todo.pop()
-        if name in seen or not (ROOT / "recipes" / f"{name}.py").exists():
+        if name in seen:
             continue
         seen.add(name)
-        found, siblings = _imports(ROOT / "recipes" / f"{name}.py")
-        third |= found
-        todo += siblings
+        if (ROOT / "recipes" / name).is_dir():  # a subpackage (recipes/sim): every module of it
+            paths = sorted((ROOT / "recipes" / name).glob("*.py"))
+        elif (ROOT / "recipes" / f"{name}.py").exists():
+            paths = [ROOT / "recipes" / f"{name}.py"]
+        else:
+            continue
+        for path in paths:
+            found, siblings = _imports(path)
+            third |= found
+            todo += [s.split(".")[0] for s in siblings]
     return third
 
 
@@ -202,7 +209,7 @@ def test_the_test_extra_installs_what_tests_and_recipes_import():
     project = _pyproject()["project"]
     provided = _provided(project["dependencies"] + project["optional-dependencies"]["test"])
     needed = set()
-    for path in [*(ROOT / "tests").glob("*.py"), *(ROOT / "recipes").glob("*.py"), *(ROOT / "kernels").glob("*.py")]:
+    for path in [*(ROOT / "tests").glob("*.py"), *(ROOT / "recipes").glob("**/*.py"), *(ROOT / "kernels").glob("*.py")]:
         needed |= _imports(path)[0]
     missing = {m for m in needed if _distribution(m) not in provided}
     assert not missing, f"the tests import {sorted(missing)}, which .[test] does not install"

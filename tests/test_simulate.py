@@ -8,11 +8,12 @@ from dataclasses import replace
 
 import pytest
 
-from fsdp_sync import cost_model as cm
+from recipes.sim import cost_model as cm
 from fsdp_sync.boxes import Box
 from fsdp_sync.planner import build_plan
 from fsdp_sync.transport.rdma_wr import contiguous_runs
-from recipes import scale_models as sm
+from recipes.sim import control_plane, delta, seed
+from recipes.sim import scale_models as sm
 from recipes import simulate
 
 
@@ -96,6 +97,22 @@ def test_model_predicts_every_bench_row_but_one_within_15_percent(rows, fit):
             assert abs(r.error) <= 0.15, (r.key, r.error)
         if r.key in fitted:  # each of these rows fixed one constant: the model meets it
             assert abs(r.error) < 1e-3, (r.key, r.error)
+
+
+def test_validation_counts_twins_once_and_splits_in_from_out_of_sample(rows, fit):
+    """Case a has one sender: its reconstruct rows are its direct rows' plans again, so they are dropped.
+    Four rows fix a constant each; four remain out of sample, one of whose spans fixed Python costs."""
+    kind = simulate.sample_of(rows, fit)
+    twins = {k for k, v in kind.items() if v == "twin"}
+    assert twins == {("a", q, "reconstruct", t) for q in ("none", "fp8_block") for t in ("cuda_ipc", "nccl")}
+    assert sum(v == "in" for v in kind.values()) == 4
+    out = [r for r in rows if kind[r.key] in ("out", "spans")]
+    assert len(out) == 4 and {r.case for r in out} == {"a", "b"}
+    for r in rows:
+        if kind[r.key] == "twin":
+            twin = simulate.is_twin(r, rows)
+            assert r.planned.plan.stats.num_tasks == twin.planned.plan.stats.num_tasks
+            assert r.predicted_s == pytest.approx(twin.predicted_s)
 
 
 def test_known_miss_ran_its_cpu_and_gpu_in_series(rows, fit):
@@ -267,4 +284,152 @@ def test_small_kimi_plans_at_full_rank_count_and_the_receive_link_binds():
 def test_simulate_ends_with_the_summary_line(capsys):
     assert simulate.main(["--num-layers", "4"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"kimi_k2 256->128 predicted_s=\d+\.\d+ floor_s=\d+\.\d+ plan_s=\d+\.\d+", last)
+    m = re.fullmatch(r"kimi_k2 256->128 predicted_s=(\d+\.\d+) range_s=(\d+\.\d+)-(\d+\.\d+) floor_s=(\d+\.\d+) "
+                     r"plan_s=\d+\.\d+ delta_s=(\d+\.\d+)", last)
+    assert m, last
+    mid, low, high, floor, delta_s = map(float, m.groups())
+    assert floor <= low <= mid <= high and mid == pytest.approx((low + high) / 2, abs=1e-3)
+    assert delta_s < low  # a delta moves ~1-2% of the bytes
+
+
+def test_buffers_are_sources_kimi_has_975_tensors():
+    """915 parameters and 60 e_score_correction_bias buffers (float32, unsharded on every rank): the
+    seed reports 974 full_tensor calls."""
+    sources, _ = sm.training_sources("kimi_k2", sm.Training.seed(256))
+    buffers = [s for s in sources if s.name.endswith("e_score_correction_bias")]
+    assert len(sources) == 975 and len(buffers) == 60
+    assert all(s.shape == (384,) and s.dtype.itemsize == 4 and len(s.groups) == 256 for s in buffers)
+
+
+def test_seed_layout_holds_a_nodes_experts_sharded_on_rows():
+    sources, hosts = sm.training_sources("kimi_k2", sm.Training.seed(256), num_layers=2)
+    experts = next(s for s in sources if s.name.endswith("experts.gate_up_proj"))
+    (group,) = experts.groups
+    node0 = [b for r, b in zip(group.ranks, group.boxes) if hosts[r] == "train0"]
+    assert {b.offsets[0] for b in node0} == {0} and {b.sizes[:2] for b in node0} == {(12, 512)}
+    with pytest.raises(ValueError, match="seed layout"):
+        sm.Training(num_gpus=256, layout="seed")
+
+
+@pytest.fixture(scope="module")
+def seed_kimi(fit):
+    """The seed's own method for Kimi-K2 256 -> 128 (ep32), the seed's published case."""
+    report = json.loads(simulate.BENCH_RUN.read_text())
+    hw = simulate.bench_hardware(report["cases"][0]["ceilings"], fit.hw)
+    sources, hosts = sm.training_sources("kimi_k2", sm.Training.seed(256))
+    receivers = sm.receivers_for("kimi_k2", sources, sm.inference_layout("ep32", 128), quant="fp8_block")
+    work, recv_bytes = seed.count_seed_work(sources, receivers, hosts)
+    spread = seed.push_spread(seed.bench_runs(simulate.RUNS))
+    return work, seed.predict_seed(work, recv_bytes, hw, fit.ov, seed.SeedConstants(), spread,
+                                   goodput=simulate.GOODPUT_RANGE)
+
+
+def test_seed_method_reproduces_the_seeds_kimi_push_within_20_percent(seed_kimi):
+    """Per rank the seed spent ~1.23 s (1.3 s a push); nothing in the model was fitted on it."""
+    _, p = seed_kimi
+    per_rank = sum(p.stages.values())
+    assert abs(per_rank / seed.SEED_PER_RANK_S - 1) < 0.20, per_rank
+    assert abs(p.seconds / 1.3 - 1) < 0.20, p.seconds
+    assert p.range_s[0] < 1.3 < p.range_s[1]
+    # Each stage within a factor of 1.5 of the seed's, but for the two smallest (RDMA submit, fuse).
+    for k in ("full_tensor", "waiting", "h2d", "quantize"):
+        assert 1 / 1.5 < p.stages[k] / seed.SEED_BREAKDOWN[k] < 1.5, (k, p.stages[k])
+    assert abs(p.calls / seed.SEED_FULL_TENSOR_CALLS - 1) < 0.1  # 915 DTensor parameters against 974 calls
+
+
+def test_seed_method_sends_every_byte_once_and_only_from_a_holding_node(seed_kimi):
+    work, p = seed_kimi
+    assert p.extra["busiest_receiver_bytes"] == pytest.approx(34.6e9, rel=0.01)  # as the planner's ep32 plan
+    payload = [w.payload_bytes for w in work.values()]
+    assert max(payload) < 1.5 * sum(payload) / len(payload)  # fewest bytes so far keeps ranks balanced
+
+
+def test_straggler_grows_with_the_number_of_senders_and_its_range_is_ordered():
+    spread = seed.push_spread(seed.bench_runs(simulate.RUNS))
+    assert len(spread) > 500 and 0.03 < spread.std() < 0.15
+    import numpy as np
+
+    few, many = (seed.expected_slowest(np.ones(n), spread, gaussian=True) for n in (8, 256))
+    assert 1 < few < many
+    assert seed.expected_slowest(np.ones(256), spread, gaussian=False) > many  # the samples' tail is heavier
+
+
+def _toy_plan(nbytes_per_bucket, num_buckets=3):
+    """Two senders on two hosts, each bucket to both receivers on a third host: a Plan-shaped stand-in."""
+    from types import SimpleNamespace
+
+    tasks, buckets = {0: [], 1: []}, []
+    for i in range(num_buckets):
+        buckets.append(SimpleNamespace(index=i, group=(0, 1)))
+        for s in (0, 1):
+            for r in (0, 1):
+                tasks[s].append(SimpleNamespace(bucket=i, receiver=r, nbytes=nbytes_per_bucket))
+    receivers = [SimpleNamespace(rank=r, host="infer") for r in (0, 1)]
+    return SimpleNamespace(tasks=tasks, buckets=buckets), receivers, ["a", "b"]
+
+
+def test_flow_replay_shares_links_max_min_fairly():
+    plan, receivers, hosts = _toy_plan(1e9, num_buckets=1)
+    tl = {s: cm.SenderTimeline(packed_s=[0.0], fill_s=[0.0], post_s=[0.0]) for s in (0, 1)}
+    # Each receiver takes 2 GB at 1 GB/s: 2 s, the senders' 2 GB at 10 GB/s do not bind.
+    assert cm.flow_replay(plan, tl, receivers, hosts, sender_gbps=10, receiver_gbps=1) == pytest.approx(2.0)
+    # Sender-bound: each sender's 2 GB at 1 GB/s.
+    assert cm.flow_replay(plan, tl, receivers, hosts, sender_gbps=1, receiver_gbps=10) == pytest.approx(2.0)
+    rates = cm._max_min_rates(__import__("numpy").array([0, 0, 1]), __import__("numpy").array([2, 3, 3]),
+                              __import__("numpy").array([2.0, 9.0, 9.0, 1.0]))
+    assert list(rates) == pytest.approx([1.5, 0.5, 0.5])  # flow 0 takes what flow 1 leaves of sender 0
+
+
+def test_flow_replay_waits_for_packing_and_the_two_staging_slots():
+    plan, receivers, hosts = _toy_plan(1e9, num_buckets=3)
+    late = {s: cm.SenderTimeline(packed_s=[0.0, 0.0, 0.0], fill_s=[0.1] * 3, post_s=[0.0] * 3) for s in (0, 1)}
+    # Receivers bind (6 GB each at 1 GB/s); the first bucket starts after its 0.1 s copy into a slot.
+    end = cm.flow_replay(plan, late, receivers, hosts, sender_gbps=10, receiver_gbps=1)
+    assert end >= 6.1 - 1e-9
+    # Bucket 2 is packed only at 10 s: the replay cannot end before it has moved.
+    slow = {s: cm.SenderTimeline(packed_s=[0.0, 0.0, 10.0], fill_s=[0.0] * 3, post_s=[0.0] * 3) for s in (0, 1)}
+    assert cm.flow_replay(plan, slow, receivers, hosts, sender_gbps=10, receiver_gbps=1) == pytest.approx(12.0)
+
+
+def test_replay_is_never_below_the_busy_from_the_first_byte_bound():
+    """A small Kimi plan: the replay of the plan's order, flows max-min fair, ends no earlier than the bound."""
+    sources, hosts = sm.training_sources("kimi_k2", sm.Training(num_gpus=64), num_layers=2)
+    receivers = sm.receivers_for("kimi_k2", sources, sm.inference_layout("ep32", 32), quant="fp8_block")
+    hw = cm.Hardware()
+    devices = [f"gpu{r}" for r in range(64)]
+    plan = build_plan(sources, receivers, sender_hosts=hosts, mode="direct", links=hw.links(),
+                      watermark_bytes=1 << 31, sender_devices=devices)
+    ov = cm.Overheads(bucket_s=3e-4, launch_s=2e-6, task_s=6e-6, quant_task_s=90e-6, amax_param_s=50e-6, push_s=0.003)
+    work = cm.count_work(plan, sources, receivers, sender_hosts=hosts, sender_devices=devices)
+    nic_in = cm.receive_nic_bytes(plan, receivers, hosts)
+    p = cm.predict(plan, work, hw, ov, watermark_bytes=1 << 31, nic_in=nic_in, replay=(receivers, hosts))
+    assert p.binding in ("flow replay", "plan floor", "sender pipeline")
+    assert p.replay_s >= p.receive_bound_s * (1 - 0.01)  # events batched within 1%
+
+
+def test_delta_moves_one_to_two_percent_of_the_bytes_and_ranges_are_ordered():
+    w = cm.BucketWork(1, quant_tasks=10, nic_bytes=1e9)
+    d = delta.predict_delta({0: [w]}, {0: 10**9}, cm.Hardware(), OV, goodput=simulate.GOODPUT_RANGE,
+                            straggler=(1.2, 1.6))
+    assert 0.007 < d.wire_bytes[0] / 1e9 < d.wire_bytes[1] / 1e9 < 0.02
+    assert d.range_s[0] <= d.seconds <= d.range_s[1]
+    assert delta.delta_bytes(1e9, 0.125) > 1e9 / 8  # above ~12% a bitmap would be smaller: positions lose
+
+
+def test_control_plane_store_fanout_was_measured_at_384_ranks_and_grows_linearly():
+    """bench_store_fanout at 4-384 ranks (bench_results/store-fanout-cpu-*): a straight line fits every
+    point from 32 ranks on within 30%, and the push's control cost at 384 ranks is what was measured there."""
+    runs = control_plane.control_runs(simulate.RUNS)
+    assert max(n + m for n, m, _ in runs) == 384
+    fit = control_plane.fit_control(runs)
+    assert 0 < fit.per_rank_s < 1e-3
+    for n, t in fit.points:
+        if n >= 32:
+            assert abs(fit.at(n) / t - 1) < 0.30, (n, t)
+    low, high, _ = control_plane.push_cost_range(0.0024, 384, simulate.RUNS)
+    measured = next(t for n, m, t in runs if n + m == 384)
+    assert low == 0.0024 and high == pytest.approx(0.0024 + fit.at(384) - fit.at(4))
+    assert 0.5 * measured < high - low < 1.5 * measured
+    # The whole control plane, a process per rank on 2 cores: measured up to 48 processes.
+    processes = control_plane.control_runs(simulate.RUNS, kind="processes")
+    assert max(n + m for n, m, _ in processes) >= 32

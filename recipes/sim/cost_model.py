@@ -18,11 +18,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
-from .boxes import Box
-from .config import LinkModel
-from .meta import ReceiverMeta, SourceParam
-from .plan import DATA, Plan, Task
-from .quant import get_quant_format
+from fsdp_sync.boxes import Box
+from fsdp_sync.config import LinkModel
+from fsdp_sync.meta import ReceiverMeta, SourceParam
+from fsdp_sync.plan import DATA, Plan, Task
+from fsdp_sync.quant import get_quant_format
 
 _NUM_SLOTS = 2  # the rdma transport's staging slots (fsdp_sync.transport.rdma_wr.NUM_SLOTS)
 _SMALL_COPY_ELEMS = 1 << 16  # fsdp_sync.kernels.copy_grouped.MAX_ELEMS: smaller copies share one launch
@@ -148,6 +148,9 @@ class SenderTimeline:
     busy: Stages = field(default_factory=Stages)  # summed over buckets
     first_out_s: float = 0.0  # when its first bytes leave for a receiver
     end_s: float = 0.0  # when its last byte has left
+    packed_s: list[float] = field(default_factory=list)  # per bucket: its kernels done, the transfer thread may take it
+    fill_s: list[float] = field(default_factory=list)  # per bucket: the copy into a staging slot
+    post_s: list[float] = field(default_factory=list)  # per bucket: posting its WRITEs
 
 
 @dataclass
@@ -162,6 +165,7 @@ class Prediction:
     slowest: Stages  # the slowest sender's busy seconds per stage
     receive_utilization: float  # busiest receive link: its bytes over (line rate x seconds)
     binding: str
+    replay_s: float = 0.0  # the flow-level replay's last byte (0 when not replayed)
 
 
 def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[ReceiverMeta], *,
@@ -353,6 +357,9 @@ def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, 
         cpu_clock = start + st.cpu
         gpu_clock = max(max(gpu_clock, start) + st.gpu, cpu_clock)
         xfer_clock = max(xfer_clock, gpu_clock)
+        tl.packed_s.append(gpu_clock)
+        tl.fill_s.append(st.fill)
+        tl.post_s.append(st.post)
         if w.sends:
             tl.first_out_s = tl.first_out_s or xfer_clock + st.send
             xfer_clock += st.send + st.link
@@ -372,6 +379,138 @@ def sender_timeline(work: Sequence[BucketWork], hw: Hardware, ov: Overheads, *, 
     return tl
 
 
+def flow_replay(plan: Plan, timelines: dict[int, SenderTimeline], receivers: Sequence[ReceiverMeta],
+                sender_hosts: Sequence[str], *, sender_gbps: float, receiver_gbps: float,
+                batch: float = 0.01) -> float:
+    """When the last byte lands, replaying every sender's buckets in plan order over a shared fabric.
+
+    Flows are (sender, bucket, receiver) byte counts through the NICs. Each sender's
+    transfer thread takes its buckets in order, once packed (``timelines``' ``packed_s``),
+    copies each into one of two staging slots (free once the bucket two before it has
+    left) and posts it; its flows then share the sender's and the receivers' NICs max-min
+    fairly (progressive filling), recomputed whenever a flow starts or ends. The fabric
+    has full bisection: only the NICs limit. Flows ending within ``batch`` (a fraction)
+    of the earliest end are ended together, to bound the number of events.
+    """
+    import heapq
+
+    import numpy as np
+
+    host = {r.rank: r.host for r in receivers}
+    per: dict[tuple[int, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for s, tasks in plan.tasks.items():
+        for t in tasks:
+            if sender_hosts[s] != host[t.receiver]:
+                per[(s, t.bucket)][t.receiver] += t.nbytes
+    order = {s: [b.index for b in plan.buckets if s in b.group] for s in timelines}
+    num_s = max(timelines, default=-1) + 1
+    num_r = len(receivers)
+    cap = np.concatenate([np.full(num_s, sender_gbps * 1e9), np.full(num_r, receiver_gbps * 1e9)])
+    nxt = {s: 0 for s in order}
+    tx = {s: 0.0 for s in order}
+    done: dict[int, list[float | None]] = {s: [None] * len(order[s]) for s in order}
+    left: dict[tuple[int, int], int] = {}  # (sender, position) -> flows still running
+    starts: list[tuple[float, int, int]] = []
+
+    def schedule(s: int) -> None:
+        tl = timelines[s]
+        while nxt[s] < len(order[s]):
+            k = nxt[s]
+            if k >= _NUM_SLOTS and done[s][k - _NUM_SLOTS] is None:
+                return
+            begin = max(tx[s], tl.packed_s[k], done[s][k - _NUM_SLOTS] if k >= _NUM_SLOTS else 0.0) + tl.fill_s[k]
+            tx[s] = begin + tl.post_s[k]
+            heapq.heappush(starts, (begin, s, k))
+            nxt[s] += 1
+
+    for s in order:
+        schedule(s)
+    key_id: dict[tuple[int, int], int] = {}
+    flow_s = np.zeros(0, dtype=np.int64)
+    flow_r = np.zeros(0, dtype=np.int64)
+    flow_left = np.zeros(0)
+    flow_key = np.zeros(0, dtype=np.int64)
+    keys: list[tuple[int, int]] = []
+    now, last = 0.0, 0.0
+    rate = np.zeros(0)
+    dirty = True
+    while starts or len(flow_left):
+        if dirty and len(flow_left):
+            rate = _max_min_rates(flow_s, flow_r + num_s, cap)
+        dirty = False
+        finish = flow_left / rate if len(flow_left) else flow_left
+        t_end = now + float(finish.min()) if len(finish) else math.inf
+        t_start = starts[0][0] if starts else math.inf
+        if t_start <= t_end:
+            step, ending = t_start - now, np.zeros(len(flow_left), dtype=bool)
+        else:
+            step, ending = t_end - now, finish <= finish.min() * (1 + batch) + 1e-12
+        flow_left = np.maximum(flow_left - rate * step, 0.0)
+        now += step
+        touched = set()
+        if ending.any():
+            ended = flow_key[ending]
+            keep = ~ending
+            flow_s, flow_r, flow_left, flow_key, rate = (flow_s[keep], flow_r[keep], flow_left[keep], flow_key[keep],
+                                                         rate[keep])
+            dirty = True
+            for kid in ended.tolist():
+                key = keys[kid]
+                left[key] -= 1
+                if not left[key]:
+                    done[key[0]][key[1]] = now
+                    last = max(last, now)
+                    touched.add(key[0])
+        new_s, new_r, new_b, new_k = [], [], [], []
+        while starts and starts[0][0] <= now + 1e-15:
+            _, s, k = heapq.heappop(starts)
+            flows = per.get((s, order[s][k]), {})
+            left[(s, k)] = len(flows)
+            if not flows:
+                done[s][k] = now
+                touched.add(s)
+                continue
+            kid = key_id.setdefault((s, k), len(keys))
+            if kid == len(keys):
+                keys.append((s, k))
+            for r, nbytes in flows.items():
+                new_s.append(s)
+                new_r.append(r)
+                new_b.append(float(nbytes))
+                new_k.append(kid)
+        if new_s:
+            flow_s = np.concatenate([flow_s, new_s]).astype(np.int64)
+            flow_r = np.concatenate([flow_r, new_r]).astype(np.int64)
+            flow_left = np.concatenate([flow_left, new_b])
+            flow_key = np.concatenate([flow_key, new_k]).astype(np.int64)
+            rate = np.concatenate([rate, np.zeros(len(new_s))])
+            dirty = True
+        for s in touched:
+            schedule(s)
+    return last
+
+
+def _max_min_rates(src: "np.ndarray", dst: "np.ndarray", cap: "np.ndarray") -> "np.ndarray":
+    """Max-min fair rates of flows that each cross two links (progressive filling)."""
+    import numpy as np
+
+    rate = np.zeros(len(src))
+    frozen = np.zeros(len(src), dtype=bool)
+    room = cap.astype(float).copy()
+    while not frozen.all():
+        live = ~frozen
+        count = np.bincount(src[live], minlength=len(cap)) + np.bincount(dst[live], minlength=len(cap))
+        used = count > 0
+        share = np.full(len(cap), np.inf)
+        share[used] = room[used] / count[used]
+        delta = share.min()
+        rate[live] += delta
+        room -= delta * count
+        full = used & (share <= delta * (1 + 1e-9))  # the links at this level are now full
+        frozen |= full[src] | full[dst]
+    return rate
+
+
 def receive_nic_bytes(plan: Plan, receivers: Sequence[ReceiverMeta], sender_hosts: Sequence[str]) -> dict[int, int]:
     """Bytes that reach each receiver through its NIC (from senders on other hosts)."""
     host = {r.rank: r.host for r in receivers}
@@ -379,24 +518,33 @@ def receive_nic_bytes(plan: Plan, receivers: Sequence[ReceiverMeta], sender_host
 
 
 def predict(plan: Plan, work: dict[int, list[BucketWork]], hw: Hardware, ov: Overheads, *, watermark_bytes: int,
-            nic_in: dict[int, int] | None = None) -> Prediction:
-    """The push's seconds: the slowest sender, the busiest receive link or the plan's floor, then the control plane.
+            nic_in: dict[int, int] | None = None, replay: tuple[Sequence[ReceiverMeta], Sequence[str]] | None = None
+            ) -> Prediction:
+    """The push's seconds: the slowest sender, the receive side or the plan's floor, then the control plane.
 
-    ``nic_in`` (bytes per receiver through its NIC) adds the receive side: the senders
-    share each receive link, which cannot finish before its bytes have passed at goodput,
-    counted from the moment the first pipeline sends.
+    ``nic_in`` (bytes per receiver through its NIC) adds the receive side as a bound: the
+    senders share each receive link, which cannot finish before its bytes have passed at
+    goodput, counted from the moment the first pipeline sends. ``replay`` (the receivers
+    and the senders' hosts) replaces that bound with ``flow_replay`` of the plan's order.
     """
-    timelines = [sender_timeline(w, hw, ov, watermark_bytes=watermark_bytes) for w in work.values()]
+    by_sender = {s: sender_timeline(w, hw, ov, watermark_bytes=watermark_bytes) for s, w in work.items()}
+    timelines = list(by_sender.values())
     slowest = max(timelines, key=lambda t: t.end_s)
     busiest = max((nic_in or {}).values(), default=0)
     fill = min((t.first_out_s for t in timelines if t.first_out_s), default=0.0)
     receive_bound = fill + busiest / (hw.nic_gbps * 1e9) if busiest else 0.0
     candidates = {"sender pipeline": slowest.end_s, "receive link": receive_bound, "plan floor": plan.stats.floor_s}
+    replay_s = 0.0
+    if replay is not None:
+        receivers, hosts = replay
+        replay_s = flow_replay(plan, by_sender, receivers, hosts, sender_gbps=hw.nic_gbps, receiver_gbps=hw.nic_gbps)
+        del candidates["receive link"]
+        candidates["flow replay"] = replay_s
     binding = max(candidates, key=candidates.get)
     seconds = candidates[binding] + ov.push_s
     utilization = busiest / (hw.nic_line_gbps * 1e9 * seconds) if busiest else 0.0
     return Prediction(seconds, plan.stats.floor_s, slowest.end_s, receive_bound, ov.push_s, slowest.busy,
-                      utilization, binding)
+                      utilization, binding, replay_s)
 
 
 def funnel_seconds(sources: Sequence[SourceParam], payload_bytes: dict[str, int], *, hw: Hardware, ov: Overheads,

@@ -10,12 +10,24 @@ follows the seed's description: ``pp`` pipeline stages, and inside a stage
 * every other weight HSDP-style on a [nodes, gpus_per_node] mesh with (Replicate(), Shard(0)):
   sharded inside a node, replicated across nodes, so every node is one shard group.
 
-Global rank = stage * gpus_per_stage + node * gpus_per_node + local GPU. The inference side is
+Global rank = stage * gpus_per_stage + node * gpus_per_node + local GPU.
+
+``layout="seed"`` is the seed's own trainer as it describes itself: FSDP inside a node of
+8 for every weight, and expert parallelism across nodes outside DTensor (each node's
+DTensor holds only its own experts, so ``full_tensor`` gathers inside the node). Experts
+sit on an [ep = nodes, fsdp = 8] mesh with (Shard(0), Shard(1)): each node its slice of
+the experts, each GPU of the node a slice of their rows (FSDP2's ``shard_placement_fn``
+with ``Shard(1)``, a common FSDP2 + EP recipe, keeps the 12 experts of a node balanced
+over 8 GPUs, where dim-0 chunks would leave two GPUs empty). ``pp`` is 1.
+
+Buffers that training updates and engines load (Kimi-K2's and DeepSeek-V3's
+``e_score_correction_bias``, float32 [E] per MoE layer) are sources too: FSDP2 leaves
+buffers unsharded, so every rank holds each whole. The inference side is
 vLLM's layout (``fsdp_sync.layouts.vllm``) on ``replicas`` copies of a TP x DP group, with or
 without expert parallelism; destination tensors are what that layout fills, FP8 (with
 ``weight_scale_inv``) for every matrix but embeddings, the LM head and routers.
 
-Not modelled: MTP layers, optimizer state, CPU offload, and expert placement by load.
+Not modelled: MTP layers, optimizer state and expert placement by load.
 """
 
 from __future__ import annotations
@@ -93,6 +105,18 @@ def param_shapes(name: str, num_layers: int | None = None) -> tuple[tuple[str, t
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
+@functools.cache
+def buffer_shapes(name: str, num_layers: int | None = None) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    """(HF name, shape, dtype) of every persistent buffer (in the state dict, not a parameter)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(name, num_layers))
+    params = {n for n, _ in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    return tuple((n, tuple(buffers[n].shape), buffers[n].dtype) for n in model.state_dict() if n not in params)
+
+
 def is_expert(name: str) -> bool:
     """Stacked routed experts (transformers >= 5); shared experts are dense weights."""
     return ".mlp.experts." in name
@@ -100,19 +124,33 @@ def is_expert(name: str) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class Training:
-    """The trainer's parallelism: ``pp`` stages of ``ep`` x expert-FSDP GPUs each."""
+    """The trainer's parallelism: ``pp`` stages of ``ep`` x expert-FSDP GPUs each (``layout="hsdp"``),
+    or the seed's (``layout="seed"``): FSDP in a node, EP across the nodes outside DTensor, no PP."""
 
     num_gpus: int = 256
     gpus_per_node: int = 8
     pp: int = 2
     ep: int = 8
+    layout: str = "hsdp"
 
     def __post_init__(self) -> None:
+        if self.layout not in TRAINING_LAYOUTS:
+            raise ValueError(f"unknown training layout {self.layout!r}; valid: {list(TRAINING_LAYOUTS)}")
+        if self.layout == "seed" and (self.pp != 1 or self.ep != self.num_gpus // self.gpus_per_node):
+            raise ValueError("the seed layout has no PP and one EP rank per node: use Training.seed(num_gpus)")
         if self.num_gpus % (self.pp * self.gpus_per_node):
             raise ValueError(f"{self.num_gpus} GPUs do not split into {self.pp} stages of whole "
                              f"{self.gpus_per_node}-GPU nodes")
         if self.gpus_per_stage % self.ep:
             raise ValueError(f"ep={self.ep} does not divide the {self.gpus_per_stage} GPUs of a stage")
+
+    @classmethod
+    def seed(cls, num_gpus: int, gpus_per_node: int = 8) -> "Training":
+        return cls(num_gpus=num_gpus, gpus_per_node=gpus_per_node, pp=1, ep=num_gpus // gpus_per_node, layout="seed")
+
+    @property
+    def nodes_per_stage(self) -> int:
+        return self.gpus_per_stage // self.gpus_per_node
 
     @property
     def gpus_per_stage(self) -> int:
@@ -123,6 +161,9 @@ class Training:
         return self.gpus_per_stage // self.ep
 
     def describe(self) -> str:
+        if self.layout == "seed":
+            return (f"{self.num_gpus} GPUs, the seed's layout: every weight FSDP {self.gpus_per_node} in a node; "
+                    f"experts EP {self.ep} across nodes outside DTensor (Shard(1) in the node); no PP")
         return (f"{self.num_gpus} GPUs: PP {self.pp} x (experts EP {self.ep} x FSDP {self.expert_fsdp}; others "
                 f"FSDP {self.gpus_per_node} in a node x {self.gpus_per_stage // self.gpus_per_node} node replicas)")
 
@@ -146,7 +187,11 @@ def training_sources(model: str, training: Training, *, num_layers: int | None =
     sources = []
     for name, shape in shapes:
         base = _stage_of(name, num_layers, t.pp) * t.gpus_per_stage
-        if is_expert(name):
+        if is_expert(name) and t.layout == "seed":
+            # mesh[n][g]: EP rank n is a node (outside DTensor), FSDP rank g a GPU of it.
+            mesh = [[base + n * t.gpus_per_node + g for g in range(t.gpus_per_node)] for n in range(nodes)]
+            placements = (Shard(0), Shard(1))
+        elif is_expert(name):
             # mesh[e][f]: EP rank e is a GPU of the node, expert-FSDP rank f a node of the stage.
             mesh = [[base + f * t.gpus_per_node + e for f in range(t.expert_fsdp)] for e in range(t.ep)]
             placements = (Shard(0), Shard(0))
@@ -157,6 +202,12 @@ def training_sources(model: str, training: Training, *, num_layers: int | None =
         if key not in groups_cache:
             groups_cache[key] = shard_groups(shape, mesh, placements, name=name)
         sources.append(SourceParam(name, shape, dtype, groups_cache[key]))
+    for name, shape, buffer_dtype in buffer_shapes(model, num_layers):
+        # Unsharded on every rank of its stage: each rank is a shard group of one.
+        base = _stage_of(name, num_layers, t.pp) * t.gpus_per_stage
+        ranks = [[base + r] for r in range(t.gpus_per_stage)]
+        sources.append(SourceParam(name, shape, buffer_dtype, shard_groups(shape, ranks, (Replicate(), Replicate()),
+                                                                           name=name)))
     hosts = [f"train{r // t.gpus_per_node}" for r in range(t.num_gpus)]
     return sources, hosts
 
@@ -189,7 +240,12 @@ INFERENCE_LAYOUTS: dict[str, dict[str, Any]] = {
     "ep32": dict(tp=8, dp=4, expert_parallel=True),  # EP 32 per replica (attention TP 8, DP 4)
     "tp8": dict(tp=8, dp=1, expert_parallel=False),
     "tp16": dict(tp=16, dp=1, expert_parallel=False),
+    "tp4": dict(tp=4, dp=1, expert_parallel=False),  # Qwen3-235B FP8 (235 GB) fits 4 x 80 GB
 }
+
+# The trainer layouts Training takes (layout=...).
+TRAINING_LAYOUTS = {"hsdp": "EP inside a node, expert-FSDP across nodes, HSDP elsewhere, PP stages",
+                    "seed": "the seed's: FSDP in a node for every weight, EP across nodes outside DTensor"}
 
 
 def inference_layout(name: str, num_gpus: int) -> Inference:
