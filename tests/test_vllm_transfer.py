@@ -41,6 +41,14 @@ def test_the_plugin_entry_point_names_register():
     assert f"class {vllm_transfer.ENGINE_CLASS}(" in source and f"class {vllm_transfer.TRAINER_CLASS}(" in source
 
 
+def test_register_without_vllm_registers_nothing_and_does_not_raise():
+    """vLLM calls general plugins unguarded: on a vLLM without the 0.33 API (or none) it must return."""
+    code = ("import sys; sys.modules['vllm'] = None; from fsdp_sync.engines.vllm_transfer import register; "
+            "print(register())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
 def test_the_trainer_payload_is_what_the_workers_parse():
     config = SyncConfig(control="10.0.0.1:29600", job="rl", quant="fp8_block", transport="nccl", secret="s3cret")
     info = TrainerInitInfo(config=config, rank=0, update_timeout_s=30.0)

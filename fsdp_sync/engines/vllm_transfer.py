@@ -57,10 +57,20 @@ COMMIT_MODES = ("staged",)
 _CONFIG_FIELDS = {f.name for f in fields(SyncConfig)}
 
 
-def register() -> None:
+def register() -> bool:
     """Register fsdp_sync with vLLM's worker-side and trainer-side factories, by module path
-    (the engine module is imported only when an engine is built). Safe to call again."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+    (the engine module is imported only when an engine is built). Safe to call again.
+
+    Returns False, registering nothing, where vLLM (or its weight-transfer API of 0.33,
+    with a trainer-side factory) is absent: vLLM calls its general plugins unguarded in
+    every process, so raising here would stop an older vLLM that only uses the worker
+    extension from starting.
+    """
+    try:
+        from vllm.distributed.weight_transfer.factory import (WeightTransferEngineFactory,
+                                                              WeightTransferTrainerFactory)
+    except ImportError:
+        return False
 
     for factory, class_name in ((WeightTransferEngineFactory, ENGINE_CLASS),
                                 (WeightTransferTrainerFactory, TRAINER_CLASS)):
@@ -68,6 +78,7 @@ def register() -> None:
             factory.register_engine(BACKEND, ENGINE_MODULE, class_name)
         except ValueError:  # registered already: this function ran before in this process
             pass
+    return True
 
 
 def _check_commit(commit: str) -> None:
