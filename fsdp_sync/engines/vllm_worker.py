@@ -25,7 +25,10 @@ from weights is not registered but re-derived at commit: MLA's ``W_UK_T`` / ``W_
 own ``process_weights_after_loading``, as vLLM's reload does, copied into their old
 storage so captured CUDA graphs stay valid.
 
-Checked against vLLM 0.33.0 on CPU (tests/test_vllm_fixtures.py, docs/layouts.md).
+Checked against vLLM 0.33.0 on CPU (tests/test_vllm_fixtures.py, docs/layouts.md). On
+vLLM 0.33, the native weight-transfer backend (``vllm_transfer``: ``weight_transfer_config``
+and vLLM's own update calls) runs the same registration (``attach``); this extension is
+the path for versions without that API.
 """
 
 from __future__ import annotations
