@@ -8,7 +8,8 @@ Run in vLLM's own venv (the project venv never has vLLM)::
 A TP 2 inference job (vLLM's gloo groups) and a 2-rank FSDP2 trainer job (gloo) run every
 case in one spawn each (``tests/engines/vllm_transfer_jobs.py`` says how). Each case
 pushes two versions; after each, every parameter of each worker's model equals what
-vLLM's own ``load_weights`` and post-processing make of that version's HF tensors.
+vLLM's own ``load_weights`` and post-processing make of that version's HF tensors. One
+case takes the worker-extension path instead (``collective_rpc`` of its methods).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def _cases() -> list[TransferCase]:
         TransferCase("deepseek-v3-dense", dict(CASES["deepseek-v3"][0], **dense), "none", free_port()),
         TransferCase("qwen3-fp8", CASES["qwen3-fp8"][0], "fp8_block", free_port()),
         TransferCase("deepseek-v3-dense-fp8", dict(CASES["deepseek-v3-fp8"][0], **dense), "fp8_block", free_port()),
+        # The same push through the worker extension (collective_rpc), for vLLM without the API.
+        TransferCase("deepseek-v3-dense-fp8-extension", dict(CASES["deepseek-v3-fp8"][0], **dense), "fp8_block",
+                     free_port(), path="extension"),
         # On CPU every MoE layer picks a backend that re-lays w13/w2: the init call refuses it.
         TransferCase("qwen3-moe", CASES["qwen3-moe"][0], "none", free_port(), refused="model.layers.0.mlp.experts"),
     ]
@@ -97,10 +101,13 @@ def reports(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("case", [c for c in CASE_LIST if c.refused is None], ids=lambda c: c.name)
 def test_push_through_vllm_weight_transfer_matches_vllm_load_weights(reports, case):
+    native = case.path == "native"
     for rank in range(NUM_TRAINERS):
-        assert reports[("trainer", rank, case.name, "engine")] == "FsdpSyncTrainerWeightTransferEngine"
+        assert reports[("trainer", rank, case.name, "engine")] == (
+            "FsdpSyncTrainerWeightTransferEngine" if native else "FsdpSyncWorkerExtension")
     for rank in range(TP):  # vLLM's factory built fsdp_sync's engine from weight_transfer_config
-        assert reports[("engine", rank, case.name, "backend")] == "FsdpSyncWeightTransferEngine"
+        assert reports[("engine", rank, case.name, "backend")] == (
+            "FsdpSyncWeightTransferEngine" if native else "NoneType")
     for version in range(1, len(case.salts) + 1):
         for rank in range(NUM_TRAINERS):
             assert reports[("trainer", rank, case.name, version)] == version

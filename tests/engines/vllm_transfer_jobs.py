@@ -42,14 +42,21 @@ class TransferCase:
     port: int  # the control plane's
     salts: tuple[str, ...] = ("v1", "v2")  # version i + 1 holds fill(..., salt=salts[i])
     refused: str | None = None  # the init call must fail with this text
+    # "native": vLLM's weight-transfer API; "extension": the worker extension (collective_rpc)
+    path: str = "native"
 
 
 # ---- engine side -----------------------------------------------------------------------
 
-def _rpc_worker_cls():
+def _rpc_worker_cls(path: str):
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    class RpcWorker:
+    from fsdp_sync.engines.vllm_worker import FsdpSyncWorkerExtension
+
+    # vLLM adds worker_extension_cls to the worker's bases; the native path needs none.
+    bases = (FsdpSyncWorkerExtension,) if path == "extension" else ()
+
+    class RpcWorker(*bases):
         """vLLM's own weight-transfer RPC methods on a model built outside a serving engine."""
 
         _check_weight_transfer_engine = CPUWorker._check_weight_transfer_engine
@@ -66,11 +73,16 @@ def _rpc_worker_cls():
 
             self.vllm_config, self.rank, self.speculative_config = vllm_config, rank, None
             self._weight_update_active = self._weight_update_is_draft = False
-            self.model_runner = SimpleNamespace(get_model=lambda: model, get_draft_model=lambda: None,
+            self.model_runner = SimpleNamespace(model=model, get_model=lambda: model, get_draft_model=lambda: None,
                                                 reset_lora_state=lambda: None)
             # What Worker.load_model does once the model is loaded.
-            self.weight_transfer_engine = WeightTransferEngineFactory.create_engine(
-                vllm_config.weight_transfer_config, vllm_config, torch.device("cpu"), model)
+            self.weight_transfer_engine = None if vllm_config.weight_transfer_config is None else (
+                WeightTransferEngineFactory.create_engine(vllm_config.weight_transfer_config, vllm_config,
+                                                          torch.device("cpu"), model))
+
+        def live_version(self) -> int | None:
+            attached = self._fsdp_sync if bases else self.weight_transfer_engine.attached
+            return attached.receiver.version
 
     return RpcWorker
 
@@ -119,14 +131,14 @@ def _engine(rank, tp, port, cases, scratch, commands, replies, results, timeout_
 
     register()  # what vLLM's general-plugin entry point does in an installed fsdp_sync
     offer_triton_block_fp8_on_cpu()
-    rpc_worker = _rpc_worker_cls()
 
     def new_config(case: TransferCase) -> VllmConfig:
         model_config = ModelConfig(model=str(Path(scratch) / case.name), skip_tokenizer_init=True,
                                    enforce_eager=True, dtype="bfloat16")
         return VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"),
                           parallel_config=ParallelConfig(tensor_parallel_size=tp),
-                          weight_transfer_config=WeightTransferConfig(backend=BACKEND))
+                          weight_transfer_config=(WeightTransferConfig(backend=BACKEND)
+                                                  if case.path == "native" else None))
 
     def reference(case: TransferCase, salt: str) -> dict[str, list]:
         """A second model, loaded by vLLM itself; under its own config, where its attention
@@ -145,7 +157,7 @@ def _engine(rank, tp, port, cases, scratch, commands, replies, results, timeout_
                 first = False
             initialize_model_parallel(tp)
             model = _build(vllm_config, case.config, salt="", complete=case.refused is None)
-            worker = rpc_worker(vllm_config, model, rank)
+            worker = _rpc_worker_cls(case.path)(vllm_config, model, rank)
             results.put(("engine", rank, case.name, "backend", type(worker.weight_transfer_engine).__name__))
             while True:
                 method, kwargs = commands.get(timeout=timeout_s)  # a trainer that died ends this job too
@@ -157,13 +169,16 @@ def _engine(rank, tp, port, cases, scratch, commands, replies, results, timeout_
                 except Exception as e:  # noqa: BLE001 - the trainer's client raises it
                     replies.put((rank, method, f"{type(e).__name__}: {e}"))
                     continue
-                if method == "finish_weight_update":
-                    version = worker.weight_transfer_engine.attached.receiver.version
+                if method in ("finish_weight_update", "fsdp_sync_commit"):  # a version went live
+                    version = worker.live_version()
                     got = _described(model)
                     want = reference(case, case.salts[version - 1])
                     diff = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
                     results.put(("engine", rank, case.name, version, {"compared": len(want), "differ": diff}))
-            worker.shutdown_weight_transfer_engine()
+            if case.path == "native":
+                worker.shutdown_weight_transfer_engine()
+            else:
+                worker._fsdp_sync.receiver.close()
             del model, worker
             destroy_model_parallel()
 
@@ -202,6 +217,9 @@ class QueueClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._call("finish_weight_update")
 
+    def collective_rpc(self, method: str, **kwargs) -> None:  # the worker extension's calls
+        self._call(method, **kwargs)
+
     def done(self) -> None:
         for q in self.commands:
             q.put(("done", {}))
@@ -229,7 +247,6 @@ def trainer(rank: int, world_size: int, cases: list[TransferCase], commands, rep
     through vLLM's trainer factory, then one send_weights per version."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
     from vllm.distributed.weight_transfer import ModuleSource, WeightTransferTrainerFactory
 
     from fsdp_sync import SyncConfig
@@ -244,6 +261,9 @@ def trainer(rank: int, world_size: int, cases: list[TransferCase], commands, rep
         fully_shard(model, mesh=mesh)
         config = SyncConfig(control=f"127.0.0.1:{case.port}", job=case.name, quant=case.quant, transport="gloo",
                             timeout_s=timeout_s, connect_timeout_s=timeout_s)
+        if case.path == "extension":
+            _extension_round(rank, case, model, mesh, config, client, results, timeout_s)
+            continue
         try:
             engine = WeightTransferTrainerFactory.trainer_init(TrainerInitInfo(config=config, rank=rank),
                                                                client=client, source=ModuleSource(model))
@@ -254,14 +274,44 @@ def trainer(rank: int, world_size: int, cases: list[TransferCase], commands, rep
             continue
         results.put(("trainer", rank, case.name, "engine", type(engine).__name__))
         for version, salt in enumerate(case.salts, start=1):
-            if version > 1:  # the next version's values, into the shards FSDP2 holds
-                with torch.no_grad():
-                    new_tensors = hf_tensors(case.config, salt=salt)
-                    for name, p in model.named_parameters():
-                        p.to_local().copy_(distribute_tensor(new_tensors[name], mesh, p.placements).to_local())
+            if version > 1:
+                _set_values(model, hf_tensors(case.config, salt=salt), mesh)
             result = engine.send_weights()
             results.put(("trainer", rank, case.name, version, result.version))
         engine.shutdown()
         if rank == 0:
             client.done()
     return []
+
+
+def _set_values(model: nn.Module, tensors: dict[str, torch.Tensor], mesh) -> None:
+    """The next version's values, into the shards FSDP2 holds."""
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.to_local().copy_(distribute_tensor(tensors[name], mesh, p.placements).to_local())
+
+
+def _extension_round(rank, case, model, mesh, config, client, results, timeout_s) -> None:
+    """The worker-extension path: a WeightSender, and ``collective_rpc`` of its three methods."""
+    from dataclasses import asdict
+
+    from fsdp_sync import WeightSender
+    from tests.engines.vllm_cases import hf_tensors
+
+    sender = WeightSender(model, config)
+    if rank == 0:
+        client.collective_rpc("fsdp_sync_register", config=asdict(config), commit="staged")
+    results.put(("trainer", rank, case.name, "engine", "FsdpSyncWorkerExtension"))
+    for version, salt in enumerate(case.salts, start=1):
+        if version > 1:
+            _set_values(model, hf_tensors(case.config, salt=salt), mesh)
+        result = sender.push(version).wait()
+        if rank == 0:
+            client.collective_rpc("fsdp_sync_wait_for", version=version, timeout=timeout_s)
+            client.collective_rpc("fsdp_sync_commit")
+        results.put(("trainer", rank, case.name, version, result.version))
+    sender.close()
+    if rank == 0:
+        client.done()
