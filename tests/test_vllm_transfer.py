@@ -114,3 +114,114 @@ def test_module_of_vllm_sources():
     assert module_of(model) is model and module_of(ModuleSourceLike(model)) is model and module_of(Public()) is model
     with pytest.raises(TypeError, match="pass source=ModuleSource"):
         module_of([("w", torch.zeros(2))])
+
+
+# --- the engine classes, on a stand-in for vLLM's two base classes ---------------------------
+# The real bases run in tests/test_vllm_transfer_live.py; here only the call order and checks.
+
+class _Bases:
+    class WeightTransferEngine:
+        def __class_getitem__(cls, _):
+            return cls
+
+        def __init__(self, config, vllm_config, device, model):
+            self.config, self.vllm_config, self.device, self.model = config, vllm_config, device, model
+
+        def parse_update_info(self, update_dict):
+            return self.update_info_cls(**update_dict)
+
+    class TrainerWeightTransferEngine:
+        def __class_getitem__(cls, _):
+            return cls
+
+        def __init__(self, *, client, source=None, is_sender=True, rank=0):
+            self.client, self.source, self.is_sender, self.rank = client, source, is_sender, rank
+
+
+@pytest.fixture
+def engine_module(monkeypatch):
+    import importlib
+    import types
+
+    base = types.ModuleType("vllm.distributed.weight_transfer.base")
+    base.WeightTransferEngine = _Bases.WeightTransferEngine
+    base.TrainerWeightTransferEngine = _Bases.TrainerWeightTransferEngine
+    for name in ("vllm", "vllm.distributed", "vllm.distributed.weight_transfer"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, base.__name__, base)
+    monkeypatch.delitem(sys.modules, "fsdp_sync.engines.vllm_transfer_engine", raising=False)
+    module = importlib.import_module("fsdp_sync.engines.vllm_transfer_engine")
+    yield module
+    sys.modules.pop("fsdp_sync.engines.vllm_transfer_engine", None)
+
+
+class _Attached:
+    def __init__(self, live_after_commit):
+        self.calls, self.live = [], live_after_commit
+        self.receiver = type("R", (), {"close": lambda _: self.calls.append("close")})()
+
+    def wait_for(self, version, timeout):
+        self.calls.append(("wait_for", version, timeout))
+        return version
+
+    def commit(self):
+        self.calls.append("commit")
+        return self.live
+
+
+def test_worker_engine_waits_in_update_and_commits_in_finish(engine_module, monkeypatch):
+    attached = _Attached(live_after_commit=2)
+    got = {}
+
+    def fake_attach(vllm_config, model, config, **kw):
+        got.update(kw, config=config)
+        return attached
+
+    monkeypatch.setattr(engine_module, "attach", fake_attach)
+    engine = engine_module.FsdpSyncWeightTransferEngine(None, None, torch.device("cpu"), nn.Linear(1, 1))
+    with pytest.raises(RuntimeError, match="not initialized"):
+        engine.start_weight_update()
+    payload = TrainerInitInfo(config=SyncConfig(job="rl"), rank=0).engine_init_payload()
+    engine.init_transfer_engine(EngineInitInfo(**payload))
+    assert got["commit"] == "staged" and got["config"].job == "rl" and got["rank"] is None
+    engine.start_weight_update()
+    engine.update_weights(update_payload(2, 5.0))
+    engine.finish_weight_update()
+    assert attached.calls == [("wait_for", 2, 5.0), "commit"]
+    engine.start_weight_update()
+    engine.update_weights(update_payload(3))
+    with pytest.raises(RuntimeError, match="version 3 was confirmed landed, but commit made 2 live"):
+        engine.finish_weight_update()
+    engine.shutdown()
+    assert attached.calls[-1] == "close" and engine.attached is None
+
+
+def test_trainer_engine_pushes_then_makes_vllms_three_calls(engine_module):
+    class Sender:
+        def push(self, version):
+            calls.append(("push", version))
+            return type("H", (), {"wait": lambda _: type("Result", (), {"version": 7})()})()
+
+    class Client:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: calls.append((name, args, kwargs))
+
+    calls = []
+    info = TrainerInitInfo(config=SyncConfig(), rank=0, update_timeout_s=9.0)
+    engine = engine_module.FsdpSyncTrainerWeightTransferEngine(client=Client(), source=None, sender=Sender(),
+                                                               init_info=info)
+    assert engine.send_weights().version == 7
+    assert calls == [("push", None), ("start_weight_update", (), {}),
+                     ("update_weights", ({"version": 7, "timeout_s": 9.0},), {}),
+                     ("finish_weight_update", (), {"weight_version": "7"})]
+    calls.clear()  # a rank other than 0 pushes only
+    other = engine_module.FsdpSyncTrainerWeightTransferEngine(
+        client=Client(), source=None, sender=Sender(), init_info=TrainerInitInfo(config=SyncConfig(), rank=1))
+    other.send_weights(7)
+    assert calls == [("push", 7)]
+
+
+def test_trainer_init_needs_the_trainers_process_group(engine_module):
+    with pytest.raises(ValueError, match="must be this process's rank in the trainer's default process group"):
+        engine_module.FsdpSyncTrainerWeightTransferEngine.trainer_init(
+            TrainerInitInfo(config=SyncConfig(), rank=0), client=None, source=nn.Linear(1, 1))
