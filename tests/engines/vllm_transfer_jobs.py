@@ -16,7 +16,9 @@ push (derived ones too) must equal it byte for byte.
 
 Trainer side (2 processes, gloo): an FSDP2 module with the HF names of the case, its
 values ``vllm_cases.fill`` with a salt per version, pushed through
-``WeightTransferTrainerFactory.trainer_init(...)`` and ``send_weights()``.
+``WeightTransferTrainerFactory.trainer_init(...)`` and ``send_weights()``; or, for a case
+on the worker-extension path, by a plain ``WeightSender`` with the extension's methods
+called on every worker.
 """
 
 from __future__ import annotations
