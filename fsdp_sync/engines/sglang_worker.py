@@ -22,7 +22,12 @@ experts fused into the routed experts (SGLang's default for DeepSeek-V3 on 8 GPU
 DeepEP's replicated shared experts are not covered: launch with
 ``--disable-shared-experts-fusion`` and without DeepEP.
 
-Written against SGLang main as of 2025-2026 (see docs/layouts.md); not run live here.
+Written against SGLang main as of 2025-2026 (see docs/layouts.md); not run live here:
+SGLang 0.5.23 from PyPI cannot build its models on a CPU-only machine (README, "SGLang on
+CPU"). Read against 0.5.23's source, registration would fail there: it has no
+``sglang.srt.layers.dp_attention.get_attention_tp_size`` any more (attention TP now comes
+from its runtime context); the UE8M0 guard looks in both places ``deep_gemm_wrapper`` has
+lived. Not verified on any release.
 """
 
 from __future__ import annotations
@@ -89,10 +94,13 @@ def _register(model: torch.nn.Module, *, config: dict[str, Any], commit: str = "
 
 
 def _refuse_ue8m0() -> None:
-    try:
-        from sglang.srt.layers.quantization import deep_gemm_wrapper
+    try:  # SGLang 0.5.23 keeps it in layers/, older main in layers/quantization/
+        from sglang.srt.layers import deep_gemm_wrapper
     except ImportError:
-        return
+        try:
+            from sglang.srt.layers.quantization import deep_gemm_wrapper
+        except ImportError:
+            return
     if getattr(deep_gemm_wrapper, "DEEPGEMM_SCALE_UE8M0", False):
         raise ValueError("SGLang requantizes FP8 weights to power-of-two (UE8M0) scales for DeepGEMM; pushed "
                          "amax/448 scales would be misread. Disable DeepGEMM's UE8M0 scales")

@@ -25,7 +25,10 @@ from weights is not registered but re-derived at commit: MLA's ``W_UK_T`` / ``W_
 own ``process_weights_after_loading``, as vLLM's reload does, copied into their old
 storage so captured CUDA graphs stay valid.
 
-Checked against vLLM 0.33.0 on CPU (tests/test_vllm_fixtures.py, docs/layouts.md).
+Checked against vLLM 0.33.0 on CPU (tests/test_vllm_fixtures.py, docs/layouts.md). On
+vLLM 0.33, the native weight-transfer backend (``vllm_transfer``: ``weight_transfer_config``
+and vLLM's own update calls) runs the same registration (``attach``); this extension is
+the path for versions without that API.
 """
 
 from __future__ import annotations
@@ -46,24 +49,10 @@ class FsdpSyncWorkerExtension:
                            world_size: int | None = None) -> dict[str, Any]:
         """Register this worker's live weights as the destinations of rank ``rank`` (default:
         DP rank x TP size + TP rank) of the inference job; returns what was registered."""
-        pc = self.vllm_config.parallel_config
-        if pc.pipeline_parallel_size > 1:
-            raise ValueError("fsdp_sync's vllm layout covers TP, DP and EP; pipeline_parallel_size must be 1")
-        if getattr(pc, "enable_eplb", False):
-            raise ValueError("fsdp_sync cannot place redundant (EPLB) experts; run vLLM without --enable-eplb")
-        _refuse_e8m0()
-        model = self.model_runner.model
-        refuse_relaying_moe_backends(moe_backends(model))
-        kwargs = engine_layout_kwargs(self.vllm_config, model)
-        tp_rank, tp_size, dp_rank, dp_size = kwargs["tp_rank"], kwargs["tp_size"], kwargs["dp_rank"], kwargs["dp_size"]
-        tensors = live_tensors(model)
-        check_block_fp8(tensors)
-        receiver = WeightReceiver(tensors, config=SyncConfig(**config), layout="vllm", layout_kwargs=kwargs,
-                                  rank=dp_rank * tp_size + tp_rank if rank is None else rank,
-                                  world_size=dp_size * tp_size if world_size is None else world_size, commit=commit)
-        act_dtype = self.vllm_config.model_config.dtype
-        self._fsdp_sync = Attached(receiver, lambda: _rederive_mla(model, act_dtype))
-        return {"rank": receiver.rank, "tensors": len(tensors), "layout": kwargs}
+        self._fsdp_sync = attach(self.vllm_config, self.model_runner.model, SyncConfig(**config), commit=commit,
+                                 rank=rank, world_size=world_size)
+        receiver = self._fsdp_sync.receiver
+        return {"rank": receiver.rank, "tensors": len(receiver.tensors), "layout": dict(receiver.layout.kwargs)}
 
     def fsdp_sync_wait_for(self, version: int | None = None, timeout: float | None = None) -> int:
         """Block until ``version`` (default: any newer one) has landed in this worker."""
@@ -72,6 +61,32 @@ class FsdpSyncWorkerExtension:
     def fsdp_sync_commit(self) -> int | None:
         """Make the newest landed version live; returns it. Call between engine steps."""
         return self._fsdp_sync.commit()
+
+
+def attach(vllm_config, model, config: SyncConfig, *, commit: str = "staged", rank: int | None = None,
+           world_size: int | None = None) -> Attached:
+    """A WeightReceiver on a vLLM worker's live weights, after refusing what a push cannot fill.
+
+    Shared by the worker extension and the native weight-transfer backend
+    (``vllm_transfer_engine``): rank ``rank`` (default: DP rank x TP size + TP rank) of
+    an inference job of ``world_size`` (default: DP size x TP size) ranks.
+    """
+    pc = vllm_config.parallel_config
+    if pc.pipeline_parallel_size > 1:
+        raise ValueError("fsdp_sync's vllm layout covers TP, DP and EP; pipeline_parallel_size must be 1")
+    if getattr(pc, "enable_eplb", False):
+        raise ValueError("fsdp_sync cannot place redundant (EPLB) experts; run vLLM without --enable-eplb")
+    _refuse_e8m0()
+    refuse_relaying_moe_backends(moe_backends(model))
+    kwargs = engine_layout_kwargs(vllm_config, model)
+    tp_rank, tp_size, dp_rank, dp_size = kwargs["tp_rank"], kwargs["tp_size"], kwargs["dp_rank"], kwargs["dp_size"]
+    tensors = live_tensors(model)
+    check_block_fp8(tensors)
+    receiver = WeightReceiver(tensors, config=config, layout="vllm", layout_kwargs=kwargs,
+                              rank=dp_rank * tp_size + tp_rank if rank is None else rank,
+                              world_size=dp_size * tp_size if world_size is None else world_size, commit=commit)
+    act_dtype = vllm_config.model_config.dtype
+    return Attached(receiver, lambda: _rederive_mla(model, act_dtype))
 
 
 def engine_layout_kwargs(vllm_config, model) -> dict[str, Any]:

@@ -60,9 +60,10 @@ def checkpoint_module(name: str, cfg: dict) -> str:
     return stem
 
 
-def checkpoint(cfg: dict, fp8_modules: set[str]) -> list[tuple[str, torch.Tensor]]:
+def checkpoint(cfg: dict, fp8_modules: set[str], *, salt: str = "") -> list[tuple[str, torch.Tensor]]:
     """The tensors an HF checkpoint of these weights holds: experts one by one (as on disk),
-    FP8 with ``weight_scale_inv`` exactly where vLLM built an FP8 module."""
+    FP8 with ``weight_scale_inv`` exactly where vLLM built an FP8 module; ``salt`` as in
+    ``vllm_cases.fill`` (another version of the weights)."""
     from fsdp_sync.quant import reference_quantize
 
     out = []
@@ -74,7 +75,7 @@ def checkpoint(cfg: dict, fp8_modules: set[str]) -> list[tuple[str, torch.Tensor
         else:
             out.append((name, t))
 
-    for name, t in hf_tensors(cfg).items():
+    for name, t in hf_tensors(cfg, salt=salt).items():
         module = checkpoint_module(name, cfg)
         quantize = t.dim() >= 2 and any(m == module or m.startswith(module + ".") for m in fp8_modules)
         if name.endswith(".experts.gate_up_proj"):
