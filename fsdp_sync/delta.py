@@ -90,15 +90,19 @@ class DeltaSender:
             if verify:
                 stats.digests[f"{task.receiver}/{task.seq}"] = digest(new)
             shadow = self.shadows.get(id(task))
-            if not delta or shadow is None:
-                self.shadows[id(task)] = new.clone().view(-1) if shadow is None else shadow.copy_(new.view(-1))
-                stats.bytes_sent += task.nbytes
-                if task.kind == DATA:
-                    stats.elements += program.numel
-                    stats.changed += program.numel
-                out.append((task, payload))
+            if delta and shadow is not None:
+                out.append((task, self._diff(task, program, new.view(-1), shadow, stats, destination)))
                 continue
-            out.append((task, self._diff(task, program, new.view(-1), shadow, stats, destination)))
+            self.shadows[id(task)] = new.clone().view(-1) if shadow is None else shadow.copy_(new.view(-1))
+            if task.kind == DATA:
+                stats.elements += program.numel
+                stats.changed += program.numel
+            if delta and not self.one_sided:  # no shadow yet inside a delta push: this piece goes dense
+                out.append((task, Encoded(DENSE, program.numel, new.view(torch.uint8).view(-1))))
+                stats.bytes_sent += HEADER_BYTES + task.nbytes
+            else:
+                out.append((task, payload))
+                stats.bytes_sent += task.nbytes
         return out
 
     def _diff(self, task: Task, program: DeltaProgram, new: torch.Tensor, shadow: torch.Tensor,
@@ -155,7 +159,7 @@ def encode_body(encoding: int, mask: torch.Tensor, new: torch.Tensor) -> torch.T
         index = torch.int32 if new.numel() < 2**31 else torch.int64
         return torch.cat([mask.nonzero().view(-1).to(index).view(torch.uint8), values])
     assert encoding == BITMAP
-    padded = torch.zeros(-(-mask.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded = torch.zeros(-(-mask.numel() // 64) * 64, dtype=torch.uint8, device=mask.device)
     padded[:mask.numel()] = mask
     packed = (padded.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(1, dtype=torch.uint8)
     return torch.cat([packed, values])
@@ -172,7 +176,7 @@ def apply(program: DeltaProgram, encoded: Encoded, view: torch.Tensor) -> None:
         split = count * program.index_dtype.itemsize
         flat[body[:split].view(program.index_dtype).long()] = body[split:].view(program.bits_dtype)
     elif encoded.encoding == BITMAP:
-        split = (program.numel + 7) // 8
+        split = program.bitmap_nbytes
         mask = ((body[:split, None] >> torch.arange(8, dtype=torch.uint8, device=body.device)) & 1).view(-1)
         flat[mask[:program.numel].bool()] = body[split:].view(program.bits_dtype)
     else:

@@ -7,7 +7,8 @@ A task's payload is its destination box in row-major order. A change is encoded 
 
 * ``DENSE``: the whole payload (what a full push sends);
 * ``POSITIONS``: the flat indices of changed elements, then their values;
-* ``BITMAP``: one bit per element (little-endian within a byte), then the changed values.
+* ``BITMAP``: one bit per element (little-endian within a byte), padded to whole 8-byte
+  words so the values after it stay aligned for their dtype, then the changed values.
 
 Two-sided transports send a 16-byte header (encoding, count) before each body. One-sided
 transports store the changed elements straight into the destination; scale grids go whole
@@ -43,6 +44,10 @@ class DeltaProgram:
     def bits_dtype(self) -> torch.dtype:
         return BITS_DTYPES[self.itemsize]
 
+    @property
+    def bitmap_nbytes(self) -> int:
+        return (self.numel + 63) // 64 * 8
+
     def body_nbytes(self, encoding: int, count: int) -> int:
         """Bytes of the encoded body with ``count`` changed elements."""
         if encoding == DENSE:
@@ -50,7 +55,7 @@ class DeltaProgram:
         if encoding == POSITIONS:
             return count * (self.index_dtype.itemsize + self.itemsize)
         if encoding == BITMAP:
-            return (self.numel + 7) // 8 + count * self.itemsize
+            return self.bitmap_nbytes + count * self.itemsize
         raise ValueError(f"unknown delta encoding {encoding!r}, not one of {list(ENCODINGS)}")
 
     def choose(self, count: int, mode: str) -> int:

@@ -89,14 +89,16 @@ def _program(numel: int, itemsize: int, dense: bool = False) -> DeltaProgram:
 
 @pytest.mark.parametrize("encoding", [DENSE, POSITIONS, BITMAP])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_encodings_rebuild_the_payload(encoding, contiguous):
-    old, new = _pair(13 * 7, torch.bfloat16, 0.2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_encodings_rebuild_the_payload(encoding, contiguous, dtype):
+    """Also where the bitmap's bits do not fill whole words: the values after it stay aligned."""
+    old, new = _pair(13 * 7, dtype, 0.2)
     old, new = old.view(13, 7), new.view(13, 7)
     mask = (bits(old) != bits(new)).view(-1)
     body = encode_body(encoding, mask, bits(new).view(-1))
-    program = _program(old.numel(), 2)
+    program = _program(old.numel(), old.element_size())
     assert body.numel() == program.body_nbytes(encoding, int(mask.sum()))
-    holder = torch.zeros(13, 9, dtype=torch.bfloat16)
+    holder = torch.zeros(13, 9, dtype=dtype)
     view = holder[:, 1:8] if not contiguous else holder[:, :7].contiguous()
     view.copy_(old)
     apply(program, Encoded(encoding, int(mask.sum()), body), view)
@@ -110,6 +112,7 @@ def test_choose():
     assert p.choose(0, "on") == POSITIONS and p.choose(0, "auto") == POSITIONS
     assert p.choose(10, "on") == POSITIONS  # 60 bytes against a 128-byte bitmap + 20
     assert p.choose(300, "on") == BITMAP  # 1800 against 728
+    assert _program(1000, 1).bitmap_nbytes == 128  # 125 bytes of bits, padded to 16 words
     assert p.choose(1000, "on") == BITMAP and p.choose(1000, "auto") == DENSE  # 2128 > 2048
     assert _program(1024, 4, dense=True).choose(0, "on") == DENSE
 
