@@ -392,11 +392,10 @@ class WeightReceiver:
 
     def _verify(self, seq: int) -> None:
         """Hash every destination box and compare with the senders' digests of what they sent."""
-        sent: dict[str, int] = {}
-        for digests in self.control.get_many([verify_key(seq, s) for s in self._plan.senders], expect=dict):
-            sent.update(digests)
+        senders = self._plan.senders
+        sent = dict(zip(senders, self.control.get_many([verify_key(seq, s) for s in senders], expect=dict)))
         bad = sorted({t.dst for t in self._plan.arrivals
-                      if sent.get(f"{t.receiver}/{t.seq}") != digest(t.dst_box.view(self._staging[t.dst]))})
+                      if sent[t.sender].get(f"{t.receiver}/{t.seq}") != digest(t.dst_box.view(self._staging[t.dst]))})
         if bad:
             raise SyncError(f"receiver {self.rank}: push {seq} failed verification: {', '.join(bad)} differ from "
                             "what the trainer sent (written behind fsdp_sync's back?); the next push is a full one")

@@ -102,7 +102,7 @@ def receiver(rank: int, world_size: int, cases: list[DeltaCase], results, barrie
                 delta = _receiver(case, rank, True)
             elif event == "corrupt":
                 name = next(n for n in delta.tensors if n.endswith("down_proj.weight"))
-                bits(delta.tensors[name]).view(-1)[7] ^= 0x10
+                bits(delta._staging[name]).view(-1)[7] ^= 0x10  # the buffer deltas build on
             barrier.wait(timeout=scaled(case.timeout_s))
             try:
                 delta.wait_for(version)

@@ -54,3 +54,29 @@ def test_delta_equals_full_over_50_steps():
         sent, whole = sum(r[2] for r in report[5:]), sum(r[3] for r in report[5:])
         assert sent < whole, f"{case.name}: a delta sent {sent} bytes against {whole} in full"
         assert report[-1][5] > 0  # the shadow's size is reported
+
+
+def test_anchor_after_a_refused_base_a_reregistration_and_a_failed_verification():
+    """Receiver 0 forgets which version its buffers hold before push 4 (it must refuse the
+    delta: gated staged receivers before any byte lands, ungated gloo ones by draining it),
+    restarts before push 7, and has a byte flipped behind the library's back before push 10,
+    which verification catches. Each is followed by a full push that lands bit-exact."""
+    events = {4: "diverge", 7: "reregister", 10: "corrupt"}
+    cases = [_case("anchors-gloo", quant="fp8_block", mode="direct", transport="gloo", lr=1e-6, versions=12,
+                   events=events, verify_every=1),
+             _case("anchors-shm-staged", quant="none", mode="direct", transport="shm", commit="staged",
+                   dtype=torch.bfloat16, lr=3e-5, versions=12, events=events, verify_every=2)]
+    out = _run(cases, num_receivers=1)
+    for case in cases:
+        _identical(out, case, 1, except_versions=(4, 10))
+        report = {v: rest for v, *rest in out[("trainer", 0, case.name, "report")]}
+        bases = {v: r[0] for v, r in report.items()}
+        assert bases == {1: None, 2: 1, 3: 2, 4: "error", 5: None, 6: 5, 7: None, 8: 7, 9: 8, 10: "error",
+                         11: None, 12: 11}, (case.name, bases)
+        got = {v: (held, error) for v, held, error, _ in out[("receiver", 0, case.name, "report")]}
+        assert "is a delta on version 3, but the buffers it writes hold -1; refused" in got[4][1], got[4]
+        assert "failed verification" in got[10][1] and "down_proj.weight" in got[10][1], got[10]
+        assert "did not land" in report[4][1] and "failed verification" in report[10][1], (report[4], report[10])
+        # Staged: the live tensors keep the last good version through both failures. In place,
+        # a drained delta leaves them at version 3; a failed verification leaves them torn.
+        assert [got[v][0] for v in (4, 10)] == ([3, 9] if case.commit == "staged" else [3, None])
