@@ -76,7 +76,7 @@ def test_anchor_after_a_refused_base_a_reregistration_and_a_failed_verification(
         got = {v: (held, error) for v, held, error, _ in out[("receiver", 0, case.name, "report")]}
         assert "is a delta on version 3, but the buffers it writes hold -1; refused" in got[4][1], got[4]
         assert "failed verification" in got[10][1] and "down_proj.weight" in got[10][1], got[10]
-        assert "did not land" in report[4][1] and "failed verification" in report[10][1], (report[4], report[10])
+        assert "refused" in report[4][1] and "failed verification" in report[10][1], (report[4], report[10])
         # Staged: the live tensors keep the last good version through both failures. In place,
         # a drained delta leaves them at version 3; a failed verification leaves them torn.
         assert [got[v][0] for v in (4, 10)] == ([3, 9] if case.commit == "staged" else [3, None])
