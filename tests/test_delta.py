@@ -160,3 +160,20 @@ def test_digest_sees_one_byte():
     bits(y)[517] ^= 1
     assert digest(x) != digest(y) and digest(x) == digest(x.clone())
     assert digest(torch.tensor([1, 2], dtype=torch.uint8)) != digest(torch.tensor([2, 1], dtype=torch.uint8))
+
+
+def test_both_jobs_must_agree_on_delta():
+    from types import SimpleNamespace
+
+    from fsdp_sync import SyncConfig
+    from fsdp_sync.controller import check_shared_settings
+    from fsdp_sync.errors import PlanError
+
+    trainer, engine = SyncConfig(delta="auto"), SyncConfig(delta="off")
+    check_shared_settings(trainer, [SimpleNamespace(rank=0, settings=SyncConfig(delta="auto").shared_settings())])
+    with pytest.raises(PlanError, match=r"SyncConfig.delta is 'auto' on the trainer but 'off' on receiver ranks \[0\]"):
+        check_shared_settings(trainer, [SimpleNamespace(rank=0, settings=engine.shared_settings())])
+    with pytest.raises(ValueError, match="SyncConfig.delta='sometimes' is not one of"):
+        SyncConfig(delta="sometimes")
+    with pytest.raises(ValueError, match="verify_every"):
+        SyncConfig(verify_every=-1)
