@@ -12,13 +12,16 @@ from dataclasses import dataclass, field
 from .quant import DEFAULT_QUANT_SKIP, QUANT_FORMATS
 
 # Bumped whenever what the two jobs exchange on the control plane changes meaning.
-PROTOCOL_VERSION = 2
-SHARED_SETTINGS = ("quant", "mode")  # SyncConfig fields both jobs must set alike
+PROTOCOL_VERSION = 3  # 3: a push announcement carries its delta base and whether it is verified
+SHARED_SETTINGS = ("quant", "mode", "delta")  # SyncConfig fields both jobs must set alike
 MODES = ("direct", "reconstruct")
 TRANSPORTS = ("auto", "gloo", "shm", "cuda_ipc", "nccl", "rdma")  # see fsdp_sync.transport
 # auto: grouped Triton launches on GPU, the torch reference on CPU. grouped / per_box force
 # Triton (on CPU under TRITON_INTERPRET=1, for tests); reference forces plain torch.
 KERNELS = ("auto", "grouped", "per_box", "reference")
+# off: every push is full. on: a push after a good one sends only what changed (see
+# fsdp_sync.delta). auto: as on, but a piece whose encoded change is not smaller goes dense.
+DELTA_MODES = ("off", "auto", "on")
 # After a failed push: "fail" keeps every registered receiver in the plan (the next push
 # waits for them all again); "drop" leaves out the receivers whose heartbeat stopped and
 # pushes on to the rest, and plans with the receivers registered so far.
@@ -68,6 +71,8 @@ class SyncConfig:
     kernels: str = "auto"  # FP8 kernels: auto | grouped (one launch per bucket) | per_box | reference
     on_receiver_failure: str = "fail"  # fail | drop: what a failed push does to a dead receiver
     check_finite: bool = False  # refuse inf/NaN in tensors sent unquantized too (FP8 ones always are)
+    delta: str = "off"  # off | auto | on: send only what changed since the receiver's last version
+    verify_every: int = 0  # every N-th push both sides hash every destination and compare (0: never)
     links: LinkModel = field(default_factory=LinkModel)
     # Shared secret that signs every control value (HMAC-SHA256); None: $FSDP_SYNC_SECRET if
     # set, else unsigned. Never printed: repr=False, and only its HMAC state is kept once connected.
@@ -85,6 +90,10 @@ class SyncConfig:
         if self.on_receiver_failure not in RECEIVER_FAILURE_POLICIES:
             raise ValueError(f"SyncConfig.on_receiver_failure={self.on_receiver_failure!r} is not one of "
                              f"{list(RECEIVER_FAILURE_POLICIES)}")
+        if self.delta not in DELTA_MODES:
+            raise ValueError(f"SyncConfig.delta={self.delta!r} is not one of {list(DELTA_MODES)}")
+        if type(self.verify_every) is not int or self.verify_every < 0:
+            raise ValueError(f"SyncConfig.verify_every must be an int >= 0, got {self.verify_every!r}")
         if self.watermark_mb <= 0:
             raise ValueError(f"SyncConfig.watermark_mb must be > 0, got {self.watermark_mb}")
         for name in ("timeout_s", "connect_timeout_s"):
@@ -103,6 +112,7 @@ class SyncConfig:
     def shared_settings(self) -> dict[str, object]:
         """What a receiver registers and the controller compares with its own, before planning."""
         return {"protocol": PROTOCOL_VERSION, **{name: getattr(self, name) for name in SHARED_SETTINGS}}
+
     def resolved_secret(self) -> str | None:
         """The secret that signs control values: ``secret``, else $FSDP_SYNC_SECRET, else None."""
         return self.secret if self.secret is not None else (os.environ.get(SECRET_ENV) or None)

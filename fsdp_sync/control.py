@@ -279,7 +279,9 @@ class ControlPlane:
 
     @_store_errors
     def announcement(self, seq: int) -> tuple:
-        """Push ``seq``'s announcement, checked: ("go", version, fingerprint, generation), or
+        """Push ``seq``'s announcement, checked: ("go", version, fingerprint, generation, base,
+        verify) where ``base`` is the version a delta push applies to (None: a full push) and
+        ``verify`` says whether both sides hash the destinations after it, or
         ("error", message) for a refused plan, or ("refused", message) for a refused control value."""
         key = push_key(seq)
         value = self.get(key)
@@ -344,7 +346,8 @@ def is_announcement(value: Any) -> bool:
     if type(value) is not tuple or not value:
         return False
     if value[0] == "go":
-        return (len(value) == 4 and type(value[1]) is int and type(value[2]) is str and type(value[3]) is int)
+        return (len(value) == 6 and type(value[1]) is int and type(value[2]) is str and type(value[3]) is int
+                and (value[4] is None or type(value[4]) is int) and type(value[5]) is bool)
     if value[0] == CLOSED:
         return len(value) == 1
     return value[0] in ("error", "refused") and len(value) == 2 and type(value[1]) is str
@@ -396,6 +399,10 @@ def ready_key(seq: int, receiver: int) -> str:
 
 def push_failed_key(seq: int) -> str:
     return f"push/{seq}/failed"
+
+
+def verify_key(seq: int, sender: int) -> str:
+    return f"push/{seq}/verify/{sender}"
 
 
 def ack_key(seq: int, receiver: int) -> str:

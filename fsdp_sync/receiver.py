@@ -13,6 +13,11 @@ failed or timed-out push leaves the version where it was and is raised by the ne
 
 In both gated cases (staged, or paused) senders write only after the receiver says
 "ready" for that push, so no byte lands while the engine reads or commits.
+
+A delta push (``SyncConfig.delta``) names its base version: it is correct only on top
+of exactly that version, so the receiver takes one only while the buffers it writes
+(staging, or the live tensors in place) hold that version whole, and refuses it
+otherwise, which fails the push and makes the next one full.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from torch import nn
 from .claims import Claim, receiver_claim, trainer_holder
 from .config import SyncConfig
 from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
-                      plan_sender_key, push_key, ready_key, recv_meta_key, listening)
+                      plan_sender_key, push_key, ready_key, recv_meta_key, verify_key, listening)
+from .delta import digest
+from .delta_plan import DELTA_KINDS
 from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout, TrainerGone
 from .meta import LayoutSpec, ReceiverMeta, as_layout_spec, clean_name, dest_tensors, device_id, with_tp_defaults
 from .plan import ReceiverPlan
@@ -95,6 +102,7 @@ class WeightReceiver:
         self._closed_by: tuple[str, float | None] | None = None  # (claim, when) of a trainer that closed
         self.version: int | None = None  # the version the engine sees in self.tensors
         self.landed_version: int | None = None  # the newest version whose every byte landed
+        self._buffer_version: int | None = None  # the version the buffers pushes write hold whole: a delta's base
         self._staging_lock = threading.Lock()  # held while a push writes or commit() reads staging
         self._staging_valid = True  # staging holds a whole landed version
         self._paused = False  # in_place: pause() was called and resume() not yet
@@ -336,7 +344,7 @@ class WeightReceiver:
             raise PlanError(announced[1])
         if announced[0] == "refused":
             raise ControlPlaneError(announced[1])
-        _, version, fp, generation = announced
+        _, version, fp, generation, base, verify = announced
         if not self.control.has(plan_receiver_key(fp, self.rank)) and self.control.has(plan_sender_key(fp, 0)):
             # A published plan that leaves this rank out: the trainer dropped it after a failed
             # push (it looked dead). Registering again puts it back into the next plan, as a
@@ -360,17 +368,20 @@ class WeightReceiver:
         if self.landed_version is not None and version <= self.landed_version:
             raise SyncError(f"receiver {self.rank}: push {seq} announces version {version}, "
                             f"not newer than landed version {self.landed_version}")
+        if base is not None and base != self._buffer_version:
+            self._refuse_delta(seq, base)
         if self.commit_mode == "staged":
             with self._staging_lock:
                 self._staging_valid = False  # partial until this push lands; a failure leaves it so
+                self._buffer_version = None
                 with self._cond:  # the shadow no longer holds the landed version: only the live one is left
                     self.landed_version = self.version
                 self.control.set(ready_key(seq, self.rank), True)
-                self._transport.receive(seq, self.config.timeout_s)
+                self._receive(seq, delta=base is not None, verify=verify)
                 self._landed(version, live=False)
                 self._staging_valid = True
         else:
-            self._land_in_place(seq, version)
+            self._land_in_place(seq, version, delta=base is not None, verify=verify)
         self.control.set(ack_key(seq, self.rank), "ok")
 
     def _load_plan(self, seq: int, fp: str) -> ReceiverPlan:
@@ -384,7 +395,42 @@ class WeightReceiver:
                                     f"{plan.fingerprint}", key=key)
         return plan
 
-    def _land_in_place(self, seq: int, version: int) -> None:
+    def _refuse_delta(self, seq: int, base: int) -> None:
+        """Refuse push ``seq``, a delta on a version these buffers do not hold, before it writes
+        where the receiver gates its senders. Ungated two-sided senders are drained, so the
+        push ends at once; ungated one-sided ones write regardless: the live tensors are torn."""
+        why = (f"receiver {self.rank}: push {seq} is a delta on version {base}, but the buffers it writes hold "
+               f"{self._buffer_version}; refused (the next push is a full one)")
+        if not self.meta.gated:
+            if DELTA_KINDS.get(self._plan.transport) == "two_sided":
+                self._transport.receive_delta(seq, self.config.timeout_s, apply_it=False)
+            else:
+                self._transport.receive(seq, self.config.timeout_s)
+                with self._cond:
+                    self.version = self.landed_version = None
+                why += "; its changes were written into the live tensors, which are torn until it lands"
+        raise SyncError(why)
+
+    def _receive(self, seq: int, *, delta: bool, verify: bool) -> None:
+        """Every arrival of push ``seq`` landed (and, for a verified push, matches what was sent)."""
+        if delta and DELTA_KINDS.get(self._plan.transport) == "two_sided":
+            self._transport.receive_delta(seq, self.config.timeout_s)
+        else:  # a full push, or a one-sided delta: the senders stored it already
+            self._transport.receive(seq, self.config.timeout_s)
+        if verify:
+            self._verify(seq)
+
+    def _verify(self, seq: int) -> None:
+        """Hash every destination box and compare with the senders' digests of what they sent."""
+        senders = self._plan.senders
+        sent = dict(zip(senders, self.control.get_many([verify_key(seq, s) for s in senders], expect=dict)))
+        bad = sorted({t.dst for t in self._plan.arrivals
+                      if sent[t.sender].get(f"{t.receiver}/{t.seq}") != digest(t.dst_box.view(self._staging[t.dst]))})
+        if bad:
+            raise SyncError(f"receiver {self.rank}: push {seq} failed verification: {', '.join(bad)} differ from "
+                            "what the trainer sent (written behind fsdp_sync's back?); the next push is a full one")
+
+    def _land_in_place(self, seq: int, version: int, *, delta: bool = False, verify: bool = False) -> None:
         """Writes go to the live tensors, with the engine paused if it gave ``pause``.
 
         A push that fails once writing began leaves them torn: the receiver then reports no
@@ -396,8 +442,9 @@ class WeightReceiver:
             self._paused = True
         if self.meta.gated:
             self.control.set(ready_key(seq, self.rank), True)
+        self._buffer_version = None
         try:
-            self._transport.receive(seq, self.config.timeout_s)
+            self._receive(seq, delta=delta, verify=verify)
         except Exception as e:
             with self._cond:
                 self.version = self.landed_version = None
@@ -410,6 +457,7 @@ class WeightReceiver:
             self._paused = False
 
     def _landed(self, version: int, *, live: bool) -> None:
+        self._buffer_version = version
         with self._cond:
             self.landed_version = version
             if live:

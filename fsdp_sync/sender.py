@@ -24,8 +24,11 @@ from torch import nn
 from .config import SyncConfig
 from .claims import Claim, trainer_claim
 from .control import (CLOSED, ControlPlane, PUSH_LATEST, ack_key, done_key, is_announcement, plan_sender_key,
-                      push_key, ready_key, recv_meta_key, sender_closed_key, sender_error_key, sender_host_key)
+                      push_key, ready_key, recv_meta_key, sender_closed_key, sender_error_key, sender_host_key,
+                      verify_key)
 from .controller import Controller
+from .delta import DeltaSender, DeltaStats
+from .delta_plan import DELTA_KINDS
 from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout
 from .meta import ReceiverMeta, SourceParam, device_id, source_params
 from .packing import BucketPacker
@@ -50,6 +53,11 @@ class PushResult:
     peak_bytes: int
     floor_s: float | None = None  # the plan's floor, known on the controller
     trace_path: str | None = None
+    # Delta push (SyncConfig.delta): bytes_sent is what moved; these say against what.
+    full_bytes: int | None = None  # what a full push of this version sends from this rank
+    delta_base: int | None = None  # the version this push was a delta on; None: a full push
+    changed_fraction: float | None = None  # of weight elements (scale grids not counted)
+    shadow_bytes: int = 0  # the shadow of what this rank last sent, on its device
 
 
 @dataclass
@@ -115,6 +123,10 @@ class WeightSender:
         self._transport = None
         self._generation = 0  # of the transport: PUSH_FAILURES when it was built
         self._announced: int | None = None  # controller: the last push it announced with "go"
+        self._last_go: tuple[str, int, int] | None = None  # controller: (plan, generation, version) of it
+        self._num_goes = 0  # controller: pushes announced, for verify_every
+        self._go: tuple[int | None, bool] = (None, False)  # this push's delta base and verify flag
+        self._delta: DeltaSender | None = None
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
         self._push_thread: PushThread | None = None  # started at the first push
@@ -319,9 +331,10 @@ class WeightSender:
                 kind = "error" if isinstance(e, PlanError) else "refused"
                 self.control.set_many({push_key(seq): (kind, str(e)), PUSH_LATEST: seq})
                 raise
-            announced = ("go", version, plan.fingerprint, generation)
+            announced = ("go", version, plan.fingerprint, generation, *self._delta_go(plan, generation))
             self.control.set_many({push_key(seq): announced, PUSH_LATEST: seq})
             self._announced = seq
+            self._last_go = (plan.fingerprint, generation, version)
         else:
             # A refused (forged) value under the push key counts as not announced yet: rank 0's replaces it.
             (announced,) = self.control.wait_values([push_key(seq)], accept=is_announcement,
@@ -331,12 +344,28 @@ class WeightSender:
             raise PlanError(announced[1])
         if announced[0] == "refused":
             raise ControlPlaneError(announced[1])
-        _, _, fp, generation = announced
+        _, _, fp, generation, base, verify = announced
+        self._go = (base, verify)
         if self._plan is None or self._plan.fingerprint != fp:
             self._load_plan(fp, generation, seq)
         elif generation != self._generation or self._transport is None:
             self._open_transport(generation, seq)  # a push failed since: its connections may be unusable
         return local
+
+    def _delta_go(self, plan, generation: int) -> tuple[int | None, bool]:
+        """Controller: the (delta base, verify) of the push it announces next.
+
+        A delta only on top of the last push, announced under the same plan and transport
+        generation: any failure since (counted before this is read), a re-plan (receivers
+        registered again) or a first push makes this a full ("anchor") push. Receivers
+        refuse a base they do not hold, which fails the push and so anchors the next.
+        """
+        if self.config.delta == "off" or plan.transport not in DELTA_KINDS:
+            return None, False  # verification rides on the delta pass's digests
+        self._num_goes += 1
+        verify = self.config.verify_every > 0 and self._num_goes % self.config.verify_every == 0
+        last = self._last_go
+        return (last[2] if last is not None and last[:2] == (plan.fingerprint, generation) else None), verify
 
     def _wait_until_ended(self, seq: int) -> None:
         """Controller: every sender rank ended push ``seq`` (done or failed), so a failure
@@ -384,14 +413,22 @@ class WeightSender:
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host,
                                    generation=generation, abort=lambda: self.control.failure_in(seq, errors))
         self._generation = generation
+        kind = DELTA_KINDS.get(plan.transport) if self.config.delta != "off" else None
+        # A delta diffs every payload against its shadow first, so the packer hands them over
+        # instead of writing destinations; a new transport starts with no shadow (an anchor).
+        self._delta = (DeltaSender(plan.tasks, self.device, mode=self.config.delta, one_sided=kind == "one_sided",
+                                   kernels=self.config.kernels) if kind else None)
+        fused = self.config.fused_writes and self._delta is None
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
-                                    destination=self._transport.destination if self.config.fused_writes else None,
+                                    destination=self._transport.destination if fused else None,
                                     kernels=self.config.kernels, remote=self._transport.writes_to_peer,
                                     check_finite=self.config.check_finite)
 
     # -- the push itself -----------------------------------------------------------------
     def _run(self, handle: PushHandle, local: dict[str, torch.Tensor]) -> None:
         seq, plan = handle.seq, self._plan
+        base, verify = self._go
+        stats = DeltaStats()
         trace = Trace(self.rank)
         budget = ByteBudget(self.config.watermark_bytes)
         started = time.perf_counter()
@@ -416,6 +453,10 @@ class WeightSender:
                 # inf/NaN verdict are complete.
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     items, check = self._packer.pack(bucket, local, trace)
+                    if self._delta is not None:
+                        with trace.span("delta", f"bucket {bucket.index}"):
+                            items = self._delta.encode(items, delta=base is not None, stats=stats,
+                                                       destination=self._transport.destination, verify=verify)
                     event = torch.cuda.Event() if stream is not None else None
                     if event is not None:
                         event.record(stream)
@@ -436,6 +477,8 @@ class WeightSender:
             run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes, produce=produce, transfer=transfer,
                          budget=budget, trace=trace)
             self._transport.finish()
+            if verify:
+                self._publish_digests(seq, stats)
             self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
             try:
@@ -449,8 +492,17 @@ class WeightSender:
         seconds = time.perf_counter() - started
         path = trace.write_chrome(self.config.trace_dir, f"push{seq}") if self.config.trace_dir else None
         floor = self.controller.plan.stats.floor_s if self.controller else None
-        handle._outcome["result"] = PushResult(handle.version, seq, seconds, sum(t.nbytes for t in plan.tasks),
-                                               trace.stage_seconds(), budget.peak, floor, path)
+        full = sum(t.nbytes for t in plan.tasks)
+        handle._outcome["result"] = PushResult(
+            handle.version, seq, seconds, stats.bytes_sent if self._delta else full, trace.stage_seconds(),
+            budget.peak, floor, path, full_bytes=full, delta_base=base if self._delta else None,
+            changed_fraction=stats.changed / stats.elements if self._delta and stats.elements else None,
+            shadow_bytes=self._delta.shadow_bytes if self._delta else 0)
+
+    def _publish_digests(self, seq: int, stats: DeltaStats) -> None:
+        """A verified push: the digest of each task's payload (taken by the delta pass), for its
+        receiver to compare with what its destination holds."""
+        self.control.set(verify_key(seq, self.rank), stats.digests)
 
     def _wait_for_acks(self, seq: int, version: int, receivers: list[int]) -> None:
         keys = [ack_key(seq, r) for r in receivers]

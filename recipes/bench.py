@@ -1,6 +1,6 @@
 """Benchmark: fsdp_sync pushes against the measured floor and two baselines, on 1-2 GPUs.
 
-    python -m recipes.bench [--cases f,a,b] [--repeats 10] [--nccl-tests DIR]
+    python -m recipes.bench [--cases f,a,b] [--repeats 10] [--nccl-tests DIR] [--update --lr 1e-6 --delta auto]
 
 Cases (each in both modes, for quant none and fp8_block, over cuda_ipc and nccl):
   f: colocated 1 -> 1 on one GPU, trainer and engine processes sharing it (Qwen3-8B-like), the
@@ -14,6 +14,11 @@ every receiver's bytes against the reference before timing, times >= 10 pushes a
 warm-up, times the rank-0 funnel and bucketed all-gather + broadcast baselines (and, with one
 trainer rank colocated, the same-process per-parameter loop), and writes one JSON file under
 bench_results/. A case needing more GPUs than present is skipped, saying so.
+
+``--update`` makes the pushed weights move as in RL: between timed pushes (outside the
+timing) each trainer rank runs a forward and backward on random tokens and an AdamW step
+on fp32 masters of its bf16 shards (``recipes.master``) at ``--lr``. With ``--delta``
+each row also reports the bytes moved against a full push and the changed fraction.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ import torch
 import torch.distributed as dist
 
 from fsdp_sync import LayoutSpec, LinkModel, SyncConfig, WeightReceiver, WeightSender, allocate_destinations
-from fsdp_sync.config import KERNELS
+from fsdp_sync.config import DELTA_MODES, KERNELS
 from fsdp_sync.destinations import checksum, expected_destinations
 from . import baselines
 from .jobs import free_port, spawn_context, start_job
+from .master import fp32_master
 from .models import param_shapes, qwen3_config, sharded_random_model
 
 GiB = 1 << 30
@@ -81,6 +87,9 @@ class Spec:
     mesh: tuple[int, ...] = ()  # trainer mesh: (shard,) for FSDP, (replicate, shard) for HSDP
     profile_dir: str = ""  # one more push per config under torch.profiler, trainer rank 0's trace here
     colocated: bool = False  # every receiver shares its GPU with a trainer rank
+    update: bool = False  # an AdamW step (fp32 masters) on random tokens before every push after the first
+    lr: float = 1e-6
+    delta: str = "off"  # SyncConfig.delta of both jobs
 
     @property
     def pushes(self) -> int:
@@ -164,18 +173,28 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
     links = LinkModel(intra_host_gbps=ceilings.get("peer_copy_gbps", copy),
                       inter_host_gbps=ceilings.get("nccl_sendrecv_gbps", copy), hbm_gbps=copy)
     rows = []
+    optim = fp32_master(model, torch.optim.AdamW, lr=spec.lr) if spec.update else None
+
+    def step() -> None:  # the weights move as after an RL step; not timed
+        if optim is not None:
+            ids = torch.randint(0, config.vocab_size, (1, 256), device=device)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optim.step()
+
     for quant, mode, transport, port in spec.configs:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
                          transport=transport.removesuffix("-staged"), timeout_s=300, watermark_mb=spec.watermark_mb,
                          links=links, host_control=False,  # the bench's own store, hosted by the parent
-                         fused_writes=not transport.endswith("-staged"), kernels=spec.kernels)
+                         fused_writes=not transport.endswith("-staged"), kernels=spec.kernels, delta=spec.delta)
         sender = WeightSender(model, cfg)
         sender.push(1).wait()
         _verify(model, spec, store, cfg, rank)
         for _ in range(spec.warmup):
+            step()
             sender.push().wait()
-        times, peaks, stages, parts = [], [], [], []
+        times, peaks, stages, parts, moved = [], [], [], [], []
         for _ in range(spec.repeats):
+            step()
             dist.barrier()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
@@ -187,19 +206,25 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             times.append(time.perf_counter() - t0)
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
             stages.append(result.stage_seconds)
+            moved.append((result.bytes_sent, result.full_bytes, result.changed_fraction or 0.0))
             # Where the wall time goes: announcing, the push thread, then the receivers' acks.
             parts.append(dict(publish=t1 - t0, run=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
         if spec.profile_dir:
             _profiled_push(sender, os.path.join(spec.profile_dir, f"{cfg.job}-rank{rank}"), rank)
         peak = torch.tensor([max(peaks)], device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        totals = torch.tensor([sum(m[0] for m in moved), sum(m[1] for m in moved)], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)  # every rank sends its own part
         if rank == 0:
             plan = sender.controller.plan
             rows.append(dict(quant=quant, mode=mode, transport=transport, bytes=plan.stats.bytes_total,
                              floor_s=plan.stats.floor_s, times_s=times, peak_extra_bytes=int(peak.item()),
                              watermark_bytes=cfg.watermark_bytes, plan_s=plan.stats.plan_s,
                              num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2], kernels=cfg.kernels,
-                             parts_s={k: statistics.median(p[k] for p in parts) for k in parts[0]}))
+                             parts_s={k: statistics.median(p[k] for p in parts) for k in parts[0]},
+                             delta=cfg.delta, lr=spec.lr if spec.update else None,
+                             sent_over_full=(totals[0] / totals[1]).item(),
+                             changed_fraction=statistics.median(m[2] for m in moved)))
             print(row_line(spec.case, rows[-1]), flush=True)  # in the log even if the run is cut short
         sender.close()
         torch.cuda.empty_cache()
@@ -294,7 +319,8 @@ def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
     sums: dict[str, dict[str, int]] = {}
     for quant, mode, transport, port in spec.configs:
         cfg = SyncConfig(control=f"127.0.0.1:{port}", job=spec.job(quant, mode, transport), quant=quant, mode=mode,
-                         transport=transport.removesuffix("-staged"), timeout_s=300, host_control=False)
+                         transport=transport.removesuffix("-staged"), timeout_s=300, host_control=False,
+                         delta=spec.delta)
         layout = spec.layout(rank)
         dests = allocate_destinations(shapes, layout=layout, quant=quant, device=device)
         recv = WeightReceiver(dests, config=cfg, layout=layout.name, layout_kwargs=layout.kwargs, rank=rank,
@@ -365,7 +391,8 @@ def run_case(name: str, args, ctx) -> dict:
     probe = 0 if not colocated else (case["receivers"] - 1 if case["receivers"] > 1 else None)
     spec = Spec(name, model, case["senders"], case["receivers"], case["tp"], store.port, configs, args.repeats,
                 args.warmup, args.baseline_repeats, args.watermark_mb, probe_receiver=probe,
-                mesh=case.get("mesh", ()), kernels=args.kernels, profile_dir=args.profile or "", colocated=colocated)
+                mesh=case.get("mesh", ()), kernels=args.kernels, profile_dir=args.profile or "", colocated=colocated,
+                update=args.update, lr=args.lr, delta=args.delta)
     results = ctx.Queue()
     procs = start_job(ctx, trainer, spec.senders, results, spec, results, gpu_offset=0)
     procs += start_job(ctx, receiver, spec.receivers, results, spec, results, gpu_offset=case["receiver_gpu_offset"])
@@ -410,10 +437,12 @@ def row_line(case: str, row: dict) -> str:
     later (a timeout, a baseline's crash) still leaves it in the log, where the table and
     the JSON come only at the end of the case."""
     med = statistics.median(row["times_s"])
+    moved = (f", sent {row['sent_over_full']:.2%} of a full push (delta {row['delta']}, lr {row['lr']}), "
+             f"{row['changed_fraction']:.2%} of weights changed") if row.get("delta", "off") != "off" else ""
     return (f"measured case {case} {row['quant']} {row['mode']} {row['transport']}: median {med * 1e3:.2f} ms "
             f"(min {min(row['times_s']) * 1e3:.2f}, max {max(row['times_s']) * 1e3:.2f}, {len(row['times_s'])} pushes), "
             f"floor {row['floor_s'] * 1e3:.2f} ms, ratio {med / row['floor_s']:.2f}, {row['bytes'] / 1e6:.0f} MB, "
-            f"peak extra {row['peak_extra_bytes'] / 2**20:.0f} MB")
+            f"peak extra {row['peak_extra_bytes'] / 2**20:.0f} MB{moved}")
 
 
 def _print_case(report: dict) -> None:
@@ -470,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench_results")
     ap.add_argument("--profile", default=None,
                     help="folder: one more push per config under torch.profiler, a Chrome trace of trainer rank 0")
+    ap.add_argument("--update", action="store_true",
+                    help="an AdamW step (fp32 masters, random tokens) between pushes, so weights change as in RL")
+    ap.add_argument("--lr", type=float, default=1e-6, help="the --update step's learning rate")
+    ap.add_argument("--delta", default="off", choices=DELTA_MODES, help="SyncConfig.delta of both jobs")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("recipes.bench needs a CUDA GPU (case f runs on one, the others on 2 to 8)")

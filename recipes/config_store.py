@@ -87,6 +87,7 @@ class GRPOConfig:
     warmup_batch: int = 64
     warmup_lr: float = 1e-3
     seed: int = 0
+    master_fp32: bool = False  # AdamW over fp32 masters of the (bf16) model's shards: see recipes.master
     out_dir: str | None = None  # default: Hydra's run directory
     timeout_s: float = 300.0  # longest wait for a rollout batch or a job message
 

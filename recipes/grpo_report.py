@@ -96,11 +96,17 @@ def summary(records: list[dict], wall_s: float) -> str:
     push = [r["push_s"] for r in records]
     stall = [r["stall_s"] for r in records]
     steps_s = sum(r["step_s"] for r in records)
-    return (f"GRPO: {len(records)} steps in {steps_s:.0f} s ({wall_s:.0f} s in all) | "
+    line = (f"GRPO: {len(records)} steps in {steps_s:.0f} s ({wall_s:.0f} s in all) | "
             f"reward {first:.3f} (first {window} steps) -> {last:.3f} (last {window}) | "
             f"push median {statistics.median(push) * 1e3:.1f} ms, "
             f"stall median {statistics.median(stall) * 1e3:.2f} ms, "
             f"stall/push {sum(stall) / sum(push) if sum(push) else 0.0:.1%}")
+    steady = [r for r in records[5:] if r.get("delta_base") is not None]
+    if steady:  # delta pushes after step 5: bytes moved against full pushes of the same versions
+        sent, full = sum(r["push_bytes"] for r in steady), sum(r["push_full_bytes"] for r in steady)
+        line += (f" | delta after step 5: {sent / full:.2%} of the full bytes, "
+                 f"{statistics.fmean(r['changed_fraction'] for r in steady):.2%} of weights changed")
+    return line
 
 
 def plot(records: list[dict], path: Path, *, title: str = "GRPO") -> None:
@@ -114,7 +120,9 @@ def plot(records: list[dict], path: Path, *, title: str = "GRPO") -> None:
     rewards = [r["reward"] for r in records]
     span = 10
     mean = [statistics.fmean(rewards[max(0, i - span + 1):i + 1]) for i in range(len(rewards))]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    delta = any(r.get("delta_base") is not None for r in records)
+    fig, axes = plt.subplots(3 if delta else 2, 1, figsize=(8, 8 if delta else 6), sharex=True)
+    top, bottom = axes[0], axes[1]
     top.plot(steps, rewards, ".", alpha=0.4, label="mean reward of the step")
     top.plot(steps, mean, "-", label=f"over the last {span} steps")
     top.set_ylabel("exact-match reward")
@@ -122,9 +130,15 @@ def plot(records: list[dict], path: Path, *, title: str = "GRPO") -> None:
     top.legend(loc="upper left")
     bottom.plot(steps, [r["push_s"] * 1e3 for r in records], label="push (overlapped with the step)")
     bottom.plot(steps, [r["stall_s"] * 1e3 for r in records], label="stall (optimizer.step waited)")
-    bottom.set_xlabel("GRPO step")
     bottom.set_ylabel("ms")
     bottom.legend(loc="upper right")
+    if delta:  # SyncConfig.delta: what each push moved, against a full push
+        axes[2].plot(steps, [100 * r["push_bytes"] / r["push_full_bytes"] for r in records], label="bytes sent")
+        axes[2].plot(steps, [100 * r["changed_fraction"] for r in records], label="weights changed")
+        axes[2].set_yscale("log")
+        axes[2].set_ylabel("% of a full push")
+        axes[2].legend(loc="upper right")
+    axes[-1].set_xlabel("GRPO step")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Title": title})

@@ -25,6 +25,7 @@ from .config_store import GRPOJob, ModelConfig, TopologyConfig
 from .grpo_loss import clipped_loss, completion_logprobs, group_advantages, sample, supervised_loss
 from .grpo_task import VOCAB_SIZE, Addition
 from .jobs import pack, unpack
+from .master import fp32_master
 from .tiny_llama import apply_fsdp, build_model, tiny_llama_config
 
 
@@ -89,7 +90,8 @@ def trainer(rank: int, world_size: int, job: GRPOJob, results: Any, inboxes: lis
     dist.all_reduce(first_bytes)  # every rank sends its own part
     if rank == 0:
         results.put(("trainer", rank, "warmup", {**warmup, "push_s": first.seconds, "push_bytes": first_bytes.item()}))
-    optim = torch.optim.AdamW(model.parameters(), lr=rc.lr)
+    optim = (fp32_master(model, torch.optim.AdamW, lr=rc.lr) if rc.master_fp32
+             else torch.optim.AdamW(model.parameters(), lr=rc.lr))
     ramp = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: min(1.0, (i + 1) / (rc.lr_warmup_steps + 1)))
     sender.attach(optim, overlap=True)
     for step in range(1, rc.steps + 1):
@@ -151,10 +153,14 @@ def _warm_up(model: nn.Module, task: Addition, job: GRPOJob, rank: int, world_si
 
 def _step_stats(batch: Rollouts, logps: torch.Tensor, loss: torch.Tensor, push: PushResult, stall_s: float,
                 device: torch.device) -> dict:
-    """This step's numbers over all trainer ranks: sums, then the slowest rank's push and stall."""
-    sums = torch.stack([batch.rewards.sum(), torch.tensor(float(len(batch.rewards)), device=device),
-                        (logps - batch.logps).abs().sum(), torch.tensor(float(logps.numel()), device=device),
-                        loss]).double()
+    """This step's numbers over all trainer ranks: sums, then the slowest rank's push and stall.
+
+    ``push_bytes`` is what the push moved (with SyncConfig.delta, only the change), against
+    ``push_full_bytes`` for a full push; ``changed_fraction`` is the ranks' mean."""
+    moved = [float(push.bytes_sent), float(push.full_bytes or push.bytes_sent), push.changed_fraction or 0.0]
+    sums = torch.cat([torch.stack([batch.rewards.sum(), torch.tensor(float(len(batch.rewards)), device=device),
+                                   (logps - batch.logps).abs().sum(), torch.tensor(float(logps.numel()), device=device),
+                                   loss]).double(), torch.tensor(moved, dtype=torch.float64, device=device)])
     highs = torch.tensor([push.seconds, stall_s, -batch.versions.min().item(), batch.versions.max().item()],
                          dtype=torch.float64, device=device)
     dist.all_reduce(sums)
@@ -162,7 +168,9 @@ def _step_stats(batch: Rollouts, logps: torch.Tensor, loss: torch.Tensor, push: 
     world = dist.get_world_size()
     return {"reward": (sums[0] / sums[1]).item(), "logp_gap": (sums[2] / sums[3]).item(),
             "loss": (sums[4] / world).item(), "version_min": int(-highs[2]), "version_max": int(highs[3]),
-            "push_version": push.version, "push_s": highs[0].item(), "stall_s": highs[1].item()}
+            "push_version": push.version, "push_s": highs[0].item(), "stall_s": highs[1].item(),
+            "push_bytes": int(sums[5]), "push_full_bytes": int(sums[6]), "changed_fraction": (sums[7] / world).item(),
+            "delta_base": push.delta_base}
 
 
 # -- the inference job -------------------------------------------------------------------

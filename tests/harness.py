@@ -17,9 +17,11 @@ QUANTS = ("none", "fp8_block", "fp8_rowwise", "fp8_tensor")
 MODES = ("direct", "reconstruct")
 
 
-def run_cases(cases: list[Case], *, num_senders: int, num_receivers: int, timeout_s: float = 240.0,
-              receiver_gpu_offset: int | None = None) -> dict:
+def run_cases(cases: list, *, num_senders: int, num_receivers: int, timeout_s: float = 240.0,
+              receiver_gpu_offset: int | None = None, workers=sync_workers) -> dict:
     """{(side, rank, case, version): payload} for everything the processes reported.
+
+    ``workers``: the module whose ``trainer`` and ``receiver`` the two jobs run.
 
     With ``receiver_gpu_offset``, both jobs run on GPUs: trainer rank r on GPU r, receiver
     rank r on GPU r + offset (modulo the GPU count).
@@ -28,9 +30,9 @@ def run_cases(cases: list[Case], *, num_senders: int, num_receivers: int, timeou
     ctx = spawn_context()
     results = ctx.Queue()
     barrier = ctx.Barrier(num_senders + num_receivers)
-    procs = start_job(ctx, sync_workers.trainer, num_senders, results, cases, results, barrier,
+    procs = start_job(ctx, workers.trainer, num_senders, results, cases, results, barrier,
                       gpu_offset=0 if gpu else None)
-    procs += start_job(ctx, sync_workers.receiver, num_receivers, results, cases, results, barrier,
+    procs += start_job(ctx, workers.receiver, num_receivers, results, cases, results, barrier,
                        gpu_offset=receiver_gpu_offset)
     out: dict = {}
     finished: dict[str, int] = defaultdict(int)

@@ -66,7 +66,11 @@ def test_on_policy_rollouts_carry_the_version_just_committed(tmp_path):
 
 def test_one_step_off_policy_fp8_over_shm_with_two_engines_after_a_warm_up(tmp_path):
     records, out = _grpo(tmp_path, "recipe.max_staleness=1", "quant=fp8_block", "transport=shm", "topology=cpu_2x2",
-                         "recipe.steps=5", "recipe.warmup_steps=3", "recipe.warmup_batch=8")
+                         "recipe.steps=5", "recipe.warmup_steps=3", "recipe.warmup_batch=8", "sync.delta=auto")
+    # Delta pushes after the first (version 0, full), each on the version before; the JSONL says what moved.
+    assert [r["delta_base"] for r in records] == [None, 0, 1, 2, 3]
+    assert records[0]["push_bytes"] == records[0]["push_full_bytes"] > 0 and records[0]["changed_fraction"] == 1
+    assert all(0 < r["push_bytes"] < r["push_full_bytes"] and r["changed_fraction"] < 1 for r in records[1:])
     # The warm-up has its own bar and lines, before the GRPO bar starts.
     assert "warm-up: 100%" in out.stderr and "3/3" in out.stderr
     assert out.stderr.index("warm-up: 100%") < out.stderr.index("GRPO:   0%")

@@ -398,7 +398,7 @@ def test_open_push_finds_the_running_push(control):
     with pytest.raises(SyncError, match="no push"):
         open_push(control, 0, after=None)
     for seq in range(1, 8):
-        control.set(push_key(seq), ("go", seq, "fp", 0))
+        control.set(push_key(seq), ("go", seq, "fp", 0, None, False))
     control.set(PUSH_LATEST, 7)
     for seq in (1, 2, 3):
         control.set(done_key(seq, 0), True)

@@ -89,7 +89,7 @@ def test_every_carried_type_round_trips_through_the_store(store, secret):
     rebuilt = plan(sources, receivers_for(sources, num_replicas=1, tp=1, quant="none"), mode="reconstruct")
     control.set("sample/reconstruct", rebuilt.for_sender(0))
     assert control.get("sample/reconstruct") == rebuilt.for_sender(0)
-    plain = [("go", 3, "f00d", 2), "ok", True, None, 7, 2.5, [1, (2, 3)], {"files": {"w": ("/p", torch.bfloat16, (4,))}},
+    plain = [("go", 3, "f00d", 2, None, False), "ok", True, None, 7, 2.5, [1, (2, 3)], {"files": {"w": ("/p", torch.bfloat16, (4,))}},
              {0: "a", 5: (1,)}, b"\x00\x01", torch.float8_e4m3fn, ("error", "PlanError: 'x' is missing")]
     control.set_many({f"plain/{i}": v for i, v in enumerate(plain)})
     got = control.get_many([f"plain/{i}" for i in range(len(plain))])
@@ -107,7 +107,7 @@ def test_plans_are_compact_and_code_fast():
     signer = Signer(SECRET, "fsdp_sync/j/")
     raw = dumps(sender, key="plan/x/send/1", signer=signer)
     assert len(raw) < 1.6 * len(pickle.dumps(sender, protocol=4))
-    go = ("go", 12345, "0123456789abcdef01234567", 3)
+    go = ("go", 12345, "0123456789abcdef01234567", 3, None, False)
     started = time.perf_counter()
     for _ in range(2000):
         assert loads(dumps(go, key="push/7", signer=signer), key="push/7", signer=signer) == go
@@ -256,7 +256,7 @@ def test_a_pickle_under_the_go_key_of_a_running_receiver_runs_nothing(store, tmp
         with pytest.raises(ControlPlaneError, match="push/1 refused: its 8 bytes are not"):
             recv.wait_for(timeout=5)
         # Without a secret, a well-formed go is read, but one naming no published plan fails at once.
-        _control(store, job="pickled").set(push_key(1), ("go", 999, "no-such-plan", 0))
+        _control(store, job="pickled").set(push_key(1), ("go", 999, "no-such-plan", 0, None, False))
         with pytest.raises(ControlPlaneError, match="names plan no-such-plan, which is not on the control plane"):
             recv.wait_for(timeout=2)
         assert recv.version is None
@@ -275,12 +275,12 @@ def test_with_a_secret_forged_go_plan_and_done_keys_commit_nothing(store):
         for forger, why in ((_control(store, job=job), "unsigned"),
                             (_control(store, "guess", job=job), "signature does not match")):
             forger.set(plan_receiver_key("evil", 0), _fake_plan("evil"))
-            forger.set_many({push_key(1): ("go", 999, "evil", 0), done_key(1, 0): True})
+            forger.set_many({push_key(1): ("go", 999, "evil", 0, None, False), done_key(1, 0): True})
             with pytest.raises(ControlPlaneError, match=f"push/1 refused: .*{why}"):
                 recv.wait_for(timeout=5)
             assert recv.version is None and recv.landed_version is None
         # A signed go (as if copied from a genuine push) naming a plan the forger wrote: refused too.
-        genuine.set(push_key(1), ("go", 999, "evil", 0))
+        genuine.set(push_key(1), ("go", 999, "evil", 0, None, False))
         with pytest.raises(ControlPlaneError, match=r"plan/evil/recv/0 refused: .*signature does not match"):
             recv.wait_for(timeout=5)
         assert recv.version is None and recv.landed_version is None

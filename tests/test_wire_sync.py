@@ -84,7 +84,7 @@ def test_forged_keys_commit_nothing_and_mismatched_secrets_fail_clearly():
             if forger is None:
                 raw.multi_set([push_key(2), done_key(2, 0)], raw.multi_get([push_key(1), done_key(1, 0)]))
             else:
-                forger.set_many({push_key(2): ("go", 999, fp, generation), done_key(2, 0): True})
+                forger.set_many({push_key(2): ("go", 999, fp, generation, None, False), done_key(2, 0): True})
             if why:
                 with pytest.raises(ControlPlaneError, match=f"forge/push/2 refused: .*{why}"):
                     recv.wait_for(2, timeout=10)  # wait_for() would return the landed version 1 at once

@@ -1,0 +1,193 @@
+"""Delta push, per push: diff each packed payload against the sender's shadow and emit the change.
+
+The sender keeps, per task, the bytes it last sent (its shadow, on its own device). A full
+("anchor") push refreshes the shadows; a delta push runs the delta pass per payload
+(``fsdp_sync.kernels.delta``): one-sided transports get the changed elements stored into
+the destination and the payload replaced by None, two-sided ones get an ``Encoded`` body
+per task for the receiver to ``apply``. Per-task programs come from ``fsdp_sync.delta_plan``.
+
+A delta is only correct on top of the exact bytes the shadow holds; the controller
+decides which pushes may be deltas and the receiver refuses one whose base it does not hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .delta_plan import BITMAP, DENSE, POSITIONS, HEADER_BYTES, BITS_DTYPES, DeltaProgram, lower
+from .plan import DATA, Task
+
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as integers of the same size: compared and moved as bytes."""
+    return t.view(BITS_DTYPES[t.element_size()])
+
+
+@dataclass(slots=True)
+class Encoded:
+    """One task's change for a two-sided transport: a header, then ``body``."""
+
+    encoding: int
+    count: int
+    body: torch.Tensor  # uint8
+
+    def header(self) -> torch.Tensor:
+        return torch.tensor([self.encoding, self.count], dtype=torch.int64)
+
+
+@dataclass
+class DeltaStats:
+    """What one push moved, on this rank."""
+
+    bytes_sent: int = 0
+    full_bytes: int = 0
+    changed: int = 0  # changed elements of weight (not scale) payloads
+    elements: int = 0  # elements of weight payloads
+    digests: dict[str, int] = field(default_factory=dict)  # "receiver/task seq" -> digest, on verified pushes
+
+
+def _pass(device: torch.device, kernels: str):
+    """The delta pass: Triton on GPU (or forced, e.g. under TRITON_INTERPRET=1), else the torch
+    reference; the same bits either way. Imported here: the reference path needs no Triton."""
+    if kernels == "reference" or (kernels == "auto" and device.type != "cuda"):
+        return None
+    from .kernels.delta import delta_update
+
+    return delta_update
+
+
+class DeltaSender:
+    """The shadows of one sender's tasks, and the per-push pass over its packed buckets."""
+
+    def __init__(self, tasks: list[Task], device: torch.device, *, mode: str, one_sided: bool,
+                 kernels: str = "auto"):
+        self.mode = mode
+        self.one_sided = one_sided
+        self.device = device
+        self.programs = {id(t): p for t, p in zip(tasks, lower(tasks, one_sided=one_sided))}
+        self.shadows: dict[int, torch.Tensor] = {}
+        self._kernel = _pass(device, kernels)
+
+    @property
+    def shadow_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.shadows.values())
+
+    def encode(self, items: list[tuple[Task, torch.Tensor]], *, delta: bool, stats: DeltaStats,
+               destination=None, verify: bool = False) -> list[tuple[Task, object]]:
+        """The items to hand the transport: the payloads themselves on an anchor push (the
+        shadows take a copy), their changes on a delta push. ``destination(task)``: the
+        one-sided transport's view of the task's destination."""
+        out = []
+        for task, payload in items:
+            assert payload is not None, "delta pushes need payloads: the packer must not write destinations"
+            new = bits(payload.contiguous())
+            program = self.programs[id(task)]
+            stats.full_bytes += task.nbytes
+            if verify:
+                stats.digests[f"{task.receiver}/{task.seq}"] = digest(new)
+            shadow = self.shadows.get(id(task))
+            if delta and shadow is not None:
+                out.append((task, self._diff(task, program, new.view(-1), shadow, stats, destination)))
+                continue
+            self.shadows[id(task)] = new.clone().view(-1) if shadow is None else shadow.copy_(new.view(-1))
+            if task.kind == DATA:
+                stats.elements += program.numel
+                stats.changed += program.numel
+            if delta and not self.one_sided:  # no shadow yet inside a delta push: this piece goes dense
+                out.append((task, Encoded(DENSE, program.numel, new.view(torch.uint8).view(-1))))
+                stats.bytes_sent += HEADER_BYTES + task.nbytes
+            else:
+                out.append((task, payload))
+                stats.bytes_sent += task.nbytes
+        return out
+
+    def _diff(self, task: Task, program: DeltaProgram, new: torch.Tensor, shadow: torch.Tensor,
+              stats: DeltaStats, destination) -> object:
+        if self.one_sided and program.dense:  # a scale grid: stored whole, like a full push
+            shadow.copy_(new)
+            bits(destination(task)).copy_(new.view(task.dst_box.sizes))
+            stats.bytes_sent += task.nbytes
+            return None
+        dst = bits(destination(task)) if self.one_sided else None
+        mask, count = self._update(new, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
+        count = int(count)
+        if task.kind == DATA:
+            stats.elements += program.numel
+            stats.changed += count
+        if self.one_sided:
+            stats.bytes_sent += count * program.itemsize
+            return None
+        encoding = program.choose(count, self.mode)
+        encoded = Encoded(encoding, count, encode_body(encoding, mask, new))
+        stats.bytes_sent += HEADER_BYTES + encoded.body.numel()
+        return encoded
+
+    def _update(self, new: torch.Tensor, shadow: torch.Tensor, out: torch.Tensor | None):
+        """The delta pass; a strided destination (a column slice) takes the reference's scatter."""
+        if out is not None and out.dim() != 1:
+            mask, count = delta_update_reference(new, shadow)
+            out[mask.view(out.shape)] = new[mask]
+            return mask, count
+        if self._kernel is None:
+            return delta_update_reference(new, shadow, out)
+        return self._kernel(new, shadow, out)
+
+
+def delta_update_reference(new: torch.Tensor, shadow: torch.Tensor,
+                           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fsdp_sync.kernels.delta.delta_update`` in plain torch: (change mask, int64 count);
+    ``shadow`` and ``out`` (any strides) take the changed elements."""
+    assert new.dtype == shadow.dtype and not new.dtype.is_floating_point, "compare integer views of the bits"
+    mask = new != shadow
+    changed = new[mask]
+    shadow[mask] = changed
+    if out is not None:
+        out[mask] = changed
+    return mask, mask.sum(dtype=torch.int64)
+
+
+def encode_body(encoding: int, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The uint8 body of ``encoding`` for the changed elements of ``new`` (flat bits)."""
+    if encoding == DENSE:
+        return new.view(torch.uint8)
+    values = new[mask].view(torch.uint8)
+    if encoding == POSITIONS:
+        index = torch.int32 if new.numel() < 2**31 else torch.int64
+        return torch.cat([mask.nonzero().view(-1).to(index).view(torch.uint8), values])
+    assert encoding == BITMAP
+    padded = torch.zeros(-(-mask.numel() // 64) * 64, dtype=torch.uint8, device=mask.device)
+    padded[:mask.numel()] = mask
+    packed = (padded.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(1, dtype=torch.uint8)
+    return torch.cat([packed, values])
+
+
+def apply(program: DeltaProgram, encoded: Encoded, view: torch.Tensor) -> None:
+    """Receiver: write ``encoded``'s elements into ``view`` (the task's destination box)."""
+    target = view if view.is_contiguous() else view.contiguous()
+    flat = bits(target).view(-1)
+    body, count = encoded.body, encoded.count
+    if encoded.encoding == DENSE:
+        flat.copy_(body.view(program.bits_dtype))
+    elif encoded.encoding == POSITIONS:
+        split = count * program.index_dtype.itemsize
+        flat[body[:split].view(program.index_dtype).long()] = body[split:].view(program.bits_dtype)
+    elif encoded.encoding == BITMAP:
+        split = program.bitmap_nbytes
+        mask = ((body[:split, None] >> torch.arange(8, dtype=torch.uint8, device=body.device)) & 1).view(-1)
+        flat[mask[:program.numel].bool()] = body[split:].view(program.bits_dtype)
+    else:
+        raise ValueError(f"unknown delta encoding {encoded.encoding}")
+    if target is not view:
+        view.copy_(target)
+
+
+def digest(t: torch.Tensor) -> int:
+    """A position-weighted sum of ``t``'s bits (mod 2^64), on its device: any one changed
+    element changes it (odd weights), as does moving a value to another position."""
+    x = bits(t.contiguous()).view(-1).to(torch.int64)
+    weights = torch.arange(x.numel(), dtype=torch.int64, device=x.device) * 2 + 1
+    return int((x * weights * 0x9E3779B1).sum() + x.sum() * 0x85EBCA77)
