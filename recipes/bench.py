@@ -464,6 +464,8 @@ def _print_case(report: dict) -> None:
                 t = statistics.median(times)
                 row.update({f"{name}_s": t, f"speedup_{name}": t / med})
                 base += f"{t * 1e3:10.1f}{t / med:6.1f}"
+            elif name == "same_process":  # applies to one colocated trainer rank only
+                base += f"{'':>10}{'':6}"
             else:
                 base += f"{'n/a':>10}{'':6}"
         print(f"  {row['quant']:<10}{row['mode']:<12}{row['transport']:<10}{row['bytes'] / 1e6:8.0f}"
