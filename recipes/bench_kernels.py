@@ -105,10 +105,33 @@ def bench_size(size_mib: int, cols: int) -> list[dict]:
             timing = _time(lambda: K.quantize_box(x, box, scales, grid, block, out=out))
             results.append(_row("fp8_block quantize_box", size_mib, shape, moved, timing, copy["gbps"]))
             results.append(_bench_grouped(x, q, scales, size_mib, copy["gbps"]))
+            results.append(_bench_delta("delta fp8 codes 0.3%", q.view(torch.uint8), 0.003, size_mib, copy["gbps"]))
+            results.append(_bench_delta("delta bf16 4%", x.view(torch.int16), 0.04, size_mib, copy["gbps"]))
             if torch.cuda.device_count() > 1:
                 results += _bench_into_peer(x, q, scales, size_mib)
         del q, scales
     return results
+
+
+def _bench_delta(name: str, new: torch.Tensor, fraction: float, size_mib: int, copy_gbps: float) -> dict:
+    """The delta pass on a payload whose shadow differs in ``fraction`` of its elements: checked
+    against the torch reference, then timed. Repeats find the shadow already updated, so the
+    bytes counted are the two reads and the change mask's write (the changed elements' writes,
+    ``fraction`` of the payload, are in the checked call only)."""
+    from fsdp_sync.kernels.delta import delta_update, delta_update_reference
+
+    flat = new.reshape(-1)
+    old = flat.clone()
+    moved = torch.rand(flat.numel(), device=flat.device) < fraction
+    old[moved] ^= 1  # flip the low bit: a change in the bits, as a small update makes
+    shadow, ref_shadow = old.clone(), old.clone()
+    mask, count = delta_update(flat, shadow)
+    ref_mask, ref_count = delta_update_reference(flat, ref_shadow)
+    if not (torch.equal(mask, ref_mask) and int(count) == int(ref_count) and torch.equal(shadow, ref_shadow)):
+        raise SystemExit(f"{name}: the delta kernel differs from its reference; not timing it")
+    del ref_shadow, ref_mask, old
+    moved_bytes = 2 * flat.numel() * flat.element_size() + flat.numel()
+    return _row(name, size_mib, tuple(new.shape), moved_bytes, _time(lambda: delta_update(flat, shadow)), copy_gbps)
 
 
 def _bench_grouped(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, size_mib: int, copy_gbps: float) -> dict:

@@ -14,6 +14,9 @@ QWEN3 = {
                      num_key_value_heads=8, head_dim=128, vocab_size=151936),
     "qwen3_32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
                       num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    # Small enough for an AdamW step on fp32 masters beside a colocated engine on one GPU (bench --update).
+    "qwen3_1_7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936),
     # For a smoke run on CPU or a small GPU: every TP=2 slice still on 128-element blocks.
     "qwen3_tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=128, vocab_size=4096),
