@@ -67,7 +67,6 @@ class DeltaSender:
                  kernels: str = "auto"):
         self.mode = mode
         self.one_sided = one_sided
-        self.device = device
         self.programs = {id(t): p for t, p in zip(tasks, lower(tasks, one_sided=one_sided))}
         self.shadows: dict[int, torch.Tensor] = {}
         self._kernel = _pass(device, kernels)
