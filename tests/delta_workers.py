@@ -29,6 +29,7 @@ class DeltaCase:
     full_port: int  # the full job's
     delta: str = "auto"
     tp: int = 1
+    hsdp: bool = False  # the trainer's 2 ranks as HSDP (2 replicas of 1 shard) instead of FSDP over 2
     commit: str = "in_place"
     lr: float = 1e-5
     dtype: torch.dtype = torch.float32  # of the trainer's parameters (and the unquantized destinations)
@@ -59,7 +60,8 @@ def trainer(rank: int, world_size: int, cases: list[DeltaCase], results, barrier
     from torch.distributed.device_mesh import init_device_mesh
 
     for case in cases:
-        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("shard",))
+        mesh = (init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("replicate", "shard")) if case.hsdp
+                else init_device_mesh("cpu", (world_size,), mesh_dim_names=("shard",)))
         model = apply_fsdp(build_model(_model_config(), seed=0, dtype=case.dtype), mesh)
         optim = torch.optim.AdamW(model.parameters(), lr=case.lr, weight_decay=0.0)
         delta, full = WeightSender(model, case.config(True)), WeightSender(model, case.config(False))

@@ -36,13 +36,13 @@ def _identical(out: dict, case: DeltaCase, num_receivers: int, *, except_version
 
 def test_delta_equals_full_over_50_steps():
     """none (direct, gloo, TP=2, delta on), fp8_block (reconstruct, shm, staged, two replicas,
-    auto), fp8_rowwise (reconstruct, gloo, TP=2, auto); the anchor test below adds fp8_block
-    direct over gloo and none over shm. Kept to three cases: the suite's budget."""
+    auto), fp8_rowwise (reconstruct, gloo, TP=2, auto, an HSDP trainer); the anchor test below
+    adds fp8_block direct over gloo and none over shm. Three cases: the suite's budget."""
     cases = [
         _case("none-gloo-tp2", quant="none", mode="direct", transport="gloo", tp=2, dtype=torch.bfloat16, lr=3e-5,
               delta="on"),
         _case("block-shm-staged", quant="fp8_block", mode="reconstruct", transport="shm", commit="staged"),
-        _case("row-gloo-tp2", quant="fp8_rowwise", mode="reconstruct", transport="gloo", tp=2),
+        _case("row-gloo-tp2-hsdp", quant="fp8_rowwise", mode="reconstruct", transport="gloo", tp=2, hsdp=True),
     ]
     out = _run(cases, num_receivers=2)
     for case in cases:
