@@ -40,12 +40,14 @@ class DeltaCase:
     # receiver 0's delta buffers changes behind the library's back)
     events: dict[int, str] = field(default_factory=dict)
     timeout_s: float = 60.0
+    kernels: str = "auto"  # SyncConfig.kernels of the delta job (grouped: Triton, interpreted on CPU)
 
     def config(self, delta: bool) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port if delta else self.full_port}",
                           job=f"{self.name}-{'delta' if delta else 'full'}", quant=self.quant, mode=self.mode,
                           transport=self.transport, timeout_s=scaled(self.timeout_s), connect_timeout_s=scaled(60),
-                          delta=self.delta if delta else "off", verify_every=self.verify_every if delta else 0)
+                          delta=self.delta if delta else "off", verify_every=self.verify_every if delta else 0,
+                          kernels=self.kernels if delta else "auto")
 
     def layout(self, rank: int) -> LayoutSpec:
         return LayoutSpec("hf_tp", {"tp_rank": rank % self.tp, "tp_size": self.tp}) if self.tp > 1 else \
