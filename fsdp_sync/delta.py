@@ -121,7 +121,7 @@ class DeltaSender:
             stats.bytes_sent += count * program.itemsize
             return None
         encoding = program.choose(count, self.mode)
-        encoded = Encoded(encoding, count, encode_body(encoding, mask, new))
+        encoded = Encoded(encoding, count, encode_body(program, encoding, mask, new))
         stats.bytes_sent += HEADER_BYTES + encoded.body.numel()
         return encoded
 
@@ -149,16 +149,15 @@ def delta_update_reference(new: torch.Tensor, shadow: torch.Tensor,
     return mask, mask.sum(dtype=torch.int64)
 
 
-def encode_body(encoding: int, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def encode_body(program: DeltaProgram, encoding: int, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """The uint8 body of ``encoding`` for the changed elements of ``new`` (flat bits)."""
     if encoding == DENSE:
         return new.view(torch.uint8)
     values = new[mask].view(torch.uint8)
     if encoding == POSITIONS:
-        index = torch.int32 if new.numel() < 2**31 else torch.int64
-        return torch.cat([mask.nonzero().view(-1).to(index).view(torch.uint8), values])
+        return torch.cat([mask.nonzero().view(-1).to(program.index_dtype).view(torch.uint8), values])
     assert encoding == BITMAP
-    padded = torch.zeros(-(-mask.numel() // 64) * 64, dtype=torch.uint8, device=mask.device)
+    padded = torch.zeros(program.bitmap_nbytes * 8, dtype=torch.uint8, device=mask.device)
     padded[:mask.numel()] = mask
     packed = (padded.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(1, dtype=torch.uint8)
     return torch.cat([packed, values])
