@@ -112,13 +112,13 @@ class DeltaSender:
             stats.bytes_sent += task.nbytes
             return None
         dst = bits(destination(task)) if self.one_sided else None
-        mask, count = self._update(new, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
+        mask, count, whole = self._update(new, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
         count = int(count)
         if task.kind == DATA:
             stats.elements += program.numel
             stats.changed += count
         if self.one_sided:
-            stats.bytes_sent += count * program.itemsize
+            stats.bytes_sent += (program.numel if whole else count) * program.itemsize
             return None
         encoding = program.choose(count, self.mode)
         encoded = Encoded(encoding, count, encode_body(program, encoding, mask, new))
@@ -126,14 +126,20 @@ class DeltaSender:
         return encoded
 
     def _update(self, new: torch.Tensor, shadow: torch.Tensor, out: torch.Tensor | None):
-        """The delta pass; a strided destination (a column slice) takes the reference's scatter."""
-        if out is not None and out.dim() != 1:
-            mask, count = delta_update_reference(new, shadow)
-            out[mask.view(out.shape)] = new[mask]
-            return mask, count
-        if self._kernel is None:
-            return delta_update_reference(new, shadow, out)
-        return self._kernel(new, shadow, out)
+        """The delta pass: (mask, count, whether ``out`` was written whole).
+
+        A strided destination (a column slice) takes a scatter after the pass; one that torch
+        would have to index on a peer GPU is written whole instead (correct, not smaller).
+        """
+        delta_pass = self._kernel or delta_update_reference
+        if out is None or (out.dim() == 1 and (self._kernel is not None or out.device == new.device)):
+            return (*delta_pass(new, shadow, out), False)
+        mask, count = delta_pass(new, shadow)
+        if out.device != new.device:
+            out.copy_(new.view(out.shape))
+            return mask, count, True
+        out[mask.view(out.shape)] = new[mask]
+        return mask, count, False
 
 
 def delta_update_reference(new: torch.Tensor, shadow: torch.Tensor,

@@ -69,8 +69,8 @@ def test_anchor_after_a_refused_base_a_reregistration_and_a_failed_verification(
                    events=events, verify_every=1),
              _case("anchors-shm-staged", quant="none", mode="direct", transport="shm", commit="staged",
                    dtype=torch.bfloat16, lr=3e-5, versions=9, events=events, verify_every=2)]
-    triton = _case("triton-none-shm", quant="none", mode="direct", transport="shm", dtype=torch.bfloat16, lr=3e-5,
-                   versions=3, kernels="grouped")
+    triton = _case("triton-none-shm-tp2", quant="none", mode="direct", transport="shm", dtype=torch.bfloat16,
+                   lr=3e-5, versions=3, kernels="grouped", tp=2)  # TP column slices: strided boxes, scattered
     out = _run(cases + [triton], num_receivers=1)
     _identical(out, triton, 1)
     assert [r[1] for r in out[("trainer", 0, triton.name, "report")]] == [None, 1, 2]
