@@ -67,7 +67,6 @@ class DeltaSender:
                  kernels: str = "auto"):
         self.mode = mode
         self.one_sided = one_sided
-        self.device = device
         self.programs = {id(t): p for t, p in zip(tasks, lower(tasks, one_sided=one_sided))}
         self.shadows: dict[int, torch.Tensor] = {}
         self._kernel = _pass(device, kernels)
@@ -113,28 +112,34 @@ class DeltaSender:
             stats.bytes_sent += task.nbytes
             return None
         dst = bits(destination(task)) if self.one_sided else None
-        mask, count = self._update(new, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
+        mask, count, whole = self._update(new, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
         count = int(count)
         if task.kind == DATA:
             stats.elements += program.numel
             stats.changed += count
         if self.one_sided:
-            stats.bytes_sent += count * program.itemsize
+            stats.bytes_sent += (program.numel if whole else count) * program.itemsize
             return None
         encoding = program.choose(count, self.mode)
-        encoded = Encoded(encoding, count, encode_body(encoding, mask, new))
+        encoded = Encoded(encoding, count, encode_body(program, encoding, mask, new))
         stats.bytes_sent += HEADER_BYTES + encoded.body.numel()
         return encoded
 
     def _update(self, new: torch.Tensor, shadow: torch.Tensor, out: torch.Tensor | None):
-        """The delta pass; a strided destination (a column slice) takes the reference's scatter."""
-        if out is not None and out.dim() != 1:
-            mask, count = delta_update_reference(new, shadow)
-            out[mask.view(out.shape)] = new[mask]
-            return mask, count
-        if self._kernel is None:
-            return delta_update_reference(new, shadow, out)
-        return self._kernel(new, shadow, out)
+        """The delta pass: (mask, count, whether ``out`` was written whole).
+
+        A strided destination (a column slice) takes a scatter after the pass; one that torch
+        would have to index on a peer GPU is written whole instead (correct, not smaller).
+        """
+        delta_pass = self._kernel or delta_update_reference
+        if out is None or (out.dim() == 1 and (self._kernel is not None or out.device == new.device)):
+            return (*delta_pass(new, shadow, out), False)
+        mask, count = delta_pass(new, shadow)
+        if out.device != new.device:
+            out.copy_(new.view(out.shape))
+            return mask, count, True
+        out[mask.view(out.shape)] = new[mask]
+        return mask, count, False
 
 
 def delta_update_reference(new: torch.Tensor, shadow: torch.Tensor,
@@ -150,16 +155,15 @@ def delta_update_reference(new: torch.Tensor, shadow: torch.Tensor,
     return mask, mask.sum(dtype=torch.int64)
 
 
-def encode_body(encoding: int, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def encode_body(program: DeltaProgram, encoding: int, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """The uint8 body of ``encoding`` for the changed elements of ``new`` (flat bits)."""
     if encoding == DENSE:
         return new.view(torch.uint8)
     values = new[mask].view(torch.uint8)
     if encoding == POSITIONS:
-        index = torch.int32 if new.numel() < 2**31 else torch.int64
-        return torch.cat([mask.nonzero().view(-1).to(index).view(torch.uint8), values])
+        return torch.cat([mask.nonzero().view(-1).to(program.index_dtype).view(torch.uint8), values])
     assert encoding == BITMAP
-    padded = torch.zeros(-(-mask.numel() // 64) * 64, dtype=torch.uint8, device=mask.device)
+    padded = torch.zeros(program.bitmap_nbytes * 8, dtype=torch.uint8, device=mask.device)
     padded[:mask.numel()] = mask
     packed = (padded.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(1, dtype=torch.uint8)
     return torch.cat([packed, values])

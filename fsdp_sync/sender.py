@@ -474,8 +474,8 @@ class WeightSender:
             run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes, produce=produce, transfer=transfer,
                          budget=budget, trace=trace)
             self._transport.finish()
-            if verify:
-                self._publish_digests(seq, stats)
+            if verify:  # what this rank sent, for each receiver to compare its destinations with
+                self.control.set(verify_key(seq, self.rank), stats.digests)
             self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
             try:
@@ -495,11 +495,6 @@ class WeightSender:
             budget.peak, floor, path, full_bytes=full, delta_base=base if self._delta else None,
             changed_fraction=stats.changed / stats.elements if self._delta and stats.elements else None,
             shadow_bytes=self._delta.shadow_bytes if self._delta else 0)
-
-    def _publish_digests(self, seq: int, stats: DeltaStats) -> None:
-        """A verified push: the digest of each task's payload (taken by the delta pass), for its
-        receiver to compare with what its destination holds."""
-        self.control.set(verify_key(seq, self.rank), stats.digests)
 
     def _wait_for_acks(self, seq: int, version: int, receivers: list[int]) -> None:
         keys = [ack_key(seq, r) for r in receivers]

@@ -29,6 +29,7 @@ class DeltaCase:
     full_port: int  # the full job's
     delta: str = "auto"
     tp: int = 1
+    hsdp: bool = False  # the trainer's 2 ranks as HSDP (2 replicas of 1 shard) instead of FSDP over 2
     commit: str = "in_place"
     lr: float = 1e-5
     dtype: torch.dtype = torch.float32  # of the trainer's parameters (and the unquantized destinations)
@@ -39,12 +40,14 @@ class DeltaCase:
     # receiver 0's delta buffers changes behind the library's back)
     events: dict[int, str] = field(default_factory=dict)
     timeout_s: float = 60.0
+    kernels: str = "auto"  # SyncConfig.kernels of the delta job (grouped: Triton, interpreted on CPU)
 
     def config(self, delta: bool) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port if delta else self.full_port}",
                           job=f"{self.name}-{'delta' if delta else 'full'}", quant=self.quant, mode=self.mode,
                           transport=self.transport, timeout_s=scaled(self.timeout_s), connect_timeout_s=scaled(60),
-                          delta=self.delta if delta else "off", verify_every=self.verify_every if delta else 0)
+                          delta=self.delta if delta else "off", verify_every=self.verify_every if delta else 0,
+                          kernels=self.kernels if delta else "auto")
 
     def layout(self, rank: int) -> LayoutSpec:
         return LayoutSpec("hf_tp", {"tp_rank": rank % self.tp, "tp_size": self.tp}) if self.tp > 1 else \
@@ -59,7 +62,8 @@ def trainer(rank: int, world_size: int, cases: list[DeltaCase], results, barrier
     from torch.distributed.device_mesh import init_device_mesh
 
     for case in cases:
-        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("shard",))
+        mesh = (init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("replicate", "shard")) if case.hsdp
+                else init_device_mesh("cpu", (world_size,), mesh_dim_names=("shard",)))
         model = apply_fsdp(build_model(_model_config(), seed=0, dtype=case.dtype), mesh)
         optim = torch.optim.AdamW(model.parameters(), lr=case.lr, weight_decay=0.0)
         delta, full = WeightSender(model, case.config(True)), WeightSender(model, case.config(False))

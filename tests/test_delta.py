@@ -95,8 +95,8 @@ def test_encodings_rebuild_the_payload(encoding, contiguous, dtype):
     old, new = _pair(13 * 7, dtype, 0.2)
     old, new = old.view(13, 7), new.view(13, 7)
     mask = (bits(old) != bits(new)).view(-1)
-    body = encode_body(encoding, mask, bits(new).view(-1))
     program = _program(old.numel(), old.element_size())
+    body = encode_body(program, encoding, mask, bits(new).view(-1))
     assert body.numel() == program.body_nbytes(encoding, int(mask.sum()))
     holder = torch.zeros(13, 9, dtype=dtype)
     view = holder[:, 1:8] if not contiguous else holder[:, :7].contiguous()
@@ -128,15 +128,19 @@ def test_lower():
     assert not two[1].dense  # two-sided: scales are encoded like anything else
 
 
-def test_sender_anchor_then_delta_one_and_two_sided():
+@pytest.mark.parametrize("kernels", ["reference", "grouped"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_sender_anchor_then_delta_one_and_two_sided(kernels, strided):
     """An anchor sends everything and fills the shadow; a delta sends only the change, which
-    rebuilds the new payload at the receiver (two-sided) or in the destination (one-sided)."""
+    rebuilds the new payload at the receiver (two-sided) or in the destination (one-sided),
+    also a strided one (a TP column slice), with the Triton pass or the reference."""
     box = Box((0, 0), (8, 64))
     task = _task(DATA, box, 8 * 64 * 2)
     old, new = (t.view(8, 64) for t in _pair(8 * 64, torch.bfloat16, 0.03, seed=3))
     for one_sided in (False, True):
-        sender = DeltaSender([task], torch.device("cpu"), mode="auto", one_sided=one_sided)
-        dest = torch.zeros(8, 64, dtype=torch.bfloat16)
+        sender = DeltaSender([task], torch.device("cpu"), mode="auto", one_sided=one_sided, kernels=kernels)
+        holder = torch.zeros(8, 80, dtype=torch.bfloat16)
+        dest = holder[:, 8:72] if strided else holder[:, :64].contiguous()
         stats = DeltaStats()
         (item,) = sender.encode([(task, old)], delta=False, stats=stats, destination=lambda t: dest)
         assert item[1] is old and stats.bytes_sent == stats.full_bytes == task.nbytes
@@ -152,6 +156,7 @@ def test_sender_anchor_then_delta_one_and_two_sided():
             apply(sender.programs[id(task)], item[1], dest)
             assert stats.bytes_sent < task.nbytes
         assert torch.equal(bits(dest), bits(new)) and stats.digests == {"0/0": digest(new)}
+        assert not strided or (not holder[:, :8].any() and not holder[:, 72:].any())
 
 
 def test_digest_sees_one_byte():

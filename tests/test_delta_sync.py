@@ -36,13 +36,13 @@ def _identical(out: dict, case: DeltaCase, num_receivers: int, *, except_version
 
 def test_delta_equals_full_over_50_steps():
     """none (direct, gloo, TP=2, delta on), fp8_block (reconstruct, shm, staged, two replicas,
-    auto), fp8_rowwise (reconstruct, gloo, TP=2, auto); the anchor test below adds fp8_block
-    direct over gloo and none over shm. Kept to three cases: the suite's budget."""
+    auto), fp8_rowwise (reconstruct, gloo, TP=2, auto, an HSDP trainer); the anchor test below
+    adds fp8_block direct over gloo and none over shm. Three cases: the suite's budget."""
     cases = [
         _case("none-gloo-tp2", quant="none", mode="direct", transport="gloo", tp=2, dtype=torch.bfloat16, lr=3e-5,
               delta="on"),
         _case("block-shm-staged", quant="fp8_block", mode="reconstruct", transport="shm", commit="staged"),
-        _case("row-gloo-tp2", quant="fp8_rowwise", mode="reconstruct", transport="gloo", tp=2),
+        _case("row-gloo-tp2-hsdp", quant="fp8_rowwise", mode="reconstruct", transport="gloo", tp=2, hsdp=True),
     ]
     out = _run(cases, num_receivers=2)
     for case in cases:
@@ -54,17 +54,26 @@ def test_delta_equals_full_over_50_steps():
         assert report[-1][5] > 0  # the shadow's size is reported
 
 
-def test_anchor_after_a_refused_base_a_reregistration_and_a_failed_verification():
+def test_anchor_after_a_refused_base_a_reregistration_and_a_failed_verification(monkeypatch):
     """Receiver 0 forgets which version its buffers hold before push 3 (it must refuse the
     delta: gated staged receivers before any byte lands, ungated gloo ones by draining it),
     restarts before push 5, and has a byte flipped behind the library's back before push 8,
-    which verification catches. Each is followed by a full push that lands bit-exact."""
+    which verification catches. Each is followed by a full push that lands bit-exact.
+
+    In the same jobs (one spawn for the suite's time), a third case diffs with the Triton kernel
+    (CPU interpreter), storing changed elements straight into the receiver's shared memory as
+    it would into a peer GPU over CUDA IPC, against a full job packed by the torch reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned senders inherit it
     events = {3: "diverge", 5: "reregister", 8: "corrupt"}
     cases = [_case("anchors-gloo", quant="fp8_block", mode="direct", transport="gloo", lr=1e-6, versions=9,
                    events=events, verify_every=1),
              _case("anchors-shm-staged", quant="none", mode="direct", transport="shm", commit="staged",
                    dtype=torch.bfloat16, lr=3e-5, versions=9, events=events, verify_every=2)]
-    out = _run(cases, num_receivers=1)
+    triton = _case("triton-none-shm-tp2", quant="none", mode="direct", transport="shm", dtype=torch.bfloat16,
+                   lr=3e-5, versions=3, kernels="grouped", tp=2)  # TP column slices: strided boxes, scattered
+    out = _run(cases + [triton], num_receivers=1)
+    _identical(out, triton, 1)
+    assert [r[1] for r in out[("trainer", 0, triton.name, "report")]] == [None, 1, 2]
     for case in cases:
         _identical(out, case, 1, except_versions=(3, 8))
         report = {v: rest for v, *rest in out[("trainer", 0, case.name, "report")]}
@@ -78,3 +87,4 @@ def test_anchor_after_a_refused_base_a_reregistration_and_a_failed_verification(
         # Staged: the live tensors keep the last good version through both failures. In place,
         # a drained delta leaves them at version 2; a failed verification leaves them torn.
         assert [got[v][0] for v in (3, 8)] == ([2, 7] if case.commit == "staged" else [2, None])
+
