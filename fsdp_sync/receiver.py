@@ -130,7 +130,12 @@ class WeightReceiver:
         self.meta = dataclasses.replace(self.meta, registration=uuid.uuid4().hex)
         # Epoch first: once the controller sees every meta, every epoch bump is counted.
         self.control.add(RECV_EPOCH, 1)
+        replaces = self.control.has(recv_meta_key(self.rank))
         self.control.set(recv_meta_key(self.rank), self.meta)
+        if replaces:
+            # A controller that read the bump above before this meta planned with the old one
+            # (a dropped receiver's): a second bump, after the new meta, makes it plan again.
+            self.control.add(RECV_EPOCH, 1)
 
     def wait_for(self, version: int | None = None, timeout: float | None = None) -> int:
         """The newest landed version once it is at least ``version``; with no ``version``, the

@@ -85,7 +85,8 @@ def test_a_dead_replica_is_dropped_the_push_goes_on_and_a_restarted_one_rejoins(
         restarted = ctx.Process(target=fleet_workers.lone_receiver, args=(cfg, 1, 2, 4, replica))
         restarted.start()
         deadline = time.monotonic() + scaled(60)
-        while receiver.control.add("recv/epoch", 0) < 3:  # two first registrations, then the restarted one
+        # Two first registrations count one each; the restarted one replaces a meta and counts two.
+        while receiver.control.add("recv/epoch", 0) < 4:
             assert time.monotonic() < deadline, "the restarted receiver did not register"
             time.sleep(0.1)
         receiver.control.set("go/4", True)
