@@ -79,13 +79,17 @@ class DeltaSender:
                destination=None, verify: bool = False) -> list[tuple[Task, object]]:
         """The items to hand the transport: the payloads themselves on an anchor push (the
         shadows take a copy), their changes on a delta push. ``destination(task)``: the
-        one-sided transport's view of the task's destination."""
+        one-sided transport's view of the task's destination. A None payload is a task the
+        packer stored itself (``fsdp_sync.delta_stores``), which counts its own bytes."""
         out = []
         for task, payload in items:
-            assert payload is not None, "delta pushes need payloads: the packer must not write destinations"
-            new = bits(payload.contiguous())
             program = self.programs[id(task)]
             stats.full_bytes += task.nbytes
+            if payload is None:
+                stats.elements += program.numel if task.kind == DATA else 0
+                out.append((task, None))
+                continue
+            new = bits(payload.contiguous())
             if verify:
                 stats.digests[f"{task.receiver}/{task.seq}"] = digest(new)
             shadow = self.shadows.get(id(task))

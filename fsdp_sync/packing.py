@@ -29,6 +29,9 @@ from . import quant
 from .quant import get_quant_format, scales_from_amax
 from .trace import Trace
 
+# Delta stores: weights of at most this many elements (norms) are stored whole, in the
+# grouped copy launch; a launch of their own would cost more than their bytes.
+DELTA_MIN_ELEMS = 4096
 # torch 2.13 renamed all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -49,6 +52,11 @@ def _kernels_for(device: torch.device, kernels: str):
                       "launching per box instead", stacklevel=3)
         return fp8_quant, False
     return fp8_quant, kernels in ("auto", "grouped")
+
+
+def groups_launches(device: torch.device, kernels: str) -> bool:
+    """Whether a packer on ``device`` with ``kernels`` groups its launches (Triton)."""
+    return _kernels_for(device, kernels)[1]
 
 
 def all_reduce_amax(amax: torch.Tensor, group) -> None:
@@ -82,9 +90,11 @@ class _Replay:
     quantize: list = field(default_factory=list)  # PreparedLaunch per batch
     copies: object | None = None  # PreparedLaunch of the small copies
     rest: list = field(default_factory=list)  # (dst, src) copies too large for one launch
+    stores: object | None = None  # delta pushes: PreparedLaunch of the large copies' changed elements
+    whole: tuple[int, int] = (0, 0)  # delta pushes: bytes and weight elements stored whole
     out: list = field(default_factory=list)
 
-    def run(self, bucket: Bucket, trace: Trace, mode: str) -> list:
+    def run(self, bucket: Bucket, trace: Trace, mode: str, stores=None) -> list:
         with trace.span("amax" if mode == "direct" else "scale", f"bucket {bucket.index} (replay)"):
             if self.flat.numel():
                 self.flat.zero_()
@@ -98,7 +108,11 @@ class _Replay:
                 launch.launch()
             if self.copies is not None:
                 self.copies.launch()
+            if self.stores is not None:
+                self.stores.launch()
             copy_all(self.rest, non_blocking=True)
+            if stores is not None:
+                stores.whole(*self.whole)
         return self.out
 
 
@@ -111,11 +125,15 @@ class BucketPacker:
 
     With grouped kernels a bucket's amaxes take one launch and its quantizations another
     (``fsdp_sync.kernels.fp8_grouped``), instead of one launch per parameter each.
+
+    ``delta`` (grouped kernels and a ``destination`` only): the shadows its stores compare
+    with, for delta pushes (``fsdp_sync.delta_stores``).
     """
 
     def __init__(self, plan: SenderPlan, sources: dict[str, SourceParam], groups: dict[tuple[int, ...], object],
                  device: torch.device, destination: Callable[[Task], torch.Tensor | None] | None = None,
-                 kernels: str = "auto", remote: Callable[[Task], bool] | None = None, check_finite: bool = False):
+                 kernels: str = "auto", remote: Callable[[Task], bool] | None = None, check_finite: bool = False,
+                 delta=None):
         """``remote(task)``: whether ``destination(task)`` is on a peer GPU (see GroupedCells.freeze).
         ``check_finite``: check the unquantized params for inf and NaN too (see ``fsdp_sync.finite``)."""
         self.plan = plan
@@ -124,6 +142,10 @@ class BucketPacker:
         self.groups = groups
         self.device = device
         self.ops, self.grouped = _kernels_for(device, kernels)
+        if delta is not None and not (self.grouped and destination is not None):
+            raise ValueError("delta stores need grouped kernels and a destination to store into")
+        self.stores = delta
+        self._whole = [0, 0]  # this bucket's bytes and weight elements stored whole (delta)
         self.destination = destination or (lambda task: None)
         self.remote = remote or (lambda task: False)
         self.tasks_of: dict[int, list[Task]] = defaultdict(list)
@@ -145,7 +167,7 @@ class BucketPacker:
         replay = self._replays.get(bucket.index)
         if replay is not None:
             if replay.sources == tuple(shards[name].data_ptr() for name in bucket.params):
-                return replay.run(bucket, trace, self.plan.mode), self._finite(bucket, shards, replay)
+                return replay.run(bucket, trace, self.plan.mode, self.stores), self._finite(bucket, shards, replay)
             del self._replays[bucket.index]  # a source moved: pack it afresh, and record again
         boxes = {name: self._box(name, bucket.group) for name in bucket.params}
         # Recorded only when the launches read the shards themselves (no H2D, no gather).
@@ -158,17 +180,21 @@ class BucketPacker:
         else:
             held, held_boxes = shards, boxes
         inner = self._inner_boxes(bucket, held_boxes)
+        self._whole = [0, 0]
         with trace.span("amax" if self.plan.mode == "direct" else "scale", f"bucket {bucket.index}"):
             scales, replay = self._scales(bucket, held, held_boxes, inner)
         with trace.span("quantize", f"bucket {bucket.index}"):
             batches = self._batches()
-            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            copies: list[tuple[torch.Tensor, torch.Tensor, Task]] = []
             out = [(t, self._payload(t, held[t.src], held_boxes[t.src], scales, batches, copies, inner.get(t.src)))
                    for t in self.tasks_of[bucket.index]]
             replay.quantize = [batch.freeze() for batch in (batches or {}).values() if len(batch)]
             for launch in replay.quantize:
                 launch.launch()
-            replay.copies, replay.rest = self._copy(copies)
+            replay.copies, replay.rest, replay.stores = self._copy(copies)
+            if self.stores is not None:
+                replay.whole = tuple(self._whole)
+                self.stores.whole(*replay.whole)
             if self._replayable and all(payload is None for _, payload in out):
                 replay.out = out
                 self._replays[bucket.index] = replay
@@ -182,13 +208,20 @@ class BucketPacker:
         values = ({n: shards[n] for n in bucket.params if n not in quantized} if self.check_finite else {})
         return finite_check(bucket.index, replay.scales, replay.grids, values)
 
-    def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[object | None, list]:
-        """Run the copies: the small ones in one launch where Triton kernels are in use (on
-        GPU each ``copy_`` into a peer costs the copy engine ~12 us), the rest through
-        ``copy_all``. Returns both parts, to replay."""
+    def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor, Task]]) -> tuple[object | None, list, object | None]:
+        """Run the (destination, bytes, task) copies: the small ones in one launch where Triton
+        kernels are in use (on GPU each ``copy_`` into a peer costs the copy engine ~12 us),
+        the rest through ``copy_all``; with delta stores, large weights store only their
+        changed elements (one launch each) and the rest are copied into their shadows too.
+        Returns the three parts, to replay."""
+        stores = None
+        if self.stores is not None:
+            copies, stores = self._delta_copies(copies)
+        else:
+            copies = [(dst, src) for dst, src, _ in copies]
         if not self.grouped or not copies:
             copy_all(copies, non_blocking=True)
-            return None, copies
+            return None, copies, stores
         from .kernels.copy_grouped import GroupedCopies
 
         small, rest = GroupedCopies(self.device), []
@@ -199,7 +232,31 @@ class BucketPacker:
         if prepared is not None:
             prepared.launch()
         copy_all(rest, non_blocking=True)
-        return prepared, rest
+        return prepared, rest, stores
+
+    def _delta_copies(self, copies: list[tuple[torch.Tensor, torch.Tensor, Task]]) -> tuple[list, object | None]:
+        """Delta stores: one launch storing the changed elements of each large weight (run
+        here), and the (dst, src) pairs left to copy whole, each into its shadow as well."""
+        from .kernels.delta import prepare_store_changed
+        from .kernels.prepared import PreparedLaunch
+
+        whole, launches, alive = [], [], []
+        for dst, src, task in copies:
+            shadow = self.stores.shadow(task, src)
+            launch = (prepare_store_changed(dst, src, shadow, *self.stores.target(src.element_size()))
+                      if task.kind == DATA and src.numel() > DELTA_MIN_ELEMS and src.device == self.device else None)
+            if launch is None:
+                whole += [(dst, src), (shadow, src)]
+                self._whole[0] += task.nbytes
+                self._whole[1] += src.numel() if task.kind == DATA else 0
+            else:
+                launches.append(launch)
+                alive += [dst, src, shadow]
+        if not launches:
+            return whole, None
+        prepared = PreparedLaunch(self.device, launches, alive)
+        prepared.launch()
+        return whole, prepared
 
     def _inner_boxes(self, bucket: Bucket, held_boxes: dict[str, Box]) -> dict[str, Box]:
         """Per quantized param, the part of the held box made of blocks this rank holds whole.
@@ -254,8 +311,9 @@ class BucketPacker:
             return None
         from .kernels.fp8_grouped import GroupedCells
 
-        return {"two_pass": GroupedCells(self.device, quantize=True),
-                "fused": GroupedCells(self.device, quantize=True, fused=True)}
+        delta = self.stores.target(1) if self.stores is not None else None
+        return {"two_pass": GroupedCells(self.device, quantize=True, delta=delta),
+                "fused": GroupedCells(self.device, quantize=True, fused=True, delta=delta)}
 
     def _on_device(self, t: torch.Tensor, trace: Trace) -> torch.Tensor:
         if t.device == self.device:
@@ -375,7 +433,7 @@ class BucketPacker:
                     return None
         if out is None:
             return data
-        copies.append((out, data))
+        copies.append((out, data, task))
         return None
 
     def _quantize(self, task: Task, part: torch.Tensor, grid: torch.Tensor, out: torch.Tensor | None,
@@ -399,15 +457,21 @@ class BucketPacker:
         if not direct:
             self._replayable = False  # a fresh buffer per push, which a replay would keep alive
         target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
+        shadow = self.stores.shadow(task, target) if self.stores is not None and direct else None
         for box, whole, rel, blocks in self._pieces_of(task, inner, block):
             x, dst, region = part[rel], target[rel], grid[blocks]
             if batches["fused" if whole else "two_pass"].add(x, box, block, region, out=dst, shape=shape,
-                                                             remote=direct and self.remote(task)):
+                                                             remote=direct and self.remote(task),
+                                                             shadow=None if shadow is None else shadow[rel]):
                 continue
             self._replayable = False  # the batch refused it (strides too large): not recorded
             if whole:  # this rank holds these blocks whole
                 region.copy_(scales_from_amax(self.ops.block_amax(x, box, block)))
             dst.copy_(self.ops.quantize_box(x, box, region, box.to_blocks(block), block))
+            if shadow is not None:  # stored whole: the shadow follows
+                shadow[rel].copy_(dst)
+                self._whole[0] += dst.numel()
+                self._whole[1] += dst.numel()
         return None if direct else target
 
     def _pieces_of(self, task: Task, inner: Box | None, block: tuple[int, ...]) -> list[tuple]:

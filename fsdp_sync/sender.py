@@ -29,9 +29,10 @@ from .control import (CLOSED, ControlPlane, PUSH_LATEST, ack_key, done_key, is_a
 from .controller import Controller
 from .delta import DeltaSender, DeltaStats
 from .delta_plan import DELTA_KINDS
+from .delta_stores import DeltaStores
 from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout
 from .meta import ReceiverMeta, SourceParam, device_id, source_params
-from .packing import BucketPacker
+from .packing import BucketPacker, groups_launches
 from .param_scan import ParamScan
 from .pipeline import ByteBudget, run_pipeline
 from .plan import SenderPlan
@@ -127,6 +128,7 @@ class WeightSender:
         self._num_goes = 0  # controller: pushes announced, for verify_every
         self._go: tuple[int | None, bool] = (None, False)  # this push's delta base and verify flag
         self._delta: DeltaSender | None = None
+        self._stores: DeltaStores | None = None  # one-sided deltas found by the packer's own stores
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
         self._last_result: PushResult | None = None
@@ -415,11 +417,15 @@ class WeightSender:
         # instead of writing destinations; a new transport starts with no shadow (an anchor).
         self._delta = (DeltaSender(plan.tasks, self.device, mode=self.config.delta, one_sided=kind == "one_sided",
                                    kernels=self.config.kernels) if kind else None)
-        fused = self.config.fused_writes and self._delta is None
+        # One-sided with grouped kernels, the packer's own stores find the change as they
+        # write (fsdp_sync.delta_stores); else the delta pass diffs the packed payloads.
+        self._stores = (DeltaStores(self.device) if kind == "one_sided" and self.config.fused_writes
+                        and groups_launches(self.device, self.config.kernels) else None)
+        fused = self.config.fused_writes and (self._delta is None or self._stores is not None)
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
                                     destination=self._transport.destination if fused else None,
                                     kernels=self.config.kernels, remote=self._transport.writes_to_peer,
-                                    check_finite=self.config.check_finite)
+                                    check_finite=self.config.check_finite, delta=self._stores)
 
     # -- the push itself -----------------------------------------------------------------
     def _run(self, handle: PushHandle, local: dict[str, torch.Tensor]) -> None:
@@ -471,8 +477,19 @@ class WeightSender:
                 if self._progress is not None:
                     self._progress(sent, len(plan.buckets))
 
+            stores = self._stores
+            if stores is not None:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    stores.begin(delta=base is not None)
             run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes, produce=produce, transfer=transfer,
                          budget=budget, trace=trace)
+            if stores is not None:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    stored, changed = stores.end()
+                    if verify:
+                        stats.digests.update(stores.digests())
+                stats.bytes_sent += stored
+                stats.changed += changed
             self._transport.finish()
             if verify:  # what this rank sent, for each receiver to compare its destinations with
                 self.control.set(verify_key(seq, self.rank), stats.digests)
@@ -494,7 +511,8 @@ class WeightSender:
             handle.version, seq, seconds, stats.bytes_sent if self._delta else full, trace.stage_seconds(),
             budget.peak, floor, path, full_bytes=full, delta_base=base if self._delta else None,
             changed_fraction=stats.changed / stats.elements if self._delta and stats.elements else None,
-            shadow_bytes=self._delta.shadow_bytes if self._delta else 0)
+            shadow_bytes=(self._delta.shadow_bytes + (self._stores.shadow_bytes if self._stores else 0)
+                          if self._delta else 0))
 
     def _wait_for_acks(self, seq: int, version: int, receivers: list[int]) -> None:
         keys = [ack_key(seq, r) for r in receivers]

@@ -31,18 +31,20 @@ from .prepared import PreparedLaunch
 
 # Columns of a row of the table, in the order the kernel loads them. ``x`` and ``q`` are
 # element offsets from the launch's base tensors; ``s`` is an address.
+# ``h`` and its strides address a delta launch's shadow (``fsdp_sync.delta_stores``), else 0.
 _FIELDS = ("x", "q", "s", "sxb", "sxr", "sxc", "sqb", "sqr", "sqc", "ssb", "ssr", "ssc",
-           "rows", "cols", "skip_r", "skip_c", "cells_r", "cells_c", "block_r", "block_c", "first_program")
+           "rows", "cols", "skip_r", "skip_c", "cells_r", "cells_c", "block_r", "block_c", "first_program",
+           "h", "shb", "shr", "shc")
 _NUM_FIELDS = len(_FIELDS)
 _X_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
 _VEC = 16  # elements: what VEC launches promise of offsets, strides, widths and skips
 
 
 @triton.jit
-def _grouped_cell_kernel(table, row_of, order, x_base, q_base, NUM_FIELDS: tl.constexpr,
-                         TILE_R: tl.constexpr, TILE_C: tl.constexpr, QUANTIZE: tl.constexpr,
-                         FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr, VEC: tl.constexpr,
-                         PERMUTED: tl.constexpr):
+def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, anchor,
+                         NUM_FIELDS: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+                         QUANTIZE: tl.constexpr, FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr,
+                         VEC: tl.constexpr, PERMUTED: tl.constexpr, DELTA: tl.constexpr):
     """One cell (= one scale block) of the box in row ``row_of[pid]`` of ``table``.
 
     PERMUTED: program ``i`` runs cell ``order[i]`` (see ``GroupedCells.freeze``: cells that
@@ -59,6 +61,11 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, NUM_FIELDS: tl.co
     launches get from Triton's argument specialization. An address cast to a pointer has
     no known alignment: one 1- or 2-byte access per element, and byte stores over NVLink
     are several times slower.
+
+    DELTA (with QUANTIZE): the codes are compared with the shadow at ``h`` (what the
+    receiver holds), and only those that differ are stored, there and at ``q``; all of
+    them while ``anchor[0]`` is set. Each program adds its count of stored codes to one of
+    ``changed``'s 64 words (spread, so that the atomics do not queue on one address).
     """
     pid = tl.program_id(0)
     if PERMUTED:
@@ -129,7 +136,29 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, NUM_FIELDS: tl.co
         else:
             q_ptrs = q_base + (q_off + b * sqb + r0 * sqr + c0 * sqc) + (tr[:, None] * sqr.to(tl.int32)
                                                                          + tc[None, :] * sqc.to(tl.int32))
-        tl.store(q_ptrs, q, mask=mask)
+        if DELTA:
+            h_off = tl.load(row + 21)
+            shb = tl.load(row + 22)
+            shr = tl.load(row + 23)
+            shc = tl.load(row + 24)
+            if VEC:
+                h_off = tl.multiple_of(h_off, 16)
+                shb = tl.multiple_of(shb, 16)
+                shr = tl.multiple_of(shr, 16)
+                h_ptrs = h_base + (h_off + b * shb + r0 * shr + c0) + (tr[:, None] * shr.to(tl.int32) + tc[None, :])
+            else:
+                h_ptrs = h_base + (h_off + b * shb + r0 * shr + c0 * shc) + (tr[:, None] * shr.to(tl.int32)
+                                                                             + tc[None, :] * shc.to(tl.int32))
+            old = tl.load(h_ptrs, mask=mask, other=0)
+            # The flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar.
+            every = (tl.zeros_like(old.to(tl.int32)) + tl.load(anchor)) != 0
+            write = mask & ((q != old) | every)
+            tl.store(h_ptrs, q, mask=write)
+            tl.store(q_ptrs, q, mask=write)
+            count = tl.sum(tl.sum(write.to(tl.int64), axis=1), axis=0)
+            tl.atomic_add(changed + tl.program_id(0) % 64, count, sem="relaxed")
+        else:
+            tl.store(q_ptrs, q, mask=mask)
     else:
         tl.store(s_ptr + s_off, amax)
 
@@ -172,28 +201,38 @@ class GroupedCells:
     stream of the device given here.
     """
 
-    def __init__(self, device: torch.device, *, quantize: bool, fused: bool = False):
+    def __init__(self, device: torch.device, *, quantize: bool, fused: bool = False,
+                 delta: tuple[torch.Tensor, torch.Tensor] | None = None):
         """``fused`` (with ``quantize``): each box's blocks are whole, and their scales are
-        computed from the same read and stored into ``scales``, instead of read from it."""
+        computed from the same read and stored into ``scales``, instead of read from it.
+        ``delta`` (with ``quantize``): (int64[64] changed-code counters, int32[1] anchor
+        flag); every box then comes with its shadow and only changed codes are stored."""
         if fused and not quantize:
             raise ValueError("GroupedCells: fused needs quantize")
+        if delta is not None and not quantize:
+            raise ValueError("GroupedCells: delta needs quantize")
         self.device = device
         self.quantize = quantize
         self.fused = fused
+        self.delta = delta
         self._rows: dict[tuple, list[list[int]]] = defaultdict(list)
         self._programs: dict[tuple, int] = defaultdict(int)
         self._values: dict[tuple, list[tuple[torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
         self._remote: dict[tuple, list[bool]] = defaultdict(list)
+        self._shadows: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self._alive: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return sum(len(rows) for rows in self._rows.values())
 
     def add(self, x: torch.Tensor, box: Box, block: Sequence[int], scales: torch.Tensor,
-            out: torch.Tensor | None = None, *, shape: Sequence[int] | None = None, remote: bool = False) -> bool:
+            out: torch.Tensor | None = None, *, shape: Sequence[int] | None = None, remote: bool = False,
+            shadow: torch.Tensor | None = None) -> bool:
         """Queue the box ``box`` held as ``x``; False (nothing queued) if it needs ``fp8_quant``.
 
         ``remote``: ``out`` lies on a peer GPU (its stores cross NVLink); see ``freeze``.
+        ``shadow`` (delta batches): FP8 of ``out``'s shape on this device, any strides, the
+        codes ``out`` holds now.
 
         ``scales`` is float32 of the shape ``box.to_blocks(block)``, any strides: the scales
         to quantize with, or where each block's amax (or, fused, its scale) goes. ``out``
@@ -213,23 +252,32 @@ class GroupedCells:
             raise ValueError(f"x {tuple(x.shape)} and scales {tuple(scales.shape)} do not fit box {box}, block {block}")
         if self.quantize and (out is None or out.dtype != FP8_DTYPE or out.shape != x.shape):
             raise ValueError(f"out must be {FP8_DTYPE} of shape {tuple(x.shape)}")
+        if (self.delta is not None) != (shadow is not None) or (
+                shadow is not None and (shadow.dtype != FP8_DTYPE or shadow.shape != x.shape)):
+            raise ValueError(f"a delta batch, and only one, takes a {FP8_DTYPE} shadow of shape {tuple(x.shape)}")
         if box.is_empty():
             if not self.quantize:
                 scales.zero_()  # as block_amax: an empty box's blocks have amax 0
             return True
         xs, ss = _strides_3d(x), _strides_3d(scales)
         qs = _strides_3d(out) if self.quantize else xs
-        if xs is None or ss is None or qs is None:
+        hs = _strides_3d(shadow) if shadow is not None else qs
+        if xs is None or ss is None or qs is None or hs is None:
             return False
         tile = tuple(_next_power_of_2(c) for c in plan.cell)
-        if any(tile[0] * abs(t[1]) + tile[1] * abs(t[2]) >= 2**31 for t in (xs, qs)):
+        if any(tile[0] * abs(t[1]) + tile[1] * abs(t[2]) >= 2**31 for t in (xs, qs, hs)):
             return False
-        key = (tile, x.dtype, _vectorizable(x, xs, out, qs if self.quantize else None, box, plan))
+        vec = _vectorizable(x, xs, out, qs if self.quantize else None, box, plan) and (
+            shadow is None or _fits_vec(shadow, hs))
+        key = (tile, x.dtype, vec)
         batch = x.numel() // (box.sizes[-2] * box.sizes[-1])
         self._rows[key].append([x.data_ptr(), out.data_ptr() if self.quantize else 0, scales.data_ptr(), *xs, *qs,
-                                *ss, *box.sizes[-2:], *plan.skip, *plan.num_cells, *plan.block, self._programs[key]])
+                                *ss, *box.sizes[-2:], *plan.skip, *plan.num_cells, *plan.block, self._programs[key],
+                                *((shadow.data_ptr(), *hs) if shadow is not None else (0, 0, 0, 0))])
         self._programs[key] += batch * plan.num_cells[0] * plan.num_cells[1]
         self._values[key].append((x, out))
+        if shadow is not None:
+            self._shadows[key].append(shadow)
         self._remote[key].append(remote)
         self._alive.append(scales)
         return True
@@ -260,8 +308,16 @@ class GroupedCells:
                     table[:, 1] -= q_base.data_ptr()
                 else:
                     q_base = x_base  # not read
+                shadows = self._shadows.get(key)
+                if shadows:
+                    h_base = shadows[int(table[:, _FIELDS.index("h")].argmin())].view(torch.uint8)
+                    table[:, _FIELDS.index("h")] -= h_base.data_ptr()
+                    changed, anchor = self.delta
+                else:
+                    h_base, changed, anchor = q_base, None, None  # not read (the table stands in below)
                 programs = self._programs[key]
-                counts = torch.tensor([r[-1] for r in rows[1:]] + [programs]) - table[:, -1]
+                first = _FIELDS.index("first_program")
+                counts = torch.tensor([r[first] for r in rows[1:]] + [programs]) - table[:, first]
                 row_of = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), counts)
                 remote = self._remote[key]
                 # Per program only where the launch mixes both kinds: staged pushes pack afresh every time.
@@ -273,17 +329,21 @@ class GroupedCells:
                     if order is not None:
                         order = order.pin_memory().to(self.device, non_blocking=True)
                     # The pinned host blocks are not reused before these copies end (caching host allocator).
-                launches.append((_grouped_cell_kernel, (programs,), (table, row_of, row_of if order is None else order,
-                                                                     x_base, q_base), dict(
+                if changed is None:
+                    changed = anchor = table
+                launches.append((_grouped_cell_kernel, (programs,), (
+                    table, row_of, row_of if order is None else order, x_base, q_base, h_base, changed, anchor), dict(
                     NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1], QUANTIZE=self.quantize,
                     FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec, PERMUTED=order is not None,
-                    num_warps=_grouped_warps(tile[0] * tile[1]))))
+                    DELTA=bool(shadows), num_warps=_grouped_warps(tile[0] * tile[1]))))
         prepared = PreparedLaunch(self.device, launches, [t for v in self._values.values() for pair in v
-                                                          for t in pair if t is not None] + self._alive)
+                                                          for t in pair if t is not None]
+                                  + [t for v in self._shadows.values() for t in v] + self._alive)
         self._rows.clear()
         self._programs.clear()
         self._values.clear()
         self._remote.clear()
+        self._shadows.clear()
         self._alive = []
         return prepared
 
@@ -311,12 +371,14 @@ def _vectorizable(x: torch.Tensor, xs: tuple[int, int, int], out: torch.Tensor |
                   qs: tuple[int, int, int] | None, box: Box, plan) -> bool:
     """Whether a box may join a VEC launch: see ``_grouped_cell_kernel``. Offsets from the
     launch's base are multiples of ``_VEC`` when every address is a multiple of ``_VEC`` elements."""
-    def fits(t: torch.Tensor, strides: tuple[int, int, int]) -> bool:
-        return (strides[2] == 1 and strides[0] % _VEC == 0 and strides[1] % _VEC == 0
-                and t.data_ptr() % (_VEC * t.element_size()) == 0)
-
     return (box.sizes[-1] % _VEC == 0 and plan.skip[1] % _VEC == 0 and plan.block[1] % _VEC == 0
-            and fits(x, xs) and (out is None or fits(out, qs)))
+            and _fits_vec(x, xs) and (out is None or _fits_vec(out, qs)))
+
+
+def _fits_vec(t: torch.Tensor, strides: tuple[int, int, int]) -> bool:
+    """``t``'s part of ``_vectorizable``: unit column stride, other strides and address aligned."""
+    return (strides[2] == 1 and strides[0] % _VEC == 0 and strides[1] % _VEC == 0
+            and t.data_ptr() % (_VEC * t.element_size()) == 0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -69,11 +69,19 @@ def test_anchor_after_a_refused_base_a_reregistration_and_a_failed_verification(
                    events=events, verify_every=1),
              _case("anchors-shm-staged", quant="none", mode="direct", transport="shm", commit="staged",
                    dtype=torch.bfloat16, lr=3e-5, versions=9, events=events, verify_every=2)]
-    triton = _case("triton-none-shm-tp2", quant="none", mode="direct", transport="shm", dtype=torch.bfloat16,
-                   lr=3e-5, versions=3, kernels="grouped", tp=2)  # TP column slices: strided boxes, scattered
-    out = _run(cases + [triton], num_receivers=1)
-    _identical(out, triton, 1)
-    assert [r[1] for r in out[("trainer", 0, triton.name, "report")]] == [None, 1, 2]
+    # The packer's own stores find the change (fsdp_sync.delta_stores): bf16 weights through the
+    # large-copy launch, TP column slices strided on both sides; FP8 codes through the cell launch,
+    # with blocks the FSDP shards cut (two-pass) and whole ones (fused).
+    tritons = [_case("triton-none-shm-tp2", quant="none", mode="direct", transport="shm", dtype=torch.bfloat16,
+                     lr=3e-5, versions=3, kernels="grouped", tp=2),
+               _case("triton-block-shm", quant="fp8_block", mode="direct", transport="shm", lr=1e-5, versions=3,
+                     kernels="grouped")]
+    out = _run(cases + tritons, num_receivers=1)
+    for triton in tritons:
+        _identical(out, triton, 1)
+        report = out[("trainer", 0, triton.name, "report")]
+        assert [r[1] for r in report] == [None, 1, 2]
+        assert report[2][2] < report[2][3], (triton.name, report[2])  # fewer bytes than the full push
     for case in cases:
         _identical(out, case, 1, except_versions=(3, 8))
         report = {v: rest for v, *rest in out[("trainer", 0, case.name, "report")]}

@@ -292,21 +292,23 @@ def test_fused_batch_refuses_boxes_that_cut_blocks():
     assert len(group) == 0
 
 
-def _grouped_variant(vec: bool, quantize: bool, permuted: bool = False, *, from_amax: bool = True) -> dict:
+def _grouped_variant(vec: bool, quantize: bool, permuted: bool = False, *, from_amax: bool = True,
+                     delta: bool = False) -> dict:
     """The grouped kernel over bf16 128x128 blocks, as a push launches it, for ``tests.ptx``."""
     from fsdp_sync.kernels.fp8_grouped import _NUM_FIELDS
 
-    signature = {"table": "*i64", "row_of": "*i32", "order": "*i32", "x_base": "*i16", "q_base": "*u8"}
+    signature = {"table": "*i64", "row_of": "*i32", "order": "*i32", "x_base": "*i16", "q_base": "*u8",
+                 "h_base": "*u8", "changed": "*i64", "anchor": "*i32"}
     constants = dict(NUM_FIELDS=_NUM_FIELDS, TILE_R=128, TILE_C=128, QUANTIZE=quantize, FROM_AMAX=from_amax,
-                     HW_CAST=True, VEC=vec, PERMUTED=permuted)
+                     HW_CAST=True, VEC=vec, PERMUTED=permuted, DELTA=delta)
     return kernel_spec("fsdp_sync.kernels.fp8_grouped", "_grouped_cell_kernel", signature, constants,
-                       aligned=(3, 4), num_warps=16)
+                       aligned=(3, 4, 5), num_warps=16)
 
 
-def _global_accesses(*variants: tuple[bool, bool, bool]) -> list[set[str]]:
-    """The global loads and stores of each (vec, quantize, permuted) variant of the grouped
-    kernel compiled for sm_90, which needs no GPU."""
-    ptxs = sm90_ptx([_grouped_variant(*v) for v in variants])
+def _global_accesses(*variants: tuple) -> list[set[str]]:
+    """The global loads and stores of each (vec, quantize, permuted[, from_amax, delta])
+    variant of the grouped kernel compiled for sm_90, which needs no GPU."""
+    ptxs = sm90_ptx([_grouped_variant(*v[:3], **dict(zip(("from_amax", "delta"), v[3:]))) for v in variants])
     return [set(re.findall(r"(?:ld|st)\.global\.[\w.]+", ptx)) for ptx in ptxs]
 
 
@@ -334,3 +336,12 @@ def test_aligned_launches_compile_to_16_byte_accesses(quantize):
     assert "ld.global.b16" in slow, slow
     if quantize:
         assert "st.global.v4.b32" in fast and "st.global.b8" not in fast, fast
+
+
+def test_aligned_delta_launches_load_the_shadow_as_wide_as_the_codes():
+    """A delta launch reads the shadow with 16-byte loads, as it reads the weights; its
+    stores are predicated per code (only changed bytes are written, so no vector store)."""
+    fused, two_pass = _global_accesses((True, True, False, True, True), (True, True, False, False, True))
+    for accesses in (fused, two_pass):
+        assert "ld.global.v4.b32" in accesses and "ld.global.b16" not in accesses and "ld.global.b8" not in accesses, \
+            accesses
