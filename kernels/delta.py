@@ -82,10 +82,10 @@ def _store_changed_kernel(src, shadow, dst, changed, anchor, rows, cols, s_row, 
     write = inside & ((new != old) | every)
     tl.store(shadow_ptrs, new, mask=write)
     tl.store(dst_ptrs, new, mask=write)
-    count = tl.sum(write.to(tl.int64), axis=0)
+    count = tl.sum(write.to(tl.int32), axis=0)  # int32 sums (a tile at most); int64 ones are emulated
     if not CONTIGUOUS:
         count = tl.sum(count, axis=0)
-    tl.atomic_add(changed + pid % 64, count, sem="relaxed")
+    tl.atomic_add(changed + pid % 64, count.to(tl.int64), sem="relaxed")
 
 
 STORE_TILE = 4096  # elements per program of ``_store_changed_kernel``

@@ -155,7 +155,7 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
             write = mask & ((q != old) | every)
             tl.store(h_ptrs, q, mask=write)
             tl.store(q_ptrs, q, mask=write)
-            count = tl.sum(tl.sum(write.to(tl.int64), axis=1), axis=0)
+            count = tl.sum(tl.sum(write.to(tl.int32), axis=1), axis=0).to(tl.int64)  # int32 sums: at most a cell
             tl.atomic_add(changed + tl.program_id(0) % 64, count, sem="relaxed")
         else:
             tl.store(q_ptrs, q, mask=mask)
