@@ -32,6 +32,7 @@ class DeltaStores:
         self.device = device
         self.anchor = torch.ones(1, dtype=torch.int32, device=device)
         self.changed = torch.zeros(len(ITEMSIZES), SPREAD, dtype=torch.int64, device=device)
+        self._itemsizes = torch.tensor(ITEMSIZES, dtype=torch.int64, device=device)
         self._shadows: dict[int, tuple[Task, torch.Tensor]] = {}
         self._anchored = False  # a push through these shadows has completed
         self._whole = [0, 0]  # this push: bytes, and weight elements, stored whole
@@ -69,9 +70,8 @@ class DeltaStores:
     def end(self) -> tuple[int, int]:
         """(bytes stored, weight elements stored) by this push, after its last launch, on the
         same stream: one read of the counters."""
-        sizes = torch.tensor(ITEMSIZES, dtype=torch.int64, device=self.device)
         per_size = self.changed.sum(1)
-        counted = torch.stack([(per_size * sizes).sum(), per_size.sum()]).tolist()
+        counted = torch.stack([(per_size * self._itemsizes).sum(), per_size.sum()]).tolist()
         self._anchored = True
         return counted[0] + self._whole[0], counted[1] + self._whole[1]
 

@@ -244,7 +244,8 @@ class BucketPacker:
         for dst, src, task in copies:
             shadow = self.stores.shadow(task, src)
             launch = (prepare_store_changed(dst, src, shadow, *self.stores.target(src.element_size()))
-                      if task.kind == DATA and src.numel() > DELTA_MIN_ELEMS and src.device == self.device else None)
+                      if task.kind == DATA and src.numel() > DELTA_MIN_ELEMS and src.device == self.device
+                      and dst.device.type == self.device.type else None)
             if launch is None:
                 whole += [(dst, src), (shadow, src)]
                 self._whole[0] += task.nbytes

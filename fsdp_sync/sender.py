@@ -417,9 +417,11 @@ class WeightSender:
         # instead of writing destinations; a new transport starts with no shadow (an anchor).
         self._delta = (DeltaSender(plan.tasks, self.device, mode=self.config.delta, one_sided=kind == "one_sided",
                                    kernels=self.config.kernels) if kind else None)
-        # One-sided with grouped kernels, the packer's own stores find the change as they
-        # write (fsdp_sync.delta_stores); else the delta pass diffs the packed payloads.
-        self._stores = (DeltaStores(self.device) if kind == "one_sided" and self.config.fused_writes
+        # One-sided with grouped kernels, into buffers on the sender's kind of device (cuda_ipc
+        # from a GPU, shm from the CPU), the packer's own stores find the change as they write
+        # (fsdp_sync.delta_stores); else the delta pass diffs the packed payloads.
+        same_kind = (plan.transport == "cuda_ipc") == (self.device.type == "cuda")
+        self._stores = (DeltaStores(self.device) if kind == "one_sided" and same_kind and self.config.fused_writes
                         and groups_launches(self.device, self.config.kernels) else None)
         fused = self.config.fused_writes and (self._delta is None or self._stores is not None)
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
