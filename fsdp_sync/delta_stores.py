@@ -1,13 +1,13 @@
 """Delta push on one-sided transports, inside the packer: the shadows its launches compare with.
 
 Where grouped kernels store straight into the receivers' buffers (``cuda_ipc``, ``shm``),
-the change is best found where the bytes are made: the FP8 cell launch and the large-copy
+the change is best found where the bytes are made: the FP8 cell launch and the grouped copy
 launch load each task's shadow (the bytes the receiver holds) beside what they are about
 to store, and store only the elements that differ, into the destination and the shadow
 (``fsdp_sync.kernels.fp8_grouped``, ``fsdp_sync.kernels.delta``). Nothing is staged,
 compacted or synced per task: the launches add their counts into ``changed`` (a row per
-element size), read once at the push's end. Small tensors (norms, scale grids) are stored
-whole and copied into their shadows too, so that verification can digest every task.
+element size), read once at the push's end. Scale grids are stored whole and copied into
+their shadows too, so that verification can digest every task.
 
 An anchor (the first push of these shadows, or one the controller announces in full)
 sets ``anchor`` and the same launches store every element: recorded once, they replay

@@ -29,9 +29,6 @@ from . import quant
 from .quant import get_quant_format, scales_from_amax
 from .trace import Trace
 
-# Delta stores: weights of at most this many elements (norms) are stored whole, in the
-# grouped copy launch; a launch of their own would cost more than their bytes.
-DELTA_MIN_ELEMS = 4096
 # torch 2.13 renamed all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -211,8 +208,8 @@ class BucketPacker:
     def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor, Task]]) -> tuple[object | None, list, object | None]:
         """Run the (destination, bytes, task) copies: the small ones in one launch where Triton
         kernels are in use (on GPU each ``copy_`` into a peer costs the copy engine ~12 us),
-        the rest through ``copy_all``; with delta stores, large weights store only their
-        changed elements (one launch each) and the rest are copied into their shadows too.
+        the rest through ``copy_all``; with delta stores, weights store only their changed
+        elements (a launch or two a bucket) and the rest are copied into their shadows too.
         Returns the three parts, to replay."""
         stores = None
         if self.stores is not None:
@@ -235,27 +232,21 @@ class BucketPacker:
         return prepared, rest, stores
 
     def _delta_copies(self, copies: list[tuple[torch.Tensor, torch.Tensor, Task]]) -> tuple[list, object | None]:
-        """Delta stores: one launch storing the changed elements of each large weight (run
-        here), and the (dst, src) pairs left to copy whole, each into its shadow as well."""
-        from .kernels.delta import prepare_store_changed
-        from .kernels.prepared import PreparedLaunch
+        """Delta stores: the launches storing the changed elements of each weight (one per
+        element size and tile shape, run here), and the (dst, src) pairs left to copy whole
+        (scale grids, and what those launches cannot address), each into its shadow as well."""
+        from .kernels.delta import GroupedStores
 
-        whole, launches, alive = [], [], []
+        stores, whole = GroupedStores(self.device, self.stores.target), []
         for dst, src, task in copies:
             shadow = self.stores.shadow(task, src)
-            launch = (prepare_store_changed(dst, src, shadow, *self.stores.target(src.element_size()))
-                      if task.kind == DATA and src.numel() > DELTA_MIN_ELEMS and src.device == self.device
-                      and dst.device.type == self.device.type else None)
-            if launch is None:
+            if not (task.kind == DATA and stores.add(dst, src, shadow)):
                 whole += [(dst, src), (shadow, src)]
                 self._whole[0] += task.nbytes
                 self._whole[1] += src.numel() if task.kind == DATA else 0
-            else:
-                launches.append(launch)
-                alive += [dst, src, shadow]
-        if not launches:
+        if not len(stores):
             return whole, None
-        prepared = PreparedLaunch(self.device, launches, alive)
+        prepared = stores.freeze()
         prepared.launch()
         return whole, prepared
 

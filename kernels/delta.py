@@ -13,11 +13,16 @@ one int64 per program, summed after. ``out`` may live on a peer GPU the device c
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from .copy_grouped import _VIEWS, _as_2d
+from .fp8_quant import _interpreting
+from .prepared import PreparedLaunch
 
 BLOCK = 4096  # elements per program: the pass is bandwidth-bound; 8 warps keep each tile's loads wide
 
@@ -57,24 +62,51 @@ def delta_update(new: torch.Tensor, shadow: torch.Tensor,
 
 
 @triton.jit
-def _store_changed_kernel(src, shadow, dst, changed, anchor, rows, cols, s_row, s_col, d_row, d_col,
-                          CONTIGUOUS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program ``pid`` of a ``rows x cols`` copy from ``src`` to ``dst`` (any strides) whose
-    elements equal to the contiguous ``shadow`` are skipped (none while ``anchor[0]`` is
-    set); the shadow takes the stored ones, and their count goes into one of 64 words of
-    ``changed``. CONTIGUOUS: all three are flat, and the tile is one run of elements."""
+def _grouped_store_changed_kernel(table, row_of, src_base, shadow_base, dst_base, changed, anchor,
+                                  NUM_FIELDS: tl.constexpr, CONTIGUOUS: tl.constexpr, VEC: tl.constexpr,
+                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tile ``pid`` of the copy in row ``row_of[pid]`` of ``table``: a ``rows x cols`` tensor
+    at element offsets from ``src_base`` and ``dst_base`` (any strides), whose elements equal
+    to its contiguous shadow (at an offset from ``shadow_base``) are skipped, none while
+    ``anchor[0]`` is set; the shadow takes the stored ones, and their count goes into one of
+    64 words of ``changed``. CONTIGUOUS: all three are flat and a tile is one run of elements.
+    VEC: offsets, row strides and widths are multiples of 16 and column strides 1 (checked
+    when the table is built), so the compiler may issue 16-byte accesses."""
     pid = tl.program_id(0)
+    row = table + tl.load(row_of + pid).to(tl.int64) * NUM_FIELDS
+    src_off = tl.load(row + 0)
+    shadow_off = tl.load(row + 1)
+    dst_off = tl.load(row + 2)
+    rows = tl.load(row + 3)
+    cols = tl.load(row + 4)
+    local = (pid - tl.load(row + 9)).to(tl.int64)
+    if VEC:
+        src_off = tl.multiple_of(src_off, 16)
+        shadow_off = tl.multiple_of(shadow_off, 16)
+        dst_off = tl.multiple_of(dst_off, 16)
+        cols = tl.multiple_of(cols, 16)
     if CONTIGUOUS:
-        offs = pid.to(tl.int64) * (BLOCK_R * BLOCK_C) + tl.arange(0, BLOCK_R * BLOCK_C)
-        inside = offs < rows * cols
-        src_ptrs, dst_ptrs, shadow_ptrs = src + offs, dst + offs, shadow + offs
+        offs = local * (BLOCK_R * BLOCK_C) + tl.arange(0, BLOCK_R * BLOCK_C)
+        inside = offs < cols
+        src_ptrs = src_base + src_off + offs
+        dst_ptrs = dst_base + dst_off + offs
+        shadow_ptrs = shadow_base + shadow_off + offs
     else:
+        s_row = tl.load(row + 5)
+        d_row = tl.load(row + 7)
         tiles_c = tl.cdiv(cols, BLOCK_C)
-        r = (pid // tiles_c).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-        c = (pid % tiles_c).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        r = (local // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        c = (local % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         inside = (r < rows) & (c < cols)
-        src_ptrs, dst_ptrs = src + r * s_row + c * s_col, dst + r * d_row + c * d_col
-        shadow_ptrs = shadow + r * cols + c
+        if VEC:  # column strides 1, written as such so the compiler sees contiguous columns
+            s_row = tl.multiple_of(s_row, 16)
+            d_row = tl.multiple_of(d_row, 16)
+            src_ptrs = src_base + src_off + r * s_row + c
+            dst_ptrs = dst_base + dst_off + r * d_row + c
+        else:
+            src_ptrs = src_base + src_off + r * s_row + c * tl.load(row + 6)
+            dst_ptrs = dst_base + dst_off + r * d_row + c * tl.load(row + 8)
+        shadow_ptrs = shadow_base + shadow_off + r * cols + c
     new = tl.load(src_ptrs, mask=inside)
     old = tl.load(shadow_ptrs, mask=inside)
     # The flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar.
@@ -88,33 +120,81 @@ def _store_changed_kernel(src, shadow, dst, changed, anchor, rows, cols, s_row, 
     tl.atomic_add(changed + pid % 64, count.to(tl.int64), sem="relaxed")
 
 
-STORE_TILE = 4096  # elements per program of ``_store_changed_kernel``
+STORE_TILE = 4096  # elements per program: bandwidth-bound, 8 warps keep a tile's accesses wide
+_FIELDS = ("src", "shadow", "dst", "rows", "cols", "s_row", "s_col", "d_row", "d_col", "first_program")
 
 
-def prepare_store_changed(dst: torch.Tensor, src: torch.Tensor, shadow: torch.Tensor, changed: torch.Tensor,
-                          anchor: torch.Tensor) -> tuple | None:
-    """The launch (kernel, grid, args, kwargs) that stores ``src``'s elements that differ
-    from ``shadow`` into ``dst`` and ``shadow``, or None where it does not apply (shapes
-    or dtypes differ, or dims that do not collapse to two). ``shadow`` is contiguous."""
-    if not (src.shape == dst.shape == shadow.shape and src.dtype == dst.dtype == shadow.dtype):
-        return None
-    if src.element_size() not in _VIEWS or not shadow.is_contiguous() or src.numel() == 0:
-        return None
-    view = _VIEWS[src.element_size()]
-    if src.is_contiguous() and dst.is_contiguous():
-        rows, cols, strides, contiguous = 1, src.numel(), (0, 1, 0, 1), True
-        block_r, block_c = 1, STORE_TILE
-    else:
-        s2, d2 = _as_2d(src), _as_2d(dst)
-        if s2 is None or d2 is None:
-            return None
-        (rows, cols), strides, contiguous = s2.shape, (*s2.stride(), *d2.stride()), False
-        block_c = min(triton.next_power_of_2(cols), 1024)
-        block_r = max(1, STORE_TILE // block_c)
-    programs = triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c)
-    return (_store_changed_kernel, (programs,), (src.view(view), shadow.view(view), dst.view(view), changed, anchor,
-                                                  rows, cols, *strides),
-            dict(CONTIGUOUS=contiguous, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8))
+class GroupedStores:
+    """Collects (dst, src, shadow) stores of changed elements and runs them in one launch per
+    element size and tile shape: a bucket's weights cost a launch or two, not one each (from
+    Python ~30 us apiece, ~200 of them a push for a 2B model). ``dst`` may live on a peer GPU
+    this device can write; ``shadow`` is contiguous, on this device. ``target(itemsize)``
+    gives the (counters, anchor flag) of ``fsdp_sync.delta_stores.DeltaStores``."""
+
+    def __init__(self, device: torch.device, target: Callable[[int], tuple[torch.Tensor, torch.Tensor]]):
+        self.device = device
+        self._target = target
+        self._groups: dict[tuple, list[tuple[list[int], tuple[torch.Tensor, ...]]]] = defaultdict(list)
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self._groups.values())
+
+    def add(self, dst: torch.Tensor, src: torch.Tensor, shadow: torch.Tensor) -> bool:
+        """Queue the store; False (nothing queued) where it does not apply (devices, shapes or
+        dtypes differ, or dims that do not collapse to two)."""
+        on_device = src.device == shadow.device == self.device and dst.device.type == self.device.type
+        if not (on_device and (self.device.type == "cuda" or _interpreting())):
+            return False
+        if not (src.shape == dst.shape == shadow.shape and src.dtype == dst.dtype == shadow.dtype):
+            return False
+        size = src.element_size()
+        if size not in _VIEWS or not shadow.is_contiguous():
+            return False
+        if src.numel() == 0:
+            return True
+        view = _VIEWS[size]
+        if src.is_contiguous() and dst.is_contiguous():
+            rows, cols, strides, contiguous = 1, src.numel(), (0, 1, 0, 1), True
+            block_r, block_c = 1, STORE_TILE
+        else:
+            s2, d2 = _as_2d(src), _as_2d(dst)
+            if s2 is None or d2 is None:
+                return False
+            (rows, cols), strides, contiguous = s2.shape, (*s2.stride(), *d2.stride()), False
+            block_c = min(triton.next_power_of_2(cols), 1024)
+            block_r = max(1, STORE_TILE // block_c)
+        tensors = (src.view(view), shadow.view(view), dst.view(view))
+        offsets = [t.data_ptr() // size for t in tensors]
+        vec = (all(o % 16 == 0 for o in offsets) and cols % 16 == 0 and strides[1] == strides[3] == 1
+               and strides[0] % 16 == 0 and strides[2] % 16 == 0)
+        programs = triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c)
+        self._groups[(size, contiguous, vec, block_r, block_c)].append(
+            ([*offsets, rows, cols, *strides, programs], tensors))
+        return True
+
+    def freeze(self) -> PreparedLaunch:
+        """The launches for everything added, tables on the device, to run now and again later."""
+        launches, alive = [], []
+        for (size, contiguous, vec, block_r, block_c), entries in self._groups.items():
+            table = torch.tensor([row for row, _ in entries], dtype=torch.int64)
+            programs = table[:, 9].clone()
+            table[:, 9] = torch.cumsum(programs, 0) - programs  # each row's first program
+            row_of = torch.repeat_interleave(torch.arange(len(entries), dtype=torch.int32), programs)
+            # Element offsets from the lowest address of each side, so none is negative; a
+            # lowest one that is a multiple of 16 elements keeps VEC's offsets so.
+            bases = []
+            for side in range(3):
+                lowest = int(table[:, side].argmin())
+                bases.append(entries[lowest][1][side])
+                table[:, side] -= int(table[lowest, side])
+            changed, anchor = self._target(size)
+            launches.append((_grouped_store_changed_kernel, (int(programs.sum()),),
+                             (table.to(self.device), row_of.to(self.device), *bases, changed, anchor),
+                             dict(NUM_FIELDS=len(_FIELDS), CONTIGUOUS=contiguous, VEC=vec, BLOCK_R=block_r,
+                                  BLOCK_C=block_c, num_warps=8)))
+            alive += [t for _, tensors in entries for t in tensors]
+        self._groups = defaultdict(list)
+        return PreparedLaunch(self.device, launches, alive)
 
 
 # The plain-torch reference lives in fsdp_sync.delta (it must import without Triton); tests

@@ -1,4 +1,4 @@
-"""The packer's own delta stores, in one process: the FP8 cell launch and the large-copy
+"""The packer's own delta stores, in one process: the FP8 cell launch and the grouped copy
 launch store only what differs from the shadow (everything on an anchor), and count it.
 
 The Triton kernels run under TRITON_INTERPRET=1 on CPU. The expectation is built in plain
@@ -86,52 +86,90 @@ def test_fp8_cells_store_only_changed_codes_and_count_them(fused):
 
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_large_copies_store_only_changed_elements(strided, dtype):
-    from fsdp_sync.kernels.delta import prepare_store_changed
-    from fsdp_sync.kernels.prepared import PreparedLaunch
+def test_grouped_stores_store_only_changed_elements(strided, dtype):
+    """Several weights in one launch: each stores only its changed elements, into its destination and shadow, and the counts
+    add up over all of them."""
+    from fsdp_sync.kernels.delta import GroupedStores
 
     g = torch.Generator().manual_seed(2)
-    full_old = torch.randn(70, 300, generator=g).to(dtype)
-    full_new = full_old.clone()
-    moved = torch.rand(full_old.shape, generator=g) < 0.05
-    full_new[moved] += 1
-    full_new[0, :3] = torch.tensor([-0.0, float("nan"), 0.0]).to(dtype)  # -0 differs from 0 in bits
-    full_old[0, :3] = torch.tensor([0.0, float("nan"), 0.0]).to(dtype)
     cols = slice(17, 250) if strided else slice(None)  # a column slice: both sides strided
-    old, new = full_old[:, cols], full_new[:, cols]
-    want_changed = _bits(old.contiguous()) != _bits(new.contiguous())
-
+    olds, news, dst_fulls, shadows = [], [], [], []
     stores = DeltaStores(DEVICE)
-    task = _task(3, tuple(old.shape), old.element_size())
-    shadow = stores.shadow(task, old)
-    dst_full = torch.full_like(full_old, 7.0).to(DEVICE)
-    dst = dst_full[:, cols]
+    for seq, shape in enumerate([(70, 300), (40, 300), (3, 257)]):
+        full_old = torch.randn(shape, generator=g).to(dtype)
+        full_new = full_old.clone()
+        moved = torch.rand(shape, generator=g) < 0.05
+        full_new[moved] += 1
+        full_new[0, :3] = torch.tensor([-0.0, float("nan"), 0.0]).to(dtype)  # -0 differs from 0 in bits
+        full_old[0, :3] = torch.tensor([0.0, float("nan"), 0.0]).to(dtype)
+        olds.append(full_old)
+        news.append(full_new)
+        dst_fulls.append(torch.full_like(full_old, 7.0).to(DEVICE))
+        shadows.append(stores.shadow(_task(seq, tuple(full_old[:, cols].shape), full_old.element_size()),
+                                     full_old[:, cols]))
+    want = [_bits(o[:, cols].contiguous()) != _bits(n[:, cols].contiguous()) for o, n in zip(olds, news)]
 
-    def run(full: torch.Tensor, delta: bool) -> tuple[int, int]:
+    def run(fulls: list[torch.Tensor], delta: bool) -> tuple[int, int]:
         stores.begin(delta=delta)
-        src = full.to(DEVICE)[:, cols]
-        launch = prepare_store_changed(dst, src, shadow, *stores.target(src.element_size()))
-        assert launch is not None and launch[3]["CONTIGUOUS"] == (not strided)
-        PreparedLaunch(DEVICE, [launch], [src]).launch()
+        grouped = GroupedStores(DEVICE, stores.target)
+        for full, dst_full, shadow in zip(fulls, dst_fulls, shadows):
+            assert grouped.add(dst_full[:, cols], full.to(DEVICE)[:, cols], shadow)
+        launch = grouped.freeze()
+        # Flat: the 771-element one is not a multiple of 16 (no wide accesses), a launch of its
+        # own; strided: all three are 233 wide, one launch.
+        assert len(launch._launches) == (1 if strided else 2)
+        launch.launch()
         return stores.end()
 
-    assert run(full_old, delta=True) == (old.numel() * old.element_size(), old.numel())  # no anchor yet: all
-    assert torch.equal(_bits(dst.contiguous()).cpu(), _bits(old.contiguous()))
-    dst.fill_(5.0)
-    changed = int(want_changed.sum())
-    assert run(full_new, delta=True) == (changed * old.element_size(), changed)
-    assert torch.equal(_bits(shadow).cpu(), _bits(new.contiguous()))
-    five = _bits(torch.full_like(new, 5.0).contiguous())
-    assert torch.equal(_bits(dst.contiguous()).cpu(), torch.where(want_changed, _bits(new.contiguous()), five))
-    if strided:  # nothing outside the slice
-        assert bool((dst_full[:, :17] == 7.0).all()) and bool((dst_full[:, 250:] == 7.0).all())
+    numel = sum(o[:, cols].numel() for o in olds)
+    assert run(olds, delta=True) == (numel * olds[0].element_size(), numel)  # no anchor yet: all
+    for old, dst_full in zip(olds, dst_fulls):
+        assert torch.equal(_bits(dst_full[:, cols].contiguous()).cpu(), _bits(old[:, cols].contiguous()))
+        dst_full[:, cols] = 5.0
+    changed = int(sum(w.sum() for w in want))
+    assert run(news, delta=True) == (changed * olds[0].element_size(), changed)
+    for new, dst_full, shadow, w in zip(news, dst_fulls, shadows, want):
+        new_bits = _bits(new[:, cols].contiguous())
+        assert torch.equal(_bits(shadow).cpu(), new_bits)
+        five = _bits(torch.full_like(new[:, cols], 5.0).contiguous())
+        assert torch.equal(_bits(dst_full[:, cols].contiguous()).cpu(), torch.where(w, new_bits, five))
+        if strided:  # nothing outside the slice
+            assert bool((dst_full[:, :17] == 7.0).all()) and bool((dst_full[:, 250:] == 7.0).all())
 
 
-def test_store_changed_refuses_what_it_cannot_address():
-    from fsdp_sync.kernels.delta import prepare_store_changed
+def test_grouped_stores_refuse_what_they_cannot_address():
+    from fsdp_sync.kernels.delta import GroupedStores
 
     stores = DeltaStores(DEVICE)
+    grouped = GroupedStores(DEVICE, stores.target)
     src = torch.zeros(4, 6, 8, device=DEVICE)
     odd = torch.zeros(8, 6, 4, device=DEVICE).permute(2, 1, 0)  # leading dims do not collapse
-    assert prepare_store_changed(odd, src, torch.zeros_like(src), *stores.target(4)) is None
-    assert prepare_store_changed(src.half(), src, torch.zeros_like(src), *stores.target(4)) is None
+    assert not grouped.add(odd, src, torch.zeros_like(src))
+    assert not grouped.add(src.half(), src, torch.zeros_like(src))
+    assert not grouped.add(src, src, torch.zeros_like(src).transpose(0, 1).contiguous().transpose(0, 1))
+    assert len(grouped) == 0
+
+
+def test_aligned_grouped_stores_compile_to_16_byte_loads():
+    """VEC launches read the weights and the shadow 16 bytes at a time, flat or strided (the
+    table's offsets carry the hints Triton gives a per-weight launch's pointers); without VEC
+    each bf16 load is 2 bytes. Compiled for sm_90, which needs no GPU."""
+    import re
+
+    from fsdp_sync.kernels.delta import _FIELDS
+    from tests.ptx import kernel_spec, sm90_ptx
+
+    signature = {"table": "*i64", "row_of": "*i32", "src_base": "*i16", "shadow_base": "*i16",
+                 "dst_base": "*i16", "changed": "*i64", "anchor": "*i32"}
+
+    def variant(contiguous: bool, vec: bool) -> dict:
+        block_r, block_c = (1, 4096) if contiguous else (4, 1024)
+        constants = dict(NUM_FIELDS=len(_FIELDS), CONTIGUOUS=contiguous, VEC=vec, BLOCK_R=block_r, BLOCK_C=block_c)
+        return kernel_spec("fsdp_sync.kernels.delta", "_grouped_store_changed_kernel", signature, constants,
+                           aligned=(2, 3, 4), num_warps=8)
+
+    ptxs = sm90_ptx([variant(True, True), variant(False, True), variant(True, False)])
+    flat, strided, slow = (set(re.findall(r"(?:ld|st)\.global\.[\w.]+", ptx)) for ptx in ptxs)
+    for accesses in (flat, strided):
+        assert "ld.global.v4.b32" in accesses and "ld.global.b16" not in accesses, accesses
+    assert "ld.global.b16" in slow, slow
