@@ -174,6 +174,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
                       inter_host_gbps=ceilings.get("nccl_sendrecv_gbps", copy), hbm_gbps=copy)
     rows = []
     optim = fp32_master(model, torch.optim.AdamW, lr=spec.lr) if spec.update else None
+    pushed: dict[str, list[torch.Tensor]] = {}  # with updates: per quant, the shards its last push sent
 
     def step() -> None:  # the weights move as after an RL step; not timed
         if optim is not None:
@@ -211,6 +212,8 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             parts.append(dict(publish=t1 - t0, run=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
         if spec.profile_dir:
             _profiled_push(sender, os.path.join(spec.profile_dir, f"{cfg.job}-rank{rank}"), rank)
+        if optim is not None:  # the baselines must send what this quant's receivers last got
+            pushed[quant] = [_local(p).clone() for p in model.parameters()]
         peak = torch.tensor([max(peaks)], device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         totals = torch.tensor([sum(m[0] for m in moved), sum(m[1] for m in moved)], dtype=torch.float64, device=device)
@@ -236,6 +239,9 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
     base_rows, run_id = {}, 0
     outbox = baselines.Outbox(store, spec.receivers) if rank == 0 else None
     for quant in sorted({c[0] for c in spec.configs}):
+        with torch.no_grad():  # later configs' steps moved the weights on
+            for p, shard in zip(model.parameters(), pushed.get(quant, ())):
+                _local(p).copy_(shard)
         for name, run in (("funnel", lambda: baselines.funnel_trainer(model, outbox, quant)),
                           ("allgather_broadcast", lambda: baselines.broadcast_trainer(
                               model, outbox, shapes, quant, GiB, spec.receivers))):
@@ -300,6 +306,11 @@ def _verify(model, spec: Spec, store, cfg: SyncConfig, rank: int) -> None:
         bad = [n for n in expected[r] if got.get(n) != expected[r][n]]
         if bad or set(got) != set(expected[r]):
             raise AssertionError(f"{cfg.job}: receiver {r} differs from the reference in {bad[:5]}")
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a DTensor), or the tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param.data
 
 
 def receiver(rank: int, world_size: int, spec: Spec, results) -> None:
