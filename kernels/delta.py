@@ -132,6 +132,8 @@ class GroupedStores:
     gives the (counters, anchor flag) of ``fsdp_sync.delta_stores.DeltaStores``."""
 
     def __init__(self, device: torch.device, target: Callable[[int], tuple[torch.Tensor, torch.Tensor]]):
+        if device.type == "cuda" and device.index is None:  # tensors name their index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self._target = target
         self._groups: dict[tuple, list[tuple[list[int], tuple[torch.Tensor, ...]]]] = defaultdict(list)
