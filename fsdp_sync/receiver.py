@@ -343,6 +343,10 @@ class WeightReceiver:
 
     def _land(self, seq: int, announced: tuple) -> None:
         if announced[0] == CLOSED:
+            try:
+                self.control.set(ack_key(seq, self.rank), "closed")  # the host may now let its store go
+            except Exception:  # noqa: BLE001 - it went already
+                pass
             self._hear_close()
             return
         if announced[0] == "error":

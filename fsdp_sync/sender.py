@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ from torch import nn
 
 from .config import SyncConfig
 from .claims import Claim, trainer_claim
-from .control import (CLOSED, ControlPlane, PUSH_LATEST, ack_key, done_key, is_announcement, plan_sender_key,
+from .control import (CLOSED, ControlPlane, PUSH_LATEST, RECV_COUNT, ack_key, done_key, is_announcement, plan_sender_key,
                       push_key, ready_key, recv_meta_key, sender_closed_key, sender_error_key, sender_host_key,
                       verify_key)
 from .controller import Controller
@@ -39,6 +40,8 @@ from .plan import SenderPlan
 from .trace import Trace
 from .trainer_group import trainer_group
 from .transport import get_transport
+
+log = logging.getLogger("fsdp_sync")
 
 
 @dataclass
@@ -298,8 +301,24 @@ class WeightSender:
             warnings.warn(f"fsdp_sync: closing the control plane anyway: {e}", stacklevel=3)
         self.seq += 1
         self.control.set_many({push_key(self.seq): (CLOSED,), PUSH_LATEST: self.seq})
+        if self._hosts_store:
+            self._linger_for_receivers()
         for key in keys:
             self.control.store.delete_key(key)
+
+    def _linger_for_receivers(self) -> None:
+        """Host of the store: before the exit takes it down, wait (2 s at most: a receiver may
+        be dead) until the registered receivers read the close. They follow pushes in order,
+        so each then also read what came before, a refused plan's error above all: a fast
+        trainer exit must not turn that error into a bare "the trainer went away"."""
+        try:
+            if not self.control.has(RECV_COUNT):
+                return
+            count = self.control.get(RECV_COUNT, expect=int)
+            self.control.wait([ack_key(self.seq, r) for r in range(count)], timeout_s=2.0,
+                              describe=lambda missing: f"receivers reading the close ({missing})")
+        except SyncError as e:
+            log.info("fsdp_sync: closing the control plane without every receiver's ack: %s", e)
 
     # -- planning ----------------------------------------------------------------------
     def _mesh_ranks(self, mesh) -> tuple[int, ...]:
