@@ -150,17 +150,53 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
                 h_ptrs = h_base + (h_off + b * shb + r0 * shr + c0 * shc) + (tr[:, None] * shr.to(tl.int32)
                                                                              + tc[None, :] * shc.to(tl.int32))
             old = tl.load(h_ptrs, mask=mask, other=0)
-            # The flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar.
-            every = (tl.zeros_like(old.to(tl.int32)) + tl.load(anchor)) != 0
-            write = mask & ((q != old) | every)
-            tl.store(h_ptrs, q, mask=write)
-            tl.store(q_ptrs, q, mask=write)
-            count = tl.sum(tl.sum(write.to(tl.int32), axis=1), axis=0).to(tl.int64)  # int32 sums: at most a cell
-            tl.atomic_add(changed + tl.program_id(0) % 64, count, sem="relaxed")
+            if VEC:  # 4 codes a word: a store per word, not per code
+                word_c = c0 + 4 * tl.arange(0, TILE_C // 4)
+                mask_w = mask_r[:, None] & ((word_c - c0 < block_c) & (word_c >= 0) & (word_c < cols))[None, :]
+                q_w, old_w = _words(q, TILE_R, TILE_C), _words(old, TILE_R, TILE_C)
+                every = (tl.zeros_like(old_w) + tl.load(anchor)) != 0
+                write = mask_w & ((q_w != old_w) | every)
+                words = (tr[:, None] * (sqr // 4).to(tl.int32) + tl.arange(0, TILE_C // 4)[None, :])
+                q_words = q_base.to(tl.pointer_type(tl.uint32), bitcast=True) + (q_off + b * sqb + r0 * sqr + c0) // 4
+                tl.store(q_words + words, q_w, mask=write)
+                words = (tr[:, None] * (shr // 4).to(tl.int32) + tl.arange(0, TILE_C // 4)[None, :])
+                h_words = h_base.to(tl.pointer_type(tl.uint32), bitcast=True) + (h_off + b * shb + r0 * shr + c0) // 4
+                tl.store(h_words + words, q_w, mask=write)
+                # Codes, not words: the changed bytes of each stored word (all four on an anchor).
+                count = tl.sum(tl.sum(tl.where(write, _changed_bytes(q_w ^ old_w, every), 0), axis=1), axis=0)
+            else:
+                # The flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar.
+                every = (tl.zeros_like(old.to(tl.int32)) + tl.load(anchor)) != 0
+                write = mask & ((q != old) | every)
+                tl.store(h_ptrs, q, mask=write)
+                tl.store(q_ptrs, q, mask=write)
+                count = tl.sum(tl.sum(write.to(tl.int32), axis=1), axis=0)  # int32 sums: at most a cell
+            tl.atomic_add(changed + tl.program_id(0) % 64, count.to(tl.int64), sem="relaxed")
         else:
             tl.store(q_ptrs, q, mask=mask)
     else:
         tl.store(s_ptr + s_off, amax)
+
+
+@triton.jit
+def _words(codes, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
+    """``[TILE_R, TILE_C]`` uint8 codes as ``[TILE_R, TILE_C // 4]`` little-endian uint32
+    words: word ``j`` holds columns ``4j .. 4j+3``, as memory does."""
+    quads = tl.reshape(codes.to(tl.uint32), (TILE_R, TILE_C // 4, 2, 2))
+    even, odd = tl.split(quads)  # columns 4j + 2k and 4j + 2k + 1
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0 | (c1 << 8) | (c2 << 16) | (c3 << 24)
+
+
+@triton.jit
+def _changed_bytes(diff, every):
+    """How many of each uint32 word's 4 bytes are nonzero in ``diff`` (4 where ``every``)."""
+    t = diff | (diff >> 4)
+    t = t | (t >> 2)
+    t = (t | (t >> 1)) & 0x01010101
+    n = ((t * 0x01010101) >> 24).to(tl.int32)
+    return tl.where(every, 4, n)
 
 
 def fusable(box: Box, block: Sequence[int], shape: Sequence[int]) -> bool:

@@ -41,12 +41,12 @@ def _reference_codes(x: torch.Tensor) -> torch.Tensor:
     return quant.quantize_box(x, box, scales, Box.full(scales.shape), (128, 128)).view(torch.uint8)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_fp8_cells_store_only_changed_codes_and_count_them(fused):
+@pytest.mark.parametrize("fused,aligned", [(True, True), (False, True), (True, False)])
+def test_fp8_cells_store_only_changed_codes_and_count_them(fused, aligned):
     from fsdp_sync.kernels.fp8_grouped import GroupedCells
 
     g = torch.Generator().manual_seed(1)
-    old_x = torch.randn(256, 384, generator=g).to(torch.bfloat16)
+    old_x = torch.randn(256, 384 if aligned else 392, generator=g).to(torch.bfloat16)  # 392: no 16-wide rows
     new_x = old_x.clone()
     moved = torch.rand(old_x.shape, generator=g) < 0.01
     new_x[moved] = (old_x[moved].float() * 1.5).to(torch.bfloat16)
@@ -75,9 +75,16 @@ def test_fp8_cells_store_only_changed_codes_and_count_them(fused):
     assert torch.equal(_bits(shadow).cpu(), old_q) and torch.equal(_bits(dst).cpu(), old_q)
     dst.view(torch.uint8).copy_(torch.where(old_q == new_q, garbage, old_q))  # unchanged bytes: left alone?
     changed = int(want_changed.sum())
-    assert launch(new_x, delta=True) == (False, changed, changed)
+    assert launch(new_x, delta=True) == (False, changed, changed)  # counts codes, not the words stored
     assert torch.equal(_bits(shadow).cpu(), new_q)
-    assert torch.equal(_bits(dst).cpu(), torch.where(want_changed, new_q, garbage))
+    # Aligned launches store 4-code words, each one holding a changed code whole (its other
+    # codes are what the destination holds, in a real push), and no other word; the others
+    # store the changed codes alone.
+    stored = want_changed
+    if aligned:
+        stored = want_changed.view(old_q.shape[0], -1, 4).any(-1, keepdim=True).expand(-1, -1, 4).reshape(old_q.shape)
+        assert changed < int(stored.sum()) <= 4 * changed
+    assert torch.equal(_bits(dst).cpu(), torch.where(stored, new_q, garbage))
     # An anchor stores every code again, changed or not.
     assert launch(new_x, delta=False) == (True, new_x.numel(), new_x.numel())
     assert torch.equal(_bits(dst).cpu(), new_q)

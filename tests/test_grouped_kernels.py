@@ -339,9 +339,10 @@ def test_aligned_launches_compile_to_16_byte_accesses(quantize):
 
 
 def test_aligned_delta_launches_load_the_shadow_as_wide_as_the_codes():
-    """A delta launch reads the shadow with 16-byte loads, as it reads the weights; its
-    stores are predicated per code (only changed bytes are written, so no vector store)."""
+    """A delta launch reads the shadow with 16-byte loads, as it reads the weights; it stores
+    4-code words, each predicated on a change in it (not one store per code)."""
     fused, two_pass = _global_accesses((True, True, False, True, True), (True, True, False, False, True))
     for accesses in (fused, two_pass):
         assert "ld.global.v4.b32" in accesses and "ld.global.b16" not in accesses and "ld.global.b8" not in accesses, \
             accesses
+        assert "st.global.b32" in accesses and "st.global.b8" not in accesses, accesses
