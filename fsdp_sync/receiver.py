@@ -284,9 +284,10 @@ class WeightReceiver:
         self._plan, self._claim, self.control = None, None, None
         self._backoff = _RECONNECT_MIN_S
 
-    def _hear_close(self) -> None:
-        """The trainer closed: let go of its store at once, before its exit takes the store down
-        under a poll (which torch reports with pages of C++ frames), and wait for a new trainer."""
+    def _hear_close(self, seq: int) -> None:
+        """The trainer closed (push ``seq``): let go of its store at once, before its exit takes
+        the store down under a poll (which torch reports with pages of C++ frames), and wait for
+        a new trainer. The ack of the close comes last: its host may exit as soon as it reads it."""
         try:
             holder = trainer_holder(self.control)
         except Exception:  # noqa: BLE001 - already gone: any claim found later is a new trainer's
@@ -295,8 +296,13 @@ class WeightReceiver:
             self._gone = f"the trainer closed (job {self.config.job!r})"
             self._cond.notify_all()
         log.info("fsdp_sync receiver %d: %s; serving version %s", self.rank, self._gone, self.version)
+        control = self.control
         self._drop_trainer()
         self._closed_by = (holder, time.monotonic())
+        try:
+            control.set(ack_key(seq, self.rank), "closed")
+        except Exception:  # noqa: BLE001 - it went already
+            pass
 
     def _closing_store_settled(self) -> bool:
         """After a close: whether to look at the store again. Its host may still be exiting, so
@@ -343,11 +349,7 @@ class WeightReceiver:
 
     def _land(self, seq: int, announced: tuple) -> None:
         if announced[0] == CLOSED:
-            try:
-                self.control.set(ack_key(seq, self.rank), "closed")  # the host may now let its store go
-            except Exception:  # noqa: BLE001 - it went already
-                pass
-            self._hear_close()
+            self._hear_close(seq)
             return
         if announced[0] == "error":
             raise PlanError(announced[1])
