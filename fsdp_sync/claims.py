@@ -109,6 +109,13 @@ def trainer_holder(control: ControlPlane) -> str:
     return store.get(claim_key("trainer")).decode() if store.check([claim_key("trainer")]) else ""
 
 
+def receiver_held(control: ControlPlane, rank: int) -> bool:
+    """Whether a process holds receiver rank ``rank`` now (one that closed gave it back)."""
+    store = control.store
+    key = claim_key(f"recv/{rank}")
+    return store.check([key]) and store.get(key) != b""
+
+
 def receiver_claim(control: ControlPlane, rank: int) -> Claim:
     return Claim(control, f"recv/{rank}", what=f"receiver rank {rank}",
                  hint="each process of the inference job needs its own rank (under torchrun they come from "

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SyncConfig
-from .claims import Claim, trainer_claim
+from .claims import Claim, receiver_held, trainer_claim
 from .control import (CLOSED, ControlPlane, PUSH_LATEST, RECV_COUNT, ack_key, done_key, is_announcement, plan_sender_key,
                       push_key, ready_key, recv_meta_key, sender_closed_key, sender_error_key, sender_host_key,
                       verify_key)
@@ -308,14 +308,15 @@ class WeightSender:
 
     def _linger_for_receivers(self) -> None:
         """Host of the store: before the exit takes it down, wait (2 s at most: a receiver may
-        be dead) until the registered receivers read the close. They follow pushes in order,
-        so each then also read what came before, a refused plan's error above all: a fast
-        trainer exit must not turn that error into a bare "the trainer went away"."""
+        be dead) until the receivers still holding their ranks read the close. They follow
+        pushes in order, so each then also read what came before, a refused plan's error
+        above all: a fast trainer exit must not turn that error into "the trainer went away"."""
         try:
             if not self.control.has(RECV_COUNT):
                 return
             count = self.control.get(RECV_COUNT, expect=int)
-            self.control.wait([ack_key(self.seq, r) for r in range(count)], timeout_s=2.0,
+            following = [r for r in range(count) if receiver_held(self.control, r)]
+            self.control.wait([ack_key(self.seq, r) for r in following], timeout_s=2.0,
                               describe=lambda missing: f"receivers reading the close ({missing})")
         except SyncError as e:
             log.info("fsdp_sync: closing the control plane without every receiver's ack: %s", e)
