@@ -1,4 +1,4 @@
-"""What a wheel built from this tree ships and declares: the library (kernels/ as fsdp_sync.kernels, never
+"""What a wheel built from this tree ships and declares: the library (its kernels as fsdp_sync.kernels, never
 a top-level `kernels`, a different PyPI package), its version, its license."""
 
 from __future__ import annotations
@@ -44,14 +44,16 @@ def test_installed_package_maps_kernels_inside_the_library(tmp_path):
     assert top_level_ok == "True"
 
 
-def test_a_source_checkout_takes_its_own_kernels():
-    """Imported from a checkout, fsdp_sync.kernels is that checkout's kernels/ folder, also when
-    the environment holds an editable install of another checkout (a git worktree's main one)."""
-    code = "import fsdp_sync, fsdp_sync.kernels.fp8_quant as q; print(fsdp_sync.__file__); print(q.__file__)"
+def test_a_checkout_does_not_shadow_pypi_kernels():
+    """Run from a checkout's root (as the README's commands are), ``import kernels`` must not
+    find a folder of ours: transformers imports Hugging Face's ``kernels`` package whenever it
+    is installed, and a shadow broke every import of a transformers model."""
+    code = ("import importlib.util, fsdp_sync.kernels.fp8_quant as q; spec = importlib.util.find_spec('kernels');"
+            "print(q.__file__); print('none' if spec is None else spec.origin)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    package, kernel = out.stdout.split()
-    assert package == os.path.join(ROOT, "fsdp_sync", "__init__.py")
-    assert kernel == os.path.join(ROOT, "kernels", "fp8_quant.py")
+    kernel, found = out.stdout.split()
+    assert kernel == os.path.join(ROOT, "fsdp_sync", "kernels", "fp8_quant.py")
+    assert not found.startswith(os.path.join(ROOT, "kernels") + os.sep), found
 
 
 def test_wheel_contains_fsdp_sync_kernels_and_no_top_level_kernels(wheel):
@@ -144,7 +146,7 @@ def test_installed_grpo_composes_its_config_from_the_wheel(unpacked, tmp_path):
 
 # Imported by the recipes but installed by another requirement of the same extra.
 COMES_WITH = {"omegaconf": "hydra-core"}
-LOCAL = {"fsdp_sync", "recipes", "tests", "kernels", "__future__"}
+LOCAL = {"fsdp_sync", "recipes", "tests", "__future__"}
 # Imported inside a function that the command never calls: recipes.simulate takes CASES from
 # recipes.bench, whose environment record imports triton.
 NOT_CALLED = {"simulate": {"triton"}}
@@ -209,7 +211,7 @@ def test_the_test_extra_installs_what_tests_and_recipes_import():
     project = _pyproject()["project"]
     provided = _provided(project["dependencies"] + project["optional-dependencies"]["test"])
     needed = set()
-    for path in [*(ROOT / "tests").glob("*.py"), *(ROOT / "recipes").glob("**/*.py"), *(ROOT / "kernels").glob("*.py")]:
+    for path in [*(ROOT / "tests").glob("*.py"), *(ROOT / "recipes").glob("**/*.py"), *(ROOT / "fsdp_sync" / "kernels").glob("*.py")]:
         needed |= _imports(path)[0]
     missing = {m for m in needed if _distribution(m) not in provided}
     assert not missing, f"the tests import {sorted(missing)}, which .[test] does not install"
@@ -238,5 +240,5 @@ def test_editable_install_maps_kernels_recipes_and_conf_to_the_checkout(tmp_path
     out = subprocess.run([sys.executable, "-c", code], cwd=empty, capture_output=True, text=True, timeout=scaled(120))
     assert out.returncode == 0, out.stderr[-3000:]
     kernels, demo, conf, run = map(Path, out.stdout.split())
-    assert (kernels, demo, conf) == (ROOT / "kernels" / "__init__.py", ROOT / "recipes" / "demo.py", ROOT / "conf")
+    assert (kernels, demo, conf) == (ROOT / "fsdp_sync" / "kernels" / "__init__.py", ROOT / "recipes" / "demo.py", ROOT / "conf")
     assert run.parent == ROOT / "bench_results" and run.is_file()
