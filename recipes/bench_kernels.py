@@ -105,6 +105,7 @@ def bench_size(size_mib: int, cols: int) -> list[dict]:
             timing = _time(lambda: K.quantize_box(x, box, scales, grid, block, out=out))
             results.append(_row("fp8_block quantize_box", size_mib, shape, moved, timing, copy["gbps"]))
             results.append(_bench_grouped(x, q, scales, size_mib, copy["gbps"]))
+            results.append(_bench_grouped_delta(x, q, scales, 0.003, size_mib, copy["gbps"]))
             results.append(_bench_delta("delta fp8 codes 0.3%", q.view(torch.uint8), 0.003, size_mib, copy["gbps"]))
             results.append(_bench_delta("delta bf16 4%", x.view(torch.int16), 0.04, size_mib, copy["gbps"]))
             if torch.cuda.device_count() > 1:
@@ -157,6 +158,43 @@ def _bench_grouped(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, size_
         raise SystemExit(f"grouped fused launch at {tuple(x.shape)}: differs from quantize_full; not timing it")
     moved = x.numel() * x.element_size() + q.numel() + scales.numel() * 4
     name = f"fp8_block grouped x{len(parts)}"
+    return _row(name, size_mib, tuple(x.shape), moved, _time(prepared.launch), copy_gbps)
+
+
+def _bench_grouped_delta(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, fraction: float, size_mib: int,
+                         copy_gbps: float) -> dict:
+    """A delta push's launch (one-sided): as ``_bench_grouped``, each cell also compared with
+    the shadow of the codes the receiver holds, and only the codes that differ stored, into
+    the destination and the shadow. The checked call finds ``fraction`` of the codes changed;
+    the timed repeats find none (the shadow is up to date), so the bytes counted are the
+    bf16 read, the shadow's read and the scales' write."""
+    from fsdp_sync.boxes import Box
+    from fsdp_sync.kernels.fp8_grouped import GroupedCells
+
+    rows, cols = x.shape
+    step = max(128, rows // 32 // 128 * 128)
+    parts = [(r, min(step, rows - r)) for r in range(0, rows, step)]
+    tensors = [x[r:r + n].clone() for r, n in parts]
+    old = q.view(torch.uint8).clone()
+    flipped = torch.rand(old.shape, device=x.device) < fraction
+    old[flipped] ^= 1
+    shadows = [old[r:r + n].clone().view(q.dtype) for r, n in parts]
+    outs = [old[r:r + n].clone().view(q.dtype) for r, n in parts]  # the receiver holds the old codes
+    grids = [torch.empty(-(-n // 128), -(-cols // 128), device=x.device) for _, n in parts]
+    changed = torch.zeros(64, dtype=torch.int64, device=x.device)
+    anchor = torch.zeros(1, dtype=torch.int32, device=x.device)
+
+    group = GroupedCells(x.device, quantize=True, fused=True, delta=(changed, anchor))
+    for t, out, grid, shadow in zip(tensors, outs, grids, shadows):
+        group.add(t, Box.full(t.shape), (128, 128), grid, out=out, shape=t.shape, shadow=shadow)
+    prepared = group.freeze()
+    prepared.launch()
+    if not (_same_bits(torch.cat(outs), q) and _same_bits(torch.cat(shadows), q)
+            and _same_bits(torch.cat(grids), scales) and int(changed.sum()) == int(flipped.sum())):
+        raise SystemExit(f"grouped delta launch at {tuple(x.shape)}: differs from quantize_full or miscounts; "
+                         "not timing it")
+    moved = x.numel() * x.element_size() + q.numel() + scales.numel() * 4
+    name = f"fp8_block grouped delta x{len(parts)}"
     return _row(name, size_mib, tuple(x.shape), moved, _time(prepared.launch), copy_gbps)
 
 

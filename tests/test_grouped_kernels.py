@@ -295,14 +295,15 @@ def test_fused_batch_refuses_boxes_that_cut_blocks():
 def _grouped_variant(vec: bool, quantize: bool, permuted: bool = False, *, from_amax: bool = True,
                      delta: bool = False) -> dict:
     """The grouped kernel over bf16 128x128 blocks, as a push launches it, for ``tests.ptx``."""
-    from fsdp_sync.kernels.fp8_grouped import _NUM_FIELDS
+    from fsdp_sync.kernels.fp8_grouped import _NUM_FIELDS, _chunk_rows, _grouped_warps
 
     signature = {"table": "*i64", "row_of": "*i32", "order": "*i32", "x_base": "*i16", "q_base": "*u8",
                  "h_base": "*u8", "changed": "*i64", "anchor": "*i32"}
     constants = dict(NUM_FIELDS=_NUM_FIELDS, TILE_R=128, TILE_C=128, QUANTIZE=quantize, FROM_AMAX=from_amax,
-                     HW_CAST=True, VEC=vec, PERMUTED=permuted, DELTA=delta)
+                     HW_CAST=True, VEC=vec, PERMUTED=permuted, DELTA=delta,
+                     CHUNK_R=_chunk_rows((128, 128)))
     return kernel_spec("fsdp_sync.kernels.fp8_grouped", "_grouped_cell_kernel", signature, constants,
-                       aligned=(3, 4, 5), num_warps=16)
+                       aligned=(3, 4, 5), num_warps=_grouped_warps(128 * 128, delta=delta))
 
 
 def _global_accesses(*variants: tuple) -> list[set[str]]:
@@ -313,12 +314,18 @@ def _global_accesses(*variants: tuple) -> list[set[str]]:
 
 
 def test_grouped_quantize_divides_with_ieee_rounding():
-    """Each code comes from a correctly rounded x / scale (div.rn.f32), fused or two-pass.
-    The interpreter divides exactly whatever the kernel says, so only the PTX shows that the
-    GPU does: Triton's ``/`` on fp32 compiles to div.full.f32 (approximate)."""
-    for ptx in sm90_ptx([_grouped_variant(True, True), _grouped_variant(False, True, from_amax=False)]):
-        # One division per element a thread holds (128 x 128 over 16 warps), not one reciprocal.
-        assert ptx.count("div.rn.f32") >= 128 * 128 // (16 * 32), ptx.count("div.rn.f32")
+    """Each code comes from a correctly rounded x / scale: fused, a reciprocal per block
+    (div.rn) with one FMA residual per element (``_block_quotient``), div.rn per element for
+    the blocks it does not take; two-pass, div.rn per element. The interpreter divides
+    exactly whatever the kernel says, so only the PTX shows that the GPU does: Triton's
+    ``/`` on fp32 compiles to div.full.f32 (approximate)."""
+    from fsdp_sync.kernels.fp8_grouped import _chunk_rows, _grouped_warps
+
+    per_thread = _chunk_rows((128, 128)) * 128 // (_grouped_warps(128 * 128) * 32)  # a chunk's elements
+    fused, two_pass = sm90_ptx([_grouped_variant(True, True), _grouped_variant(False, True, from_amax=False)])
+    assert fused.count("fma.rn.f32") >= 2 * per_thread, fused.count("fma.rn.f32")
+    for ptx in (fused, two_pass):
+        assert ptx.count("div.rn.f32") >= per_thread, ptx.count("div.rn.f32")
         divisions = sorted(set(re.findall(r"(?:div|rcp)\.[\w.]+", ptx)))
         assert not re.search(r"div\.(full|approx)|rcp\.approx", ptx), divisions
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx

@@ -26,7 +26,8 @@ import triton.language as tl
 from fsdp_sync.boxes import Box
 from fsdp_sync.quant import FP8_DTYPE
 
-from .fp8_quant import _abs_max, _as_3d, _e4m3_bits, _num_warps, _plan_cells, _quotient, _scale_of, _use_hw_cast
+from .fp8_quant import (_as_3d, _block_quotient, _e4m3_bits, _num_warps, _plan_cells, _quotient, _scale_of,
+                        _use_hw_cast)
 from .prepared import PreparedLaunch
 
 # Columns of a row of the table, in the order the kernel loads them. ``x`` and ``q`` are
@@ -44,7 +45,8 @@ _VEC = 16  # elements: what VEC launches promise of offsets, strides, widths and
 def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, anchor,
                          NUM_FIELDS: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
                          QUANTIZE: tl.constexpr, FROM_AMAX: tl.constexpr, HW_CAST: tl.constexpr,
-                         VEC: tl.constexpr, PERMUTED: tl.constexpr, DELTA: tl.constexpr):
+                         VEC: tl.constexpr, PERMUTED: tl.constexpr, DELTA: tl.constexpr,
+                         CHUNK_R: tl.constexpr):
     """One cell (= one scale block) of the box in row ``row_of[pid]`` of ``table``.
 
     PERMUTED: program ``i`` runs cell ``order[i]`` (see ``GroupedCells.freeze``: cells that
@@ -97,26 +99,25 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
     r0 = cell_r * block_r - tl.load(row + 14)
     c0 = cell_c * block_c - skip_c
 
-    tr = tl.arange(0, TILE_R)
     tc = tl.arange(0, TILE_C)
-    mask_r = (tr < block_r) & (r0 + tr >= 0) & (r0 + tr < rows)
     mask_c = (tc < block_c) & (c0 + tc >= 0) & (c0 + tc < cols)
-    mask = mask_r[:, None] & mask_c[None, :]
-
     if VEC:  # column stride 1, written as such so the compiler sees contiguous columns
-        x_ptrs = x_base + (x_off + b * sxb + r0 * sxr + c0) + (tr[:, None] * sxr.to(tl.int32) + tc[None, :])
+        x_at = x_base + (x_off + b * sxb + r0 * sxr + c0) + tc[None, :]
     else:
-        x_ptrs = x_base + (x_off + b * sxb + r0 * sxr + c0 * sxc) + (tr[:, None] * sxr.to(tl.int32)
-                                                                     + tc[None, :] * sxc.to(tl.int32))
-    x = tl.load(x_ptrs, mask=mask, other=0)
-    if x_base.dtype.element_ty == tl.int16:
-        x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)  # bfloat16 bits, as in fp8_quant
-    else:
-        x = x.to(tl.float32)
-
+        x_at = x_base + (x_off + b * sxb + r0 * sxr + c0 * sxc) + tc[None, :] * sxc.to(tl.int32)
     s_off = b * tl.load(row + 9) + cell_r * tl.load(row + 10) + cell_c * tl.load(row + 11)
+
+    # The cell is walked CHUNK_R rows at a time, twice when FROM_AMAX and QUANTIZE (the
+    # second read comes from L2): a whole 128x128 cell in registers took 167-255 of them a
+    # thread, 2-3 programs an SM, too few loads in flight to keep HBM busy.
+    tr = tl.arange(0, CHUNK_R)
     if FROM_AMAX:
-        amax = _abs_max(x)
+        acc = tl.zeros([CHUNK_R, TILE_C], dtype=tl.int32)
+        for i in range(TILE_R // CHUNK_R):
+            rr = i * CHUNK_R + tr
+            mask = ((rr < block_r) & (r0 + rr >= 0) & (r0 + rr < rows))[:, None] & mask_c[None, :]
+            acc = tl.maximum(acc, _magnitude_bits(tl.load(x_at + rr[:, None] * sxr.to(tl.int32), mask=mask, other=0)))
+        amax = tl.max(acc).to(tl.float32, bitcast=True)  # NaN wins: its magnitude bits are the largest
     if QUANTIZE:
         if FROM_AMAX:
             scale = _scale_of(amax)
@@ -127,15 +128,14 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
         sqb = tl.load(row + 6)
         sqr = tl.load(row + 7)
         sqc = tl.load(row + 8)
-        q = _e4m3_bits(_quotient(x, scale), HW_CAST)
         if VEC:
             q_off = tl.multiple_of(q_off, 16)
             sqb = tl.multiple_of(sqb, 16)
             sqr = tl.multiple_of(sqr, 16)
-            q_ptrs = q_base + (q_off + b * sqb + r0 * sqr + c0) + (tr[:, None] * sqr.to(tl.int32) + tc[None, :])
+            q_start = q_off + b * sqb + r0 * sqr + c0
+            q_at = q_base + q_start + tc[None, :]
         else:
-            q_ptrs = q_base + (q_off + b * sqb + r0 * sqr + c0 * sqc) + (tr[:, None] * sqr.to(tl.int32)
-                                                                         + tc[None, :] * sqc.to(tl.int32))
+            q_at = q_base + (q_off + b * sqb + r0 * sqr + c0 * sqc) + tc[None, :] * sqc.to(tl.int32)
         if DELTA:
             h_off = tl.load(row + 21)
             shb = tl.load(row + 22)
@@ -145,37 +145,63 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
                 h_off = tl.multiple_of(h_off, 16)
                 shb = tl.multiple_of(shb, 16)
                 shr = tl.multiple_of(shr, 16)
-                h_ptrs = h_base + (h_off + b * shb + r0 * shr + c0) + (tr[:, None] * shr.to(tl.int32) + tc[None, :])
+                h_start = h_off + b * shb + r0 * shr + c0
+                h_at = h_base + h_start + tc[None, :]
+                tw = tl.arange(0, TILE_C // 4)
+                word_c = c0 + 4 * tw
+                mask_wc = (word_c - c0 < block_c) & (word_c >= 0) & (word_c < cols)
+                q_words = q_base.to(tl.pointer_type(tl.uint32), bitcast=True) + q_start // 4 + tw[None, :]
+                h_words = h_base.to(tl.pointer_type(tl.uint32), bitcast=True) + h_start // 4 + tw[None, :]
             else:
-                h_ptrs = h_base + (h_off + b * shb + r0 * shr + c0 * shc) + (tr[:, None] * shr.to(tl.int32)
-                                                                             + tc[None, :] * shc.to(tl.int32))
-            old = tl.load(h_ptrs, mask=mask, other=0)
-            if VEC:  # 4 codes a word: a store per word, not per code
-                word_c = c0 + 4 * tl.arange(0, TILE_C // 4)
-                mask_w = mask_r[:, None] & ((word_c - c0 < block_c) & (word_c >= 0) & (word_c < cols))[None, :]
-                q_w, old_w = _words(q, TILE_R, TILE_C), _words(old, TILE_R, TILE_C)
-                every = (tl.zeros_like(old_w) + tl.load(anchor)) != 0
-                write = mask_w & ((q_w != old_w) | every)
-                words = (tr[:, None] * (sqr // 4).to(tl.int32) + tl.arange(0, TILE_C // 4)[None, :])
-                q_words = q_base.to(tl.pointer_type(tl.uint32), bitcast=True) + (q_off + b * sqb + r0 * sqr + c0) // 4
-                tl.store(q_words + words, q_w, mask=write)
-                words = (tr[:, None] * (shr // 4).to(tl.int32) + tl.arange(0, TILE_C // 4)[None, :])
-                h_words = h_base.to(tl.pointer_type(tl.uint32), bitcast=True) + (h_off + b * shb + r0 * shr + c0) // 4
-                tl.store(h_words + words, q_w, mask=write)
-                # Codes, not words: the changed bytes of each stored word (all four on an anchor).
-                count = tl.sum(tl.sum(tl.where(write, _changed_bytes(q_w ^ old_w, every), 0), axis=1), axis=0)
+                h_at = h_base + (h_off + b * shb + r0 * shr + c0 * shc) + tc[None, :] * shc.to(tl.int32)
+            # The flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar.
+            every = (tl.zeros([CHUNK_R, TILE_C // 4 if VEC else TILE_C], dtype=tl.int32) + tl.load(anchor)) != 0
+            count = tl.sum(tl.zeros([CHUNK_R], dtype=tl.int32), axis=0)
+        for i in range(TILE_R // CHUNK_R):
+            rr = i * CHUNK_R + tr
+            mask_r = (rr < block_r) & (r0 + rr >= 0) & (r0 + rr < rows)
+            mask = mask_r[:, None] & mask_c[None, :]
+            x = _widened(tl.load(x_at + rr[:, None] * sxr.to(tl.int32), mask=mask, other=0))
+            q = _e4m3_bits(_block_quotient(x, scale) if FROM_AMAX else _quotient(x, scale), HW_CAST)
+            if DELTA:
+                old = tl.load(h_at + rr[:, None] * shr.to(tl.int32), mask=mask, other=0)
+                if VEC:  # 4 codes a word: a store per word, not per code
+                    q_w, old_w = _words(q, CHUNK_R, TILE_C), _words(old, CHUNK_R, TILE_C)
+                    write = (mask_r[:, None] & mask_wc[None, :]) & ((q_w != old_w) | every)
+                    tl.store(q_words + rr[:, None] * (sqr // 4).to(tl.int32), q_w, mask=write)
+                    tl.store(h_words + rr[:, None] * (shr // 4).to(tl.int32), q_w, mask=write)
+                    # Codes, not words: the changed bytes of each stored word (all four on an anchor).
+                    count += tl.sum(tl.sum(tl.where(write, _changed_bytes(q_w ^ old_w, every), 0), axis=1), axis=0)
+                else:
+                    write = mask & ((q != old) | every)
+                    tl.store(h_at + rr[:, None] * shr.to(tl.int32), q, mask=write)
+                    tl.store(q_at + rr[:, None] * sqr.to(tl.int32), q, mask=write)
+                    count += tl.sum(tl.sum(write.to(tl.int32), axis=1), axis=0)  # int32 sums: at most a cell
             else:
-                # The flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar.
-                every = (tl.zeros_like(old.to(tl.int32)) + tl.load(anchor)) != 0
-                write = mask & ((q != old) | every)
-                tl.store(h_ptrs, q, mask=write)
-                tl.store(q_ptrs, q, mask=write)
-                count = tl.sum(tl.sum(write.to(tl.int32), axis=1), axis=0)  # int32 sums: at most a cell
+                tl.store(q_at + rr[:, None] * sqr.to(tl.int32), q, mask=mask)
+        if DELTA:
             tl.atomic_add(changed + tl.program_id(0) % 64, count.to(tl.int64), sem="relaxed")
-        else:
-            tl.store(q_ptrs, q, mask=mask)
     else:
         tl.store(s_ptr + s_off, amax)
+
+
+@triton.jit
+def _magnitude_bits(x):
+    """The float32 bits of ``|x|`` as int32 (bfloat16 bits, float16 or float32 ``x``): their
+    integer max is the amax, exact, and NaN wins."""
+    if x.dtype == tl.int16:
+        return (x.to(tl.int32) & 0x7FFF) << 16
+    else:
+        return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _widened(x):
+    """``x`` as float32; int16 ``x`` holds bfloat16 bits, which widen by a shift (as in fp8_quant)."""
+    if x.dtype == tl.int16:
+        return (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -222,11 +248,28 @@ def _strides_3d(t: torch.Tensor) -> tuple[int, int, int] | None:
         return None
 
 
-def _grouped_warps(tile_elems: int) -> int:
-    """At most 4 warps a program: more cells in flight per SM. On an H100 a 1 GiB bf16
-    tensor in 128x128 cells ran at 1.78 TB/s with 16 warps (59% of a copy), 2.7 with 8,
-    2.96-3.03 with 4 and 2.83-2.86 with 2 (grouped x1 and x32, bits unchanged)."""
-    return min(4, _num_warps(tile_elems))
+_CHUNK_ELEMS = 4096  # of a cell, in registers at once: 32 rows of a 128x128 block
+
+
+def _chunk_rows(tile: tuple[int, int]) -> int:
+    """Rows of a tile that a program holds at once (``_grouped_cell_kernel``'s CHUNK_R).
+
+    On one H200 (bench_kernels, 1 GiB bf16 in 32 tensors, 128x128 blocks, share of a copy;
+    full / delta launch): whole cells (16384 elements) 62.9 / 44.5%; chunks of 8192 71.0 /
+    49.8%, 4096 76.4 / 49.7%, 2048 72.1 / 51.5%, 1024 54.3 / 41.1% (4 warps).
+    """
+    return min(tile[0], max(1, _CHUNK_ELEMS // tile[1]))
+
+
+def _grouped_warps(tile_elems: int, *, delta: bool = False) -> int:
+    """Warps a program: at most 4 (more cells in flight per SM), 2 for delta launches.
+
+    On an H100 a 1 GiB bf16 tensor in whole 128x128 cells ran at 1.78 TB/s with 16 warps
+    (59% of a copy), 2.7 with 8, 2.96-3.03 with 4 and 2.83-2.86 with 2 (grouped x1 and x32,
+    bits unchanged). On one H200 with 4096-element chunks (full / delta launch, share of a
+    copy): 2 warps 77.4 / 54.3%, 4 warps 76.4 / 49.7%, 8 warps 76.9 / 38.4%.
+    """
+    return min(2 if delta else 4, _num_warps(tile_elems))
 
 
 class GroupedCells:
@@ -371,7 +414,8 @@ class GroupedCells:
                     table, row_of, row_of if order is None else order, x_base, q_base, h_base, changed, anchor), dict(
                     NUM_FIELDS=_NUM_FIELDS, TILE_R=tile[0], TILE_C=tile[1], QUANTIZE=self.quantize,
                     FROM_AMAX=self.fused or not self.quantize, HW_CAST=hw_cast, VEC=vec, PERMUTED=order is not None,
-                    DELTA=bool(shadows), num_warps=_grouped_warps(tile[0] * tile[1]))))
+                    DELTA=bool(shadows), CHUNK_R=_chunk_rows(tile),
+                    num_warps=_grouped_warps(tile[0] * tile[1], delta=bool(shadows)))))
         prepared = PreparedLaunch(self.device, launches, [t for v in self._values.values() for pair in v
                                                           for t in pair if t is not None]
                                   + [t for v in self._shadows.values() for t in v] + self._alive)

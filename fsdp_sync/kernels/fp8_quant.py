@@ -116,6 +116,31 @@ def _quotient(x, scale):
 
 
 @triton.jit
+def _block_quotient(x, scale):
+    """``x / scale`` for a cell of the block whose amax gave ``scale`` (``_scale_of``),
+    correctly rounded, cheaper than ``div.rn``: a reciprocal per block, then per element a
+    product and one FMA residual (Markstein's correction). That is exact for a reciprocal
+    that is itself correctly rounded, when nothing overflows: a normal, finite scale and
+    ``|x| <= 448 * scale``, which a block's own amax guarantees. The residual turns
+    ``-0 / s`` into ``+0`` (``+0 + -0``), and the scale is positive, so the quotient takes
+    x's sign bit. Other scales (subnormal, tiny, inf or NaN: a block holding inf or NaN)
+    take ``div.rn``.
+
+    Measured on one H200 before the sign fix (bench_kernels, 1 GiB, share of a device copy;
+    fp8_block / its quantize_box / grouped x32): 76 / 88 / 70%, against div.rn's 67 / 75 / 57%.
+    """
+    if (scale >= 2.0**-100) & (scale < 3.0e38):
+        r = tl.math.div_rn(1.0, scale)
+        q = x * r
+        q = tl.fma(tl.fma(-q, scale, x), r, q)
+        sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+        y = ((q.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
+    else:
+        y = tl.math.div_rn(x, scale)
+    return y
+
+
+@triton.jit
 def _fp8_cell_kernel(
     x_ptr,
     q_ptr,
@@ -193,6 +218,8 @@ def _fp8_cell_kernel(
             tl.store(scale_ptr + scale_off, scale)
         else:
             scale = tl.load(scale_ptr + scale_off)
+        # div.rn here: _block_quotient measured slower in this kernel (fp8_block 51% of a
+        # copy against 67%, one H200), where it made the grouped launch faster.
         q = _e4m3_bits(_quotient(x, scale), HW_CAST)
         q_base = q_ptr + b.to(tl.int64) * stride_qb + r0.to(tl.int64) * stride_qr + c0.to(tl.int64) * stride_qc
         tl.store(q_base + tr[:, None] * stride_qr + tc[None, :] * stride_qc, q, mask=mask)
