@@ -80,10 +80,21 @@ def subgroup_trainer(rank: int, world_size: int, cfg: SyncConfig, versions: list
 
 
 def lone_receiver(cfg: SyncConfig, rank: int, world_size: int, until: int, results) -> None:
-    """A receiver process of rank ``rank``: reports each version it made live, up to ``until``."""
+    """A receiver process of rank ``rank``: reports each version it made live, up to ``until``.
 
+    For a test that fails: the library's INFO lines go to stderr, which pytest shows, and a
+    process still here after ``cfg.timeout_s * 8`` prints where each of its threads stands.
+    """
+    import faulthandler
+    import logging
 
-    receiver = WeightReceiver(model(), config=cfg, rank=rank, world_size=world_size, commit="staged")
+    logging.basicConfig(level=logging.INFO, format=f"receiver process rank {rank}: %(message)s")
+    faulthandler.dump_traceback_later(cfg.timeout_s * 8, exit=False)
+    try:
+        receiver = WeightReceiver(model(), config=cfg, rank=rank, world_size=world_size, commit="staged")
+    except Exception as e:  # noqa: BLE001 - the test reads it
+        results.put((rank, "error", f"{type(e).__name__}: {e}"))
+        raise
     live = 0
     while live < until:
         try:

@@ -47,6 +47,7 @@ class Case:
     device: str = "cpu"  # "cuda": each process on its own GPU (see recipes.jobs.start_job)
     kernels: str = "auto"
     secret: str | None = None  # both jobs sign their control values with it
+    llama: dict = field(default_factory=dict)  # tiny_llama_config overrides: smaller where size tests nothing
 
     def __post_init__(self) -> None:
         self.timeout_s = scaled(self.timeout_s)  # once, in the test process: workers get the pickled value
@@ -88,7 +89,7 @@ class RouterModel(OddModel):
 
 def _model(case: Case) -> nn.Module:
     if case.model == "llama":
-        return build_model(tiny_llama_config(), seed=0, dtype=DTYPE)
+        return build_model(tiny_llama_config(**case.llama), seed=0, dtype=DTYPE)
     torch.manual_seed(0)
     if case.model == "router":
         model = RouterModel().to(DTYPE)
@@ -103,7 +104,7 @@ def _device(case: Case) -> torch.device:
 
 def _shapes(case: Case) -> dict:
     if case.model == "llama":
-        return param_shapes(tiny_llama_config(), DTYPE)
+        return param_shapes(tiny_llama_config(**case.llama), DTYPE)
     shapes = {n: (tuple(p.shape), DTYPE) for n, p in OddModel().named_parameters()}
     if case.model == "router":
         shapes["gate.e_score_correction_bias"] = ((5,), torch.float32)
@@ -114,7 +115,7 @@ def _step(case: Case, model: nn.Module, optim: torch.optim.Optimizer, version: i
     gen = torch.Generator().manual_seed(version)
     device = _device(case)
     if case.model == "llama":
-        ids = torch.randint(0, 512, (2, 8), generator=gen).to(device)
+        ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=gen).to(device)
         model(input_ids=ids, labels=ids).loss.backward()
     else:
         model(torch.randn(4, 257, generator=gen).to(DTYPE).to(device)).backward()
@@ -139,6 +140,10 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
         optim = torch.optim.SGD(model.parameters(), lr=0.1)
         def die_mid_push(done: int, total: int, v=case.kill_sender_at_version) -> None:
             if sender.version == v:
+                # Flushed first: a process killed while its feeder thread holds the queue's
+                # write lock leaves it taken, and every other process's report blocks for good.
+                results.close()
+                results.join_thread()
                 os.kill(os.getpid(), signal.SIGKILL)
 
         doomed = case.kill_sender_at_version is not None and rank == 1

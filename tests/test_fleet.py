@@ -4,6 +4,7 @@ dropped and a restarted one joining. Real FSDP2 trainer processes, real receiver
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import time
 
@@ -54,9 +55,15 @@ def test_a_second_trainer_job_under_the_same_name_is_refused_and_the_first_goes_
     assert outcome == {0: "1: ok\n2: ok", 1: "1: ok\n2: ok"}
 
 
-def _next(results, rank: int, timeout: float):
+def _next(results, rank: int, timeout: float, process=None):
+    """The next report of receiver ``rank``; on a timeout, says whether ``process`` still runs."""
+    deadline = time.monotonic() + timeout
     while True:
-        item = results.get(timeout=timeout)
+        try:
+            item = results.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            state = "" if process is None else f" (its process: alive={process.is_alive()}, exitcode={process.exitcode})"
+            raise AssertionError(f"no report from receiver rank {rank} within {timeout:.0f}s{state}") from None
         if item[0] == rank:
             return item
 
@@ -67,13 +74,18 @@ def test_a_dead_replica_is_dropped_the_push_goes_on_and_a_restarted_one_rejoins(
     cfg = _config("elastic", on_receiver_failure="drop")
     ctx = spawn_context()
     trainer, trainer_results = _start_trainer(cfg, [1, 2, 3, 4], ctx)
-    replica = ctx.Queue()
-    doomed = ctx.Process(target=fleet_workers.lone_receiver, args=(cfg, 1, 2, 4, replica))
+    # Each replica process reports on a queue of its own: a process killed while its queue's
+    # feeder thread holds the queue's write lock (just after the report the test acts on)
+    # leaves that lock taken for good, and a restarted replica writing to the same queue
+    # would block on it forever, unable even to exit.
+    doomed_reports, restarted_reports = ctx.Queue(), ctx.Queue()
+    doomed = ctx.Process(target=fleet_workers.lone_receiver, args=(cfg, 1, 2, 4, doomed_reports), daemon=True)
+    restarted = ctx.Process(target=fleet_workers.lone_receiver, args=(cfg, 1, 2, 4, restarted_reports), daemon=True)
     doomed.start()
     receiver = WeightReceiver(fleet_workers.model(), config=cfg, rank=0, world_size=2, commit="staged")
     try:
         assert receiver.wait_for(1, timeout=scaled(60)) == 1
-        assert _next(replica, 1, scaled(60)) == (1, 1, [1.0])
+        assert _next(doomed_reports, 1, scaled(60), doomed) == (1, 1, [1.0])
         os.kill(doomed.pid, signal.SIGKILL)
         doomed.join()
         receiver.control.set("go/2", True)
@@ -82,7 +94,6 @@ def test_a_dead_replica_is_dropped_the_push_goes_on_and_a_restarted_one_rejoins(
         receiver.control.set("go/3", True)
         assert receiver.wait_for(3, timeout=scaled(60)) == 3
         assert receiver.commit() == 3 and _values(receiver) == {3.0}
-        restarted = ctx.Process(target=fleet_workers.lone_receiver, args=(cfg, 1, 2, 4, replica))
         restarted.start()
         deadline = time.monotonic() + scaled(60)
         # Two first registrations count one each; the restarted one replaces a meta and counts two.
@@ -91,11 +102,14 @@ def test_a_dead_replica_is_dropped_the_push_goes_on_and_a_restarted_one_rejoins(
             time.sleep(0.1)
         receiver.control.set("go/4", True)
         assert receiver.wait_for(4, timeout=scaled(60)) == 4
-        assert _next(replica, 1, scaled(60)) == (1, 4, [4.0])
+        assert _next(restarted_reports, 1, scaled(60), restarted) == (1, 4, [4.0])
         restarted.join(timeout=scaled(30))
     finally:
         outcome = _finish(trainer, trainer_results)
         receiver.close()
+        for process in (doomed, restarted):  # a failed assertion must not leave one behind
+            if process.is_alive():
+                process.kill()
     for rank in (0, 1):
         lines = outcome[rank].splitlines()
         assert lines[0] == "1: ok" and ("SyncTimeout" in lines[1] or "SyncError" in lines[1]), outcome
