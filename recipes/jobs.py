@@ -11,6 +11,7 @@ import os
 import queue
 import random
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -50,7 +51,10 @@ def _ephemeral_low() -> int:
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, gpu_offset: int | None,
-           args: tuple) -> None:
+           args: tuple, environ: dict[str, str]) -> None:
+    # A forkserver's children inherit its environment, not the starting process's: take that.
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     backend = "gloo"
@@ -76,7 +80,8 @@ def start_job(ctx: Any, fn: Callable, world_size: int, results: Any, *args: Any,
     gets NCCL for CUDA tensors beside gloo for CPU ones.
     """
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, gpu_offset, args), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, gpu_offset, args, dict(os.environ)),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -115,5 +120,18 @@ def next_message(results: Any, procs: list, timeout: float) -> tuple:
     raise TimeoutError(f"no message from the jobs within {timeout:.0f}s")
 
 
+# What a CPU machine's job processes import before their first line: preloaded once in a
+# forkserver, each process then starts in ~0.1 s instead of ~8 s of CPU (torch 3.5 s,
+# transformers' Llama 4.8 s) on a 2-core machine.
+_PRELOAD = ["torch", "torch.distributed", "numpy", "transformers", "transformers.models.llama.modeling_llama"]
+
+
 def spawn_context() -> Any:
-    return mp.get_context("spawn")
+    """Fresh processes, never a fork of the caller. Without CUDA, forked from a server that
+    imported torch and transformers once (``forkserver``); with CUDA, spawned, since a
+    server whose imports touched the driver cannot hand it to forked children."""
+    if not sys.platform.startswith("linux") or torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
