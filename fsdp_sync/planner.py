@@ -222,6 +222,15 @@ class _Places:
         return "host" if self.sender_host[sender] == self.recv_host[receiver] else "remote"
 
 
+# A piece's part as a regular split holds it: (position in the shard group, source box,
+# destination box, owned scale blocks and their destination, data bytes, scale bytes).
+_Part = tuple[int, Box, Box, "Box | None", "Box | None", int, int]
+# The rank matrix of the positions holding parts, their data bytes, and the parts.
+_Split = tuple[np.ndarray, np.ndarray, list[_Part]]
+# One assigned piece: the shard group that sends it, and its tasks.
+_Assigned = tuple[tuple[int, ...], list[Task]]
+
+
 class _Assigner:
     """Greedy sender choice: the candidate whose link would finish earliest."""
 
@@ -231,56 +240,50 @@ class _Assigner:
         self.intra = links.intra_host_gbps * 1e9
         self.inter = links.inter_host_gbps * 1e9
         self.local = links.hbm_gbps * 1e9 / 2  # a copy within one device reads and writes
+        # Each sender's speed to each receiver, once: a choice then reads one row.
+        self.speed = {r: self._speeds(r) for r in places.recv_host}
+
+    def _speeds(self, receiver: int) -> np.ndarray:
+        p = self.places
+        same_host = p.sender_host == p.recv_host[receiver]
+        same_dev = p.sender_dev == p.recv_dev[receiver]
+        return np.where(same_dev, self.local, np.where(same_host, self.intra, self.inter))
 
     def _seconds(self, senders: np.ndarray, receiver: int, nbytes: np.ndarray) -> np.ndarray:
-        p = self.places
-        same_host = p.sender_host[senders] == p.recv_host[receiver]
-        same_dev = p.sender_dev[senders] == p.recv_dev[receiver]
-        return nbytes / np.where(same_dev, self.local, np.where(same_host, self.intra, self.inter))
+        return nbytes / self.speed[receiver][senders]
 
-    def direct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[tuple[tuple, Task]]:
+    def direct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[_Assigned]:
         """Each piece goes to one shard group, split along the boxes its ranks hold.
 
         The group is the one whose busiest involved rank would finish first.
         """
-        out = []
+        out: list[_Assigned] = []
         # Per (param, piece, block): the parts the shard groups hold, their box arithmetic
         # and byte counts, computed once; replicas repeat the same pieces at scale.
-        splits: dict[tuple, tuple[np.ndarray, np.ndarray, list[tuple]]] = {}
-        rank_matrix: dict[str, np.ndarray | None] = {}
+        splits: dict[tuple, _Split] = {}
+        regular: dict[str, _Regular | None] = {}
         for job in sorted(jobs, key=lambda j: -j.piece.src_box.numel()):
             src = by_name[job.piece.src]
-            if src.name not in rank_matrix:
-                same_boxes = all(g.boxes == src.groups[0].boxes for g in src.groups)
-                rank_matrix[src.name] = np.array([g.ranks for g in src.groups]) if same_boxes else None
+            if src.name not in regular:
+                regular[src.name] = _Regular.of(src)
             elem = 1 if job.fmt.is_quantized else src.dtype.itemsize
-            matrix = rank_matrix[src.name]
-            if matrix is None:
+            shards = regular[src.name]
+            if shards is None:
                 chosen, irregular = self._best_irregular(src, job, elem)
-                for i, inter in irregular:
-                    out.extend(_tasks_for(chosen.ranks[i], chosen.ranks, job, inter, elem))
+                out.append((chosen.ranks, [t for i, inter in irregular
+                                           for t in _tasks_for(chosen.ranks[i], job, inter, elem)]))
                 continue
             piece = job.piece
             key = (src.name, piece.src_box, piece.dst_box, job.block, elem)
             split = splits.get(key)
             if split is None:
-                parts = [(i, inter, *_geometry(piece, inter, job.block)) for i, box in enumerate(src.groups[0].boxes)
-                         if (inter := box.intersect(piece.src_box)) is not None]
-                parts = [(i, inter, dst, owned, owned_dst, inter.numel() * elem, owned.numel() * 4 if owned else 0)
-                         for i, inter, dst, owned, owned_dst in parts]
-                split = splits[key] = (matrix[:, [p[0] for p in parts]],
-                                       np.array([p[5] for p in parts], dtype=np.float64)[None, :], parts)
+                split = splits[key] = shards.split(piece, job.block, elem)
             ranks, nbytes, parts = split
             seconds = self._seconds(ranks, job.receiver, nbytes)
-            best = int(np.argmin((self.load_s[ranks] + seconds).max(axis=1)))
+            best = int(np.argmin((self.load_s[ranks] + seconds).max(axis=1))) if len(ranks) > 1 else 0
             self.load_s[ranks[best]] += seconds[best]
             group = src.groups[best].ranks
-            fmt, r = job.fmt.name, job.receiver
-            for i, inter, dst, owned, owned_dst, data_bytes, scale_bytes in parts:
-                out.append((group, Task(group[i], r, piece.src, inter, piece.dst, dst, DATA, fmt, data_bytes)))
-                if owned is not None:
-                    out.append((group, Task(group[i], r, piece.src, owned, job.scale_dst, owned_dst, SCALE, fmt,
-                                            scale_bytes)))
+            out.append((group, _split_tasks(group, job, parts)))
         return out
 
     def _best_irregular(self, src: SourceParam, job: _Job, elem: int) -> tuple[ShardGroup, list[tuple[int, Box]]]:
@@ -289,7 +292,7 @@ class _Assigner:
         for group in src.groups:
             parts = [(i, inter) for i, box in enumerate(group.boxes)
                      if (inter := box.intersect(job.piece.src_box)) is not None]
-            ranks = np.array([group.ranks[i] for i, _ in parts])
+            ranks = np.array([group.ranks[i] for i, _ in parts], dtype=np.int64)
             seconds = self._seconds(ranks, job.receiver, np.array([b.numel() * elem for _, b in parts], dtype=float))
             cost = float((self.load_s[ranks] + seconds).max()) if len(parts) else 0.0
             if best is None or cost < best[0]:
@@ -298,9 +301,9 @@ class _Assigner:
         self.load_s[ranks] += seconds
         return group, parts
 
-    def reconstruct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[tuple[tuple, Task]]:
+    def reconstruct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[_Assigned]:
         """Each param goes to one shard group; each of its pieces to that group's least-loaded rank."""
-        out = []
+        out: list[_Assigned] = []
         per_param: dict[str, list[_Job]] = defaultdict(list)
         for job in jobs:
             per_param[job.piece.src].append(job)
@@ -314,19 +317,65 @@ class _Assigner:
                                                                        dtype=np.float64))
                 best = int(np.argmin(self.load_s[ranks] + seconds))
                 self.load_s[ranks[best]] += seconds[best]
-                out.extend(_tasks_for(int(ranks[best]), group.ranks, job, job.piece.src_box, elem))
+                out.append((group.ranks, _tasks_for(int(ranks[best]), job, job.piece.src_box, elem)))
         return out
 
 
-def _tasks_for(rank: int, group: tuple[int, ...], job: _Job, part: Box, elem: int) -> list[tuple[tuple, Task]]:
-    """(group, task) for ``part`` of a piece: its data and its share of the scales."""
+@dataclass(frozen=True, eq=False)
+class _Regular:
+    """A param whose shard groups all hold the same boxes: its rank matrix, and those boxes as arrays."""
+
+    matrix: np.ndarray  # [group, position] -> rank
+    lo: np.ndarray  # [position, dim] box offsets
+    hi: np.ndarray  # [position, dim] box ends
+
+    @staticmethod
+    def of(src: SourceParam) -> "_Regular | None":
+        boxes = src.groups[0].boxes
+        if any(g.boxes != boxes for g in src.groups):
+            return None
+        lo = np.array([b.offsets for b in boxes], dtype=np.int64).reshape(len(boxes), len(src.shape))
+        hi = lo + np.array([b.sizes for b in boxes], dtype=np.int64).reshape(lo.shape)
+        return _Regular(np.array([g.ranks for g in src.groups]), lo, hi)
+
+    def intersections(self, box: Box) -> list[tuple[int, Box]]:
+        """(position, common box) for each position whose box shares an element with ``box``:
+        ``Box.intersect`` over all positions at once."""
+        lo = np.maximum(self.lo, np.array(box.offsets, dtype=np.int64))
+        hi = np.minimum(self.hi, np.array(box.ends, dtype=np.int64))
+        hit = np.flatnonzero((hi > lo).all(axis=1))
+        return [(i, Box(tuple(o), tuple(e - a for a, e in zip(o, end))))
+                for i, o, end in zip(hit.tolist(), lo[hit].tolist(), hi[hit].tolist())]
+
+    def split(self, piece: Piece, block: tuple[int, ...] | None, elem: int) -> _Split:
+        """A piece's parts, the ranks that could send each (one row per shard group) and their bytes."""
+        parts = [(i, inter, *_geometry(piece, inter, block)) for i, inter in self.intersections(piece.src_box)]
+        parts = [(i, inter, dst, owned, owned_dst, inter.numel() * elem, owned.numel() * 4 if owned else 0)
+                 for i, inter, dst, owned, owned_dst in parts]
+        return (self.matrix[:, [p[0] for p in parts]], np.array([p[5] for p in parts], dtype=np.float64)[None, :],
+                parts)
+
+
+def _split_tasks(group: tuple[int, ...], job: _Job, parts: list[_Part]) -> list[Task]:
+    """The tasks of a regularly split piece once its shard group is chosen."""
+    piece, fmt, r = job.piece, job.fmt.name, job.receiver
+    src, dst, scale_dst = piece.src, piece.dst, job.scale_dst
+    out = []
+    for i, inter, dst_box, owned, owned_dst, data_bytes, scale_bytes in parts:
+        out.append(Task(group[i], r, src, inter, dst, dst_box, DATA, fmt, data_bytes))
+        if owned is not None:
+            out.append(Task(group[i], r, src, owned, scale_dst, owned_dst, SCALE, fmt, scale_bytes))
+    return out
+
+
+def _tasks_for(rank: int, job: _Job, part: Box, elem: int) -> list[Task]:
+    """The tasks for ``part`` of a piece: its data and its share of the scales."""
     piece = job.piece
     dst_part, owned, owned_dst = _geometry(piece, part, job.block)
-    out = [(group, Task(rank, job.receiver, piece.src, part, piece.dst, dst_part, DATA,
-                        job.fmt.name, part.numel() * elem))]
+    out = [Task(rank, job.receiver, piece.src, part, piece.dst, dst_part, DATA, job.fmt.name, part.numel() * elem)]
     if owned is not None:
-        out.append((group, Task(rank, job.receiver, piece.src, owned, job.scale_dst, owned_dst, SCALE,
-                                job.fmt.name, owned.numel() * 4)))
+        out.append(Task(rank, job.receiver, piece.src, owned, job.scale_dst, owned_dst, SCALE, job.fmt.name,
+                        owned.numel() * 4))
     return out
 
 
@@ -344,7 +393,7 @@ def _geometry(piece: Piece, part: Box, block: tuple[int, ...] | None) -> tuple[B
     return part.shift(delta), owned, owned.shift(shift)
 
 
-def _make_buckets(raw: list[tuple[tuple, Task]], by_name: dict[str, SourceParam], mode: str,
+def _make_buckets(raw: list[_Assigned], by_name: dict[str, SourceParam], mode: str,
                   watermark_bytes: int) -> tuple[list[Bucket], dict[tuple, int]]:
     """Pack each group's params into buckets of at most half the watermark, then interleave groups.
 
@@ -352,18 +401,23 @@ def _make_buckets(raw: list[tuple[tuple, Task]], by_name: dict[str, SourceParam]
     larger than that gets a bucket of its own.
     """
     per_group: dict[tuple[int, ...], dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0, False]))
-    rank_bytes: dict[tuple, int] = defaultdict(int)
-    for group, task in raw:
-        entry = per_group[group][task.src]
-        entry[1] = entry[1] or task.fmt != "none"
-        rank_bytes[(group, task.src, task.sender)] += task.nbytes
-    for (group, src, _rank), nbytes in rank_bytes.items():
+    rank_bytes: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # (group, param) -> rank -> bytes
+    for group, tasks in raw:
+        if not tasks:
+            continue
+        name = tasks[0].src  # one piece: one param, one format
+        entry = per_group[group][name]
+        entry[1] = entry[1] or tasks[0].fmt != "none"
+        per_rank = rank_bytes[(group, name)]
+        for task in tasks:
+            per_rank[task.sender] += task.nbytes
+    for (group, src), per_rank in rank_bytes.items():
         # Reconstruct holds the flat send buffer (1/G), the gathered flat buffer and the
         # unpacked full tensor at once; a shard group of one rank already holds it whole.
         # Whole bytes (rounded up): a Bucket's nbytes is an int, and the control plane checks it.
         g = len(group)
         held = -(-by_name[src].nbytes * (2 * g + 1) // g) if mode == "reconstruct" and g > 1 else 0
-        per_group[group][src][0] = max(per_group[group][src][0], held + nbytes)
+        per_group[group][src][0] = held + max(per_rank.values())
     cap = max(1, watermark_bytes // 2)
     lists = []
     for group in sorted(per_group):
@@ -392,24 +446,56 @@ def _make_buckets(raw: list[tuple[tuple, Task]], by_name: dict[str, SourceParam]
     return ordered, bucket_of
 
 
-def _order(raw: list[tuple[tuple, Task]], bucket_of: dict[tuple, int]
-           ) -> tuple[dict[int, list[Task]], dict[int, list[Task]]]:
-    """Per sender: bucket order, then large tasks first; seq numbers each (sender, receiver) pair."""
-    per_sender: dict[int, list[Task]] = defaultdict(list)
-    for group, task in raw:
-        task.bucket = bucket_of[(group, task.src)]
-        per_sender[task.sender].append(task)
-    tasks: dict[int, list[Task]] = {}
-    arrivals: dict[int, list[Task]] = defaultdict(list)
-    for sender in sorted(per_sender):
-        ordered = sorted(per_sender[sender], key=lambda t: (t.bucket, -t.nbytes, t.receiver, t.src, t.kind))
-        seq: dict[int, int] = defaultdict(int)
-        for task in ordered:
-            task.seq = seq[task.receiver]
-            seq[task.receiver] += 1
-            arrivals[task.receiver].append(task)
-        tasks[sender] = ordered
-    return tasks, dict(arrivals)
+def _order(raw: list[_Assigned], bucket_of: dict[tuple, int]) -> tuple[dict[int, list[Task]], dict[int, list[Task]]]:
+    """Per sender: bucket order, then large tasks first; seq numbers each (sender, receiver) pair.
+
+    A million tasks: one lexicographic sort over arrays of the keys, not a sort per sender
+    with a Python key per task. Ties keep the assignment's order, as a stable sort would.
+    """
+    flat = [task for _, tasks in raw for task in tasks]
+    if not flat:
+        return {}, {}
+    counts = [len(tasks) for _, tasks in raw]
+    names = {name: i for i, name in enumerate(sorted({tasks[0].src for _, tasks in raw if tasks}))}
+    per_job = [(bucket_of[(group, tasks[0].src)], tasks[0].receiver, names[tasks[0].src]) if tasks else (0, 0, 0)
+               for group, tasks in raw]
+    bucket, receiver, name = np.repeat(np.array(per_job, dtype=np.int64).reshape(-1, 3), counts, axis=0).T
+    n = len(flat)
+    sender = np.fromiter((t.sender for t in flat), np.int64, n)
+    nbytes = np.fromiter((t.nbytes for t in flat), np.int64, n)
+    kind = np.fromiter((t.kind == SCALE for t in flat), np.int64, n)  # "data" sorts before "scale"
+    order = np.lexsort((np.arange(n), kind, name, receiver, -nbytes, bucket, sender))
+    sender, receiver = sender[order], receiver[order]
+    ordered = [flat[i] for i in order.tolist()]
+    for task, b, q in zip(ordered, bucket[order].tolist(), _pair_seq(sender, receiver).tolist()):
+        task.bucket, task.seq = b, q
+    tasks = {int(sender[a]): ordered[a:b] for a, b in _runs(sender)}
+    by_receiver = np.argsort(receiver, kind="stable")
+    runs = _runs(receiver[by_receiver])
+    first_seen = sorted(runs, key=lambda run: by_receiver[run[0]])  # receivers as a sender-by-sender walk meets them
+    arrivals = {int(receiver[by_receiver[a]]): [ordered[i] for i in by_receiver[a:b].tolist()] for a, b in first_seen}
+    return tasks, arrivals
+
+
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in an array sorted by value."""
+    return np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in a sorted array."""
+    bounds = [*_run_starts(values).tolist(), len(values)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _pair_seq(sender: np.ndarray, receiver: np.ndarray) -> np.ndarray:
+    """Each task's position among the earlier tasks of its (sender, receiver) pair."""
+    pair = sender * (int(receiver.max()) + 1) + receiver
+    by_pair = np.argsort(pair, kind="stable")
+    starts = _run_starts(pair[by_pair])
+    seq = np.empty(len(pair), dtype=np.int64)
+    seq[by_pair] = np.arange(len(pair)) - np.repeat(starts, np.diff(np.r_[starts, len(pair)]))
+    return seq
 
 
 def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta], layouts: dict[int, Layout],
