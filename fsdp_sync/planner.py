@@ -10,8 +10,11 @@ destination element is written exactly once.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +30,8 @@ from .quant import QuantFormat, get_quant_format, scale_name
 from .sharding import ShardGroup
 
 _MAX_LISTED_ERRORS = 40
+# Planning that leaves more new objects than this ends with a full collection (``_collected_once``).
+_FULL_COLLECTION_AFTER = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,39 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
     a sender and a receiver on one device move at memory speed, not over a link.
     """
     started = time.perf_counter()
+    with _collected_once():
+        plan = _plan(sources, receivers, sender_hosts=sender_hosts, mode=mode, links=links,
+                     watermark_bytes=watermark_bytes, sender_devices=sender_devices)
+    plan.stats.plan_s = time.perf_counter() - started  # the collection included
+    plan.fingerprint = fingerprint(sources, receivers, sender_hosts, sender_devices, mode, links, watermark_bytes)
+    return plan
+
+
+@contextlib.contextmanager
+def _collected_once() -> Iterator[None]:
+    """Run the cyclic garbage collector once after planning, not over and over during it.
+
+    A plan is millions of small acyclic objects (tasks, boxes, lists). While they pile up,
+    the collector would scan the growing heap again and again (a dozen full collections at
+    Kimi-K2 scale) to find no cycle. After a large plan, one full collection moves them to
+    the oldest generation, so their cost is paid here, once, not left to the caller; after
+    a small one, the usual collector carries on (a full collection costs ~0.1 s of a heap
+    with torch imported, more than planning a small model).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            young = gc.get_count()[0]  # objects allocated and not freed while paused
+            gc.enable()
+            if young > _FULL_COLLECTION_AFTER:
+                gc.collect()
+
+
+def _plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sender_hosts: list[str], mode: str,
+          links: LinkModel, watermark_bytes: int, sender_devices: list[str] | None) -> Plan:
     jobs, layouts = _check_and_map(sources, receivers)
     by_name = {s.name: s for s in sources}
     places = _Places(sender_hosts, sender_devices, receivers)
@@ -66,11 +104,8 @@ def build_plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sen
         if job.fmt.is_quantized:
             fmt_of[job.piece.src] = job.fmt.name
     stats = _stats(tasks, arrivals, buckets, by_name, places, links, mode)
-    stats.plan_s = time.perf_counter() - started
-    plan = Plan(mode, len(sender_hosts), len(receivers), tasks, arrivals, buckets, fmt_of, stats,
+    return Plan(mode, len(sender_hosts), len(receivers), tasks, arrivals, buckets, fmt_of, stats,
                 groups=sorted({b.group for b in buckets}), gated=frozenset(r.rank for r in receivers if r.gated))
-    plan.fingerprint = fingerprint(sources, receivers, sender_hosts, sender_devices, mode, links, watermark_bytes)
-    return plan
 
 
 def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) -> tuple[list[_Job], dict[int, Layout]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 
 import pytest
 import torch
@@ -50,6 +51,7 @@ def test_floor_is_the_busiest_link():
     p = build_plan(sources, receivers, sender_hosts=["a"], mode="direct",
                    links=LinkModel(inter_host_gbps=1.0, intra_host_gbps=10.0, hbm_gbps=100.0), watermark_bytes=1 << 30)
     assert p.stats.floor_s == pytest.approx(4e6 / 1e9)
+
 
 
 # --- bad input: refused before anything moves, naming the tensor or rank ---------------------
@@ -163,3 +165,19 @@ def test_plan_tasks_stay_inside_sender_boxes():
         for t in tasks:
             if t.kind == "data":
                 assert held[(t.src, t.sender)].contains(t.src_box)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_planning_leaves_the_cyclic_collector_as_it_found_it(enabled):
+    """The planner pauses the collector while it builds the plan (and on refusal too)."""
+    sources, (recv,) = _small()
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        plan(sources, [recv])
+        assert gc.isenabled() is enabled
+        with pytest.raises(PlanError):
+            plan(sources, [_edit(recv, b__weight=None)])
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
