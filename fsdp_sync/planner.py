@@ -544,17 +544,17 @@ def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMet
     problems = []
     for recv in receivers:
         boxes: dict[str, list[Box]] = defaultdict(list)
-        writers: dict[str, set[str]] = defaultdict(set)
         unwritten = getattr(layouts[recv.rank], "unwritten", None)
         for name, extra in (unwritten() if unwritten else {}).items():
             boxes[name].extend(extra)
-        for t in arrivals.get(recv.rank, []):
+        mine = arrivals.get(recv.rank, [])
+        for t in mine:
             boxes[t.dst].append(t.dst_box)
-            writers[t.dst].add(t.src)
         for name, dest in recv.tensors.items():
             why = check_exact_cover(boxes.get(name, []), dest.shape)
             if why is not None:
-                srcs = ", ".join(f"{s!r} {tuple(by_name[s].shape)}" for s in sorted(writers[name]) if s in by_name)
+                writers = {t.src for t in mine if t.dst == name}  # only for the message
+                srcs = ", ".join(f"{s!r} {tuple(by_name[s].shape)}" for s in sorted(writers) if s in by_name)
                 problems.append(f"receiver {recv.rank} tensor {name!r} of shape {tuple(dest.shape)}: {why}"
                                 + (f" (written from {srcs})" if srcs else ""))
     if problems:

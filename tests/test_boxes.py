@@ -46,6 +46,23 @@ def test_exact_cover_of_row_ranges_and_scalars():
     assert "overlap" in check_exact_cover([Box((), ()), Box((), ())], ())
 
 
+
+def test_exact_cover_refuses_row_ranges_that_do_not_tile():
+    """Row ranges take the quick proof; every way of breaking it still gets the general message."""
+    shape = (8, 4)
+    rows = [Box((4, 0), (4, 4)), Box((0, 0), (4, 4))]
+    assert check_exact_cover(rows, shape) is None
+    assert check_exact_cover(rows + [Box((2, 0), (0, 4))], shape) is None  # an empty box in bounds
+    assert check_exact_cover([Box((0, 0), (3, 0))], (8, 0)) is None  # nothing to cover
+    assert check_exact_cover([Box((0, 0), (4, 4)), Box((4, 0), (4, 4)), Box((0, 0), (8, 4))],
+                             shape) == "Box[0:4, 0:4] and Box[0:8, 0:4] overlap"
+    assert check_exact_cover([Box((0, 0), (4, 4)), Box((3, 0), (5, 4))], shape) == \
+        "Box[0:4, 0:4] and Box[3:8, 0:4] overlap"
+    assert check_exact_cover(rows[:1], shape) == "boxes cover 16 of 32 elements"
+    assert check_exact_cover(rows + [Box((9, 0), (0, 4))], shape) == "Box[9:9, 0:4] is outside the tensor bounds (8, 4)"
+    assert check_exact_cover([Box((0, 0), (4, 4)), Box((4, 0), (5, 4))], shape) == \
+        "Box[4:9, 0:4] is outside the tensor bounds (8, 4)"
+
 def test_bad_box():
     with pytest.raises(ValueError, match="sizes must be"):
         Box((0,), (-1,))

@@ -107,6 +107,23 @@ def test_refuses_shape_mismatch_and_too_small():
         plan(sources, [_edit(recv, b=DestTensor("b.weight", (8, 8), torch.bfloat16))])
 
 
+
+def test_cover_proof_refuses_a_task_twice_or_missing():
+    """The final check sees the arrivals as planned: one row written twice, or never, is refused."""
+    from fsdp_sync.planner import _validate_cover
+
+    sources, (recv,) = _small()
+    p = plan(sources, [recv])
+    layouts, by_name = {0: make_layout(recv.layout)}, {s.name: s for s in sources}
+    arrivals = p.arrivals[0]
+    _validate_cover({0: arrivals}, [recv], layouts, by_name)
+    twice = next(t for t in arrivals if t.dst == "b.weight")
+    with pytest.raises(PlanError, match=r"'b.weight' of shape \(64,\): Box\[0:32\] and Box\[0:32\] overlap "
+                                        r"\(written from 'b.weight' \(64,\)\)"):
+        _validate_cover({0: arrivals + [twice]}, [recv], layouts, by_name)
+    with pytest.raises(PlanError, match=r"'b.weight' of shape \(64,\): boxes cover 32 of 64 elements"):
+        _validate_cover({0: [t for t in arrivals if t is not twice]}, [recv], layouts, by_name)
+
 def test_refuses_unsupported_and_mismatched_dtypes():
     sources, (recv,) = _small()
     bad = [SourceParam("b.weight", (64,), torch.int64, sources[1].groups), sources[0]]
