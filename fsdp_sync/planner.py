@@ -97,13 +97,14 @@ def _plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sender_h
     else:
         raise ValueError(f"unknown mode {mode!r}; valid: ['direct', 'reconstruct']")
     buckets, bucket_of = _make_buckets(raw, by_name, mode, watermark_bytes)
-    tasks, arrivals = _order(raw, bucket_of)
+    cols = _Columns.of(raw, bucket_of, by_name)
+    tasks, arrivals = _order(raw, cols)
     _validate_cover(arrivals, receivers, layouts, by_name)
     fmt_of = {s.name: "none" for s in sources}
     for job in jobs:
         if job.fmt.is_quantized:
             fmt_of[job.piece.src] = job.fmt.name
-    stats = _stats(tasks, arrivals, buckets, by_name, places, links, mode)
+    stats = _stats(tasks, arrivals, cols, buckets, by_name, places, links, mode)
     return Plan(mode, len(sender_hosts), len(receivers), tasks, arrivals, buckets, fmt_of, stats,
                 groups=sorted({b.group for b in buckets}), gated=frozenset(r.rank for r in receivers if r.gated))
 
@@ -481,28 +482,51 @@ def _make_buckets(raw: list[_Assigned], by_name: dict[str, SourceParam], mode: s
     return ordered, bucket_of
 
 
-def _order(raw: list[_Assigned], bucket_of: dict[tuple, int]) -> tuple[dict[int, list[Task]], dict[int, list[Task]]]:
+@dataclass(frozen=True, eq=False)
+class _Columns:
+    """Every task's sort keys and byte counts as arrays, in assignment order.
+
+    A million tasks: ordering and statistics work on these, not on a Python key per task.
+    """
+
+    sender: np.ndarray
+    receiver: np.ndarray
+    bucket: np.ndarray
+    name: np.ndarray  # the param's place in name order
+    kind: np.ndarray  # 0 data, 1 scale: "data" sorts first
+    nbytes: np.ndarray
+    read: np.ndarray  # source bytes a task reads: FP8 payloads are one byte per source element
+
+    @staticmethod
+    def of(raw: list[_Assigned], bucket_of: dict[tuple, int], by_name: dict[str, SourceParam]) -> "_Columns":
+        flat = [task for _, tasks in raw for task in tasks]
+        names = {name: i for i, name in enumerate(sorted({tasks[0].src for _, tasks in raw if tasks}))}
+        per_job = [(bucket_of[(group, t.src)], t.receiver, names[t.src],
+                    by_name[t.src].dtype.itemsize if t.fmt != "none" else 1)
+                   for group, tasks in raw if tasks for t in tasks[:1]]  # a piece: one param, receiver, format
+        counts = [len(tasks) for _, tasks in raw if tasks]
+        bucket, receiver, name, elem = np.repeat(np.array(per_job, dtype=np.int64).reshape(-1, 4), counts, axis=0).T
+        n = len(flat)
+        sender = np.fromiter((t.sender for t in flat), np.int64, n)
+        nbytes = np.fromiter((t.nbytes for t in flat), np.int64, n)
+        kind = np.fromiter((t.kind == SCALE for t in flat), np.int64, n)
+        return _Columns(sender, receiver, bucket, name, kind, nbytes, nbytes * elem * (1 - kind))
+
+
+def _order(raw: list[_Assigned], cols: _Columns) -> tuple[dict[int, list[Task]], dict[int, list[Task]]]:
     """Per sender: bucket order, then large tasks first; seq numbers each (sender, receiver) pair.
 
-    A million tasks: one lexicographic sort over arrays of the keys, not a sort per sender
-    with a Python key per task. Ties keep the assignment's order, as a stable sort would.
+    One lexicographic sort over the key arrays, not a sort per sender with a Python key
+    per task. Ties keep the assignment's order, as a stable sort would.
     """
     flat = [task for _, tasks in raw for task in tasks]
     if not flat:
         return {}, {}
-    counts = [len(tasks) for _, tasks in raw]
-    names = {name: i for i, name in enumerate(sorted({tasks[0].src for _, tasks in raw if tasks}))}
-    per_job = [(bucket_of[(group, tasks[0].src)], tasks[0].receiver, names[tasks[0].src]) if tasks else (0, 0, 0)
-               for group, tasks in raw]
-    bucket, receiver, name = np.repeat(np.array(per_job, dtype=np.int64).reshape(-1, 3), counts, axis=0).T
-    n = len(flat)
-    sender = np.fromiter((t.sender for t in flat), np.int64, n)
-    nbytes = np.fromiter((t.nbytes for t in flat), np.int64, n)
-    kind = np.fromiter((t.kind == SCALE for t in flat), np.int64, n)  # "data" sorts before "scale"
-    order = np.lexsort((np.arange(n), kind, name, receiver, -nbytes, bucket, sender))
-    sender, receiver = sender[order], receiver[order]
+    order = np.lexsort((np.arange(len(flat)), cols.kind, cols.name, cols.receiver, -cols.nbytes, cols.bucket,
+                        cols.sender))
+    sender, receiver = cols.sender[order], cols.receiver[order]
     ordered = [flat[i] for i in order.tolist()]
-    for task, b, q in zip(ordered, bucket[order].tolist(), _pair_seq(sender, receiver).tolist()):
+    for task, b, q in zip(ordered, cols.bucket[order].tolist(), _pair_seq(sender, receiver).tolist()):
         task.bucket, task.seq = b, q
     tasks = {int(sender[a]): ordered[a:b] for a, b in _runs(sender)}
     by_receiver = np.argsort(receiver, kind="stable")
@@ -561,36 +585,33 @@ def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMet
         raise PlanError("plan does not cover every destination element exactly once:\n  " + "\n  ".join(problems[:40]))
 
 
-def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], buckets: list[Bucket],
+def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], cols: _Columns, buckets: list[Bucket],
            by_name: dict[str, SourceParam], places: _Places, links: LinkModel, mode: str) -> PlanStats:
     """Bytes per rank and the plan's floor: the busiest link or device memory, at its bandwidth.
 
     Per device: NVLink out and in, NIC out and in, and HBM (sources read, packed bytes
-    written, received bytes written; a same-device write counts once).
+    written, received bytes written; a same-device write counts once). Byte counts are
+    summed as integers: the loads they add to stay exact.
     """
     intra, inter, hbm = links.intra_host_gbps * 1e9, links.inter_host_gbps * 1e9, links.hbm_gbps * 1e9
-    per_sender = {s: sum(t.nbytes for t in ts) for s, ts in tasks.items()}
-    per_recv = {r: sum(t.nbytes for t in ts) for r, ts in arrivals.items()}
+    sent, received = _sums(cols.sender, cols.nbytes), _sums(cols.receiver, cols.nbytes)
+    per_sender = {s: sent[s] for s in tasks}
+    per_recv = {r: received[r] for r in arrivals}
     load: dict[tuple[str, int], float] = defaultdict(float)
-    itemsize = {name: src.dtype.itemsize for name, src in by_name.items()}
-    for s, ts in tasks.items():
+    for s, read in _sums(cols.sender, cols.read).items():
+        load[("hbm", int(places.sender_dev[s]))] += read
+    num_receivers = int(cols.receiver.max()) + 1 if len(cols.receiver) else 1
+    for pair, nbytes in _sums(cols.sender * num_receivers + cols.receiver, cols.nbytes).items():
+        s, r = divmod(pair, num_receivers)
         sdev = int(places.sender_dev[s])
-        pair_bytes: dict[int, int] = defaultdict(int)  # a million tasks share a few pairs
-        read = 0
-        for t in ts:
-            pair_bytes[t.receiver] += t.nbytes
-            if t.kind == DATA:  # FP8 payloads are one byte per source element
-                read += t.nbytes * itemsize[t.src] if t.fmt != "none" else t.nbytes
-        load[("hbm", sdev)] += read
-        for r, nbytes in pair_bytes.items():
-            load[("hbm", sdev)] += nbytes
-            kind = places.kind(s, r)
-            if kind != "device":
-                rdev = places.recv_dev[r]
-                load[("hbm", rdev)] += nbytes
-                link = "nvlink" if kind == "host" else "nic"
-                load[(link + "_out", sdev)] += nbytes
-                load[(link + "_in", rdev)] += nbytes
+        load[("hbm", sdev)] += nbytes
+        kind = places.kind(s, r)
+        if kind != "device":
+            rdev = places.recv_dev[r]
+            load[("hbm", rdev)] += nbytes
+            link = "nvlink" if kind == "host" else "nic"
+            load[(link + "_out", sdev)] += nbytes
+            load[(link + "_in", rdev)] += nbytes
     if mode == "reconstruct":
         for b in buckets:
             if len(b.group) > 1:
@@ -603,3 +624,13 @@ def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], bucket
     floor = max((v / speed[k] for (k, _), v in load.items()), default=0.0)
     return PlanStats(floor, sum(per_sender.values()), per_sender, per_recv, 0.0,
                      sum(len(ts) for ts in tasks.values()))
+
+
+def _sums(keys: np.ndarray, values: np.ndarray) -> dict[int, int]:
+    """Exact integer sums of ``values`` per key (small non-negative ints), for each key present."""
+    if not len(keys):
+        return {}
+    sums = np.zeros(int(keys.max()) + 1, dtype=np.int64)
+    np.add.at(sums, keys, values)
+    present = np.flatnonzero(np.bincount(keys))
+    return dict(zip(present.tolist(), sums[present].tolist()))
