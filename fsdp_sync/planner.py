@@ -261,8 +261,9 @@ class _Places:
 # A piece's part as a regular split holds it: (position in the shard group, source box,
 # destination box, owned scale blocks and their destination, data bytes, scale bytes).
 _Part = tuple[int, Box, Box, "Box | None", "Box | None", int, int]
-# The rank matrix of the positions holding parts, their data bytes, and the parts.
-_Split = tuple[np.ndarray, np.ndarray, list[_Part]]
+# The rank matrix of the positions holding parts, their data bytes, the parts, and the
+# seconds each candidate would take, per speed class of the receiver.
+_Split = tuple[np.ndarray, np.ndarray, list[_Part], dict[int, np.ndarray]]
 # One assigned piece: the shard group that sends it, and its tasks.
 _Assigned = tuple[tuple[int, ...], list[Task]]
 
@@ -276,8 +277,11 @@ class _Assigner:
         self.intra = links.intra_host_gbps * 1e9
         self.inter = links.inter_host_gbps * 1e9
         self.local = links.hbm_gbps * 1e9 / 2  # a copy within one device reads and writes
-        # Each sender's speed to each receiver, once: a choice then reads one row.
+        # Each sender's speed to each receiver, once: a choice then reads one row. Receivers
+        # with equal rows (all remote, say) share a speed class, and so a piece's seconds.
         self.speed = {r: self._speeds(r) for r in places.recv_host}
+        classes: dict[bytes, int] = {}
+        self.speed_class = {r: classes.setdefault(row.tobytes(), len(classes)) for r, row in self.speed.items()}
 
     def _speeds(self, receiver: int) -> np.ndarray:
         p = self.places
@@ -314,9 +318,11 @@ class _Assigner:
             split = splits.get(key)
             if split is None:
                 split = splits[key] = shards.split(piece, job.block, elem)
-            ranks, nbytes, parts = split
-            seconds = self._seconds(ranks, job.receiver, nbytes)
-            best = int(np.argmin((self.load_s[ranks] + seconds).max(axis=1))) if len(ranks) > 1 else 0
+            ranks, nbytes, parts, seconds_of = split
+            seconds = seconds_of.get(self.speed_class[job.receiver])
+            if seconds is None:
+                seconds = seconds_of[self.speed_class[job.receiver]] = self._seconds(ranks, job.receiver, nbytes)
+            best = int((self.load_s[ranks] + seconds).max(axis=1).argmin()) if len(ranks) > 1 else 0
             self.load_s[ranks[best]] += seconds[best]
             group = src.groups[best].ranks
             out.append((group, _split_tasks(group, job, parts)))
@@ -385,11 +391,12 @@ class _Regular:
 
     def split(self, piece: Piece, block: tuple[int, ...] | None, elem: int) -> _Split:
         """A piece's parts, the ranks that could send each (one row per shard group) and their bytes."""
-        parts = [(i, inter, *_geometry(piece, inter, block)) for i, inter in self.intersections(piece.src_box)]
+        shifts = _shifts(piece, block)  # once per piece, not per part
+        parts = [(i, inter, *_geometry(piece, inter, block, shifts)) for i, inter in self.intersections(piece.src_box)]
         parts = [(i, inter, dst, owned, owned_dst, inter.numel() * elem, owned.numel() * 4 if owned else 0)
                  for i, inter, dst, owned, owned_dst in parts]
         return (self.matrix[:, [p[0] for p in parts]], np.array([p[5] for p in parts], dtype=np.float64)[None, :],
-                parts)
+                parts, {})
 
 
 def _split_tasks(group: tuple[int, ...], job: _Job, parts: list[_Part]) -> list[Task]:
@@ -407,7 +414,7 @@ def _split_tasks(group: tuple[int, ...], job: _Job, parts: list[_Part]) -> list[
 def _tasks_for(rank: int, job: _Job, part: Box, elem: int) -> list[Task]:
     """The tasks for ``part`` of a piece: its data and its share of the scales."""
     piece = job.piece
-    dst_part, owned, owned_dst = _geometry(piece, part, job.block)
+    dst_part, owned, owned_dst = _geometry(piece, part, job.block, _shifts(piece, job.block))
     out = [Task(rank, job.receiver, piece.src, part, piece.dst, dst_part, DATA, job.fmt.name, part.numel() * elem)]
     if owned is not None:
         out.append(Task(rank, job.receiver, piece.src, owned, job.scale_dst, owned_dst, SCALE, job.fmt.name,
@@ -415,18 +422,25 @@ def _tasks_for(rank: int, job: _Job, part: Box, elem: int) -> list[Task]:
     return out
 
 
-def _geometry(piece: Piece, part: Box, block: tuple[int, ...] | None) -> tuple[Box, Box | None, Box | None]:
-    """Where ``part`` of a piece lands, and the scale blocks it owns (source and destination grid boxes)."""
+def _shifts(piece: Piece, block: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """How a piece moves from source to destination coordinates: in elements, and in scale blocks."""
     delta = tuple(d - s for d, s in zip(piece.dst_box.offsets, piece.src_box.offsets))
+    if block is None:
+        return delta, None
+    s_grid, d_grid = piece.src_box.to_blocks(block), piece.dst_box.to_blocks(block)
+    return delta, tuple(d - s for d, s in zip(d_grid.offsets, s_grid.offsets))
+
+
+def _geometry(piece: Piece, part: Box, block: tuple[int, ...] | None,
+              shifts: tuple[tuple[int, ...], tuple[int, ...] | None]) -> tuple[Box, Box | None, Box | None]:
+    """Where ``part`` of a piece lands, and the scale blocks it owns (source and destination grid boxes)."""
+    delta, grid_shift = shifts
     if block is None:
         return part.shift(delta), None, None
     owned = part.owned_blocks(piece.src_box, block)
     if owned.is_empty():
         return part.shift(delta), None, None
-    s_grid = piece.src_box.to_blocks(block)
-    d_grid = piece.dst_box.to_blocks(block)
-    shift = tuple(d - s for d, s in zip(d_grid.offsets, s_grid.offsets))
-    return part.shift(delta), owned, owned.shift(shift)
+    return part.shift(delta), owned, owned.shift(grid_shift)
 
 
 def _make_buckets(raw: list[_Assigned], by_name: dict[str, SourceParam], mode: str,
