@@ -28,6 +28,7 @@ from .meta import SUPPORTED_DTYPES, ReceiverMeta, SourceParam
 from .plan import DATA, SCALE, Bucket, Plan, PlanStats, Task, fingerprint
 from .quant import QuantFormat, get_quant_format, scale_name
 from .sharding import ShardGroup
+from .task_order import Assigned, TaskColumns, order_tasks, sums
 
 _MAX_LISTED_ERRORS = 40
 # Planning that leaves more new objects than this ends with a full collection (``_collected_once``).
@@ -97,8 +98,8 @@ def _plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sender_h
     else:
         raise ValueError(f"unknown mode {mode!r}; valid: ['direct', 'reconstruct']")
     buckets, bucket_of = _make_buckets(raw, by_name, mode, watermark_bytes)
-    cols = _Columns.of(raw, bucket_of, by_name)
-    tasks, arrivals = _order(raw, cols)
+    cols = TaskColumns.of(raw, bucket_of, by_name)
+    tasks, arrivals = order_tasks(raw, cols)
     _validate_cover(arrivals, receivers, layouts, by_name)
     fmt_of = {s.name: "none" for s in sources}
     for job in jobs:
@@ -264,8 +265,6 @@ _Part = tuple[int, Box, Box, "Box | None", "Box | None", int, int]
 # The rank matrix of the positions holding parts, their data bytes, the parts, and the
 # seconds each candidate would take, per speed class of the receiver.
 _Split = tuple[np.ndarray, np.ndarray, list[_Part], dict[int, np.ndarray]]
-# One assigned piece: the shard group that sends it, and its tasks.
-_Assigned = tuple[tuple[int, ...], list[Task]]
 
 
 class _Assigner:
@@ -292,12 +291,12 @@ class _Assigner:
     def _seconds(self, senders: np.ndarray, receiver: int, nbytes: np.ndarray) -> np.ndarray:
         return nbytes / self.speed[receiver][senders]
 
-    def direct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[_Assigned]:
+    def direct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[Assigned]:
         """Each piece goes to one shard group, split along the boxes its ranks hold.
 
         The group is the one whose busiest involved rank would finish first.
         """
-        out: list[_Assigned] = []
+        out: list[Assigned] = []
         # Per (param, piece, block): the parts the shard groups hold, their box arithmetic
         # and byte counts, computed once; replicas repeat the same pieces at scale.
         splits: dict[tuple, _Split] = {}
@@ -343,9 +342,9 @@ class _Assigner:
         self.load_s[ranks] += seconds
         return group, parts
 
-    def reconstruct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[_Assigned]:
+    def reconstruct(self, jobs: list[_Job], by_name: dict[str, SourceParam]) -> list[Assigned]:
         """Each param goes to one shard group; each of its pieces to that group's least-loaded rank."""
-        out: list[_Assigned] = []
+        out: list[Assigned] = []
         per_param: dict[str, list[_Job]] = defaultdict(list)
         for job in jobs:
             per_param[job.piece.src].append(job)
@@ -443,7 +442,7 @@ def _geometry(piece: Piece, part: Box, block: tuple[int, ...] | None,
     return part.shift(delta), owned, owned.shift(grid_shift)
 
 
-def _make_buckets(raw: list[_Assigned], by_name: dict[str, SourceParam], mode: str,
+def _make_buckets(raw: list[Assigned], by_name: dict[str, SourceParam], mode: str,
                   watermark_bytes: int) -> tuple[list[Bucket], dict[tuple, int]]:
     """Pack each group's params into buckets of at most half the watermark, then interleave groups.
 
@@ -496,81 +495,6 @@ def _make_buckets(raw: list[_Assigned], by_name: dict[str, SourceParam], mode: s
     return ordered, bucket_of
 
 
-@dataclass(frozen=True, eq=False)
-class _Columns:
-    """Every task's sort keys and byte counts as arrays, in assignment order.
-
-    A million tasks: ordering and statistics work on these, not on a Python key per task.
-    """
-
-    sender: np.ndarray
-    receiver: np.ndarray
-    bucket: np.ndarray
-    name: np.ndarray  # the param's place in name order
-    kind: np.ndarray  # 0 data, 1 scale: "data" sorts first
-    nbytes: np.ndarray
-    read: np.ndarray  # source bytes a task reads: FP8 payloads are one byte per source element
-
-    @staticmethod
-    def of(raw: list[_Assigned], bucket_of: dict[tuple, int], by_name: dict[str, SourceParam]) -> "_Columns":
-        flat = [task for _, tasks in raw for task in tasks]
-        names = {name: i for i, name in enumerate(sorted({tasks[0].src for _, tasks in raw if tasks}))}
-        per_job = [(bucket_of[(group, t.src)], t.receiver, names[t.src],
-                    by_name[t.src].dtype.itemsize if t.fmt != "none" else 1)
-                   for group, tasks in raw if tasks for t in tasks[:1]]  # a piece: one param, receiver, format
-        counts = [len(tasks) for _, tasks in raw if tasks]
-        bucket, receiver, name, elem = np.repeat(np.array(per_job, dtype=np.int64).reshape(-1, 4), counts, axis=0).T
-        n = len(flat)
-        sender = np.fromiter((t.sender for t in flat), np.int64, n)
-        nbytes = np.fromiter((t.nbytes for t in flat), np.int64, n)
-        kind = np.fromiter((t.kind == SCALE for t in flat), np.int64, n)
-        return _Columns(sender, receiver, bucket, name, kind, nbytes, nbytes * elem * (1 - kind))
-
-
-def _order(raw: list[_Assigned], cols: _Columns) -> tuple[dict[int, list[Task]], dict[int, list[Task]]]:
-    """Per sender: bucket order, then large tasks first; seq numbers each (sender, receiver) pair.
-
-    One lexicographic sort over the key arrays, not a sort per sender with a Python key
-    per task. Ties keep the assignment's order, as a stable sort would.
-    """
-    flat = [task for _, tasks in raw for task in tasks]
-    if not flat:
-        return {}, {}
-    order = np.lexsort((np.arange(len(flat)), cols.kind, cols.name, cols.receiver, -cols.nbytes, cols.bucket,
-                        cols.sender))
-    sender, receiver = cols.sender[order], cols.receiver[order]
-    ordered = [flat[i] for i in order.tolist()]
-    for task, b, q in zip(ordered, cols.bucket[order].tolist(), _pair_seq(sender, receiver).tolist()):
-        task.bucket, task.seq = b, q
-    tasks = {int(sender[a]): ordered[a:b] for a, b in _runs(sender)}
-    by_receiver = np.argsort(receiver, kind="stable")
-    runs = _runs(receiver[by_receiver])
-    first_seen = sorted(runs, key=lambda run: by_receiver[run[0]])  # receivers as a sender-by-sender walk meets them
-    arrivals = {int(receiver[by_receiver[a]]): [ordered[i] for i in by_receiver[a:b].tolist()] for a, b in first_seen}
-    return tasks, arrivals
-
-
-def _run_starts(values: np.ndarray) -> np.ndarray:
-    """Where each run of equal values starts in an array sorted by value."""
-    return np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
-
-
-def _runs(values: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of equal values in a sorted array."""
-    bounds = [*_run_starts(values).tolist(), len(values)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _pair_seq(sender: np.ndarray, receiver: np.ndarray) -> np.ndarray:
-    """Each task's position among the earlier tasks of its (sender, receiver) pair."""
-    pair = sender * (int(receiver.max()) + 1) + receiver
-    by_pair = np.argsort(pair, kind="stable")
-    starts = _run_starts(pair[by_pair])
-    seq = np.empty(len(pair), dtype=np.int64)
-    seq[by_pair] = np.arange(len(pair)) - np.repeat(starts, np.diff(np.r_[starts, len(pair)]))
-    return seq
-
-
 def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta], layouts: dict[int, Layout],
                     by_name: dict[str, SourceParam]) -> None:
     """Prove that every destination element is written exactly once and inside its bounds.
@@ -599,7 +523,7 @@ def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMet
         raise PlanError("plan does not cover every destination element exactly once:\n  " + "\n  ".join(problems[:40]))
 
 
-def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], cols: _Columns, buckets: list[Bucket],
+def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], cols: TaskColumns, buckets: list[Bucket],
            by_name: dict[str, SourceParam], places: _Places, links: LinkModel, mode: str) -> PlanStats:
     """Bytes per rank and the plan's floor: the busiest link or device memory, at its bandwidth.
 
@@ -608,14 +532,14 @@ def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], cols: 
     summed as integers: the loads they add to stay exact.
     """
     intra, inter, hbm = links.intra_host_gbps * 1e9, links.inter_host_gbps * 1e9, links.hbm_gbps * 1e9
-    sent, received = _sums(cols.sender, cols.nbytes), _sums(cols.receiver, cols.nbytes)
+    sent, received = sums(cols.sender, cols.nbytes), sums(cols.receiver, cols.nbytes)
     per_sender = {s: sent[s] for s in tasks}
     per_recv = {r: received[r] for r in arrivals}
     load: dict[tuple[str, int], float] = defaultdict(float)
-    for s, read in _sums(cols.sender, cols.read).items():
+    for s, read in sums(cols.sender, cols.read).items():
         load[("hbm", int(places.sender_dev[s]))] += read
     num_receivers = int(cols.receiver.max()) + 1 if len(cols.receiver) else 1
-    for pair, nbytes in _sums(cols.sender * num_receivers + cols.receiver, cols.nbytes).items():
+    for pair, nbytes in sums(cols.sender * num_receivers + cols.receiver, cols.nbytes).items():
         s, r = divmod(pair, num_receivers)
         sdev = int(places.sender_dev[s])
         load[("hbm", sdev)] += nbytes
@@ -638,13 +562,3 @@ def _stats(tasks: dict[int, list[Task]], arrivals: dict[int, list[Task]], cols: 
     floor = max((v / speed[k] for (k, _), v in load.items()), default=0.0)
     return PlanStats(floor, sum(per_sender.values()), per_sender, per_recv, 0.0,
                      sum(len(ts) for ts in tasks.values()))
-
-
-def _sums(keys: np.ndarray, values: np.ndarray) -> dict[int, int]:
-    """Exact integer sums of ``values`` per key (small non-negative ints), for each key present."""
-    if not len(keys):
-        return {}
-    sums = np.zeros(int(keys.max()) + 1, dtype=np.int64)
-    np.add.at(sums, keys, values)
-    present = np.flatnonzero(np.bincount(keys))
-    return dict(zip(present.tolist(), sums[present].tolist()))
