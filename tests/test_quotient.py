@@ -21,21 +21,17 @@ from fsdp_sync.kernels.fp8_quant import _block_quotient, _quotient  # noqa: E402
 
 
 @triton.jit
-def _quotients(x_ptr, scale_ptr, out_ptr, BLOCK: tl.constexpr):
-    """Program p divides BLOCK values by its own scalar scale, as a quantize cell does."""
+def _quotients(x_ptr, scale_ptr, out_ptr, BLOCK: tl.constexpr, OWN_SCALE: tl.constexpr = False):
+    """Program p divides BLOCK values by its own scalar scale, as a quantize cell does; with
+    OWN_SCALE through ``_block_quotient`` (the scale is that of the program's block)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr + pid)
-    tl.store(out_ptr + offs, _quotient(tl.load(x_ptr + offs), scale))
-
-
-@triton.jit
-def _block_quotients(x_ptr, scale_ptr, out_ptr, BLOCK: tl.constexpr):
-    """As ``_quotients``, through ``_block_quotient``: each program's scale is its block's."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    scale = tl.load(scale_ptr + pid)
-    tl.store(out_ptr + offs, _block_quotient(tl.load(x_ptr + offs), scale))
+    x = tl.load(x_ptr + offs)
+    if OWN_SCALE:
+        tl.store(out_ptr + offs, _block_quotient(x, scale))
+    else:
+        tl.store(out_ptr + offs, _quotient(x, scale))
 
 
 def _blocks(num_blocks: int, block: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,10 +84,10 @@ def _check(x: np.ndarray, scales: np.ndarray, got: np.ndarray) -> None:
                           f"{got[tuple(bad[0])]!r} != {want[tuple(bad[0])]!r}"
 
 
-def _run(x: np.ndarray, scales: np.ndarray, device: str, kernel=_quotients) -> np.ndarray:
+def _run(x: np.ndarray, scales: np.ndarray, device: str, own_scale: bool = False) -> np.ndarray:
     xt, st = torch.from_numpy(x).to(device), torch.from_numpy(scales).to(device)
     out = torch.empty_like(xt)
-    kernel[(len(scales),)](xt, st, out, BLOCK=x.shape[1])
+    _quotients[(len(scales),)](xt, st, out, BLOCK=x.shape[1], OWN_SCALE=own_scale)
     return out.cpu().numpy()
 
 
@@ -130,7 +126,7 @@ def test_block_quotient_is_ieee_division_in_the_interpreter():
     if torch.cuda.is_available():
         pytest.skip("the GPU test below checks the compiled kernel")
     x, scales = _blocks(2048, 64, seed=2)
-    _check_nan_as_nan(x, scales, _run(x, scales, "cpu", _block_quotients))
+    _check_nan_as_nan(x, scales, _run(x, scales, "cpu", own_scale=True))
 
 
 @pytest.mark.gpu
@@ -138,4 +134,4 @@ def test_block_quotient_is_ieee_division_in_the_interpreter():
 def test_block_quotient_is_ieee_division_on_the_gpu():
     """2^24 values in blocks with their own scales, against numpy's float32 division."""
     x, scales = _blocks(1 << 16, 256, seed=3)
-    _check_nan_as_nan(x, scales, _run(x, scales, "cuda", _block_quotients))
+    _check_nan_as_nan(x, scales, _run(x, scales, "cuda", own_scale=True))
