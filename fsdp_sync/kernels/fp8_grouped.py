@@ -8,8 +8,9 @@ finds its row through a per-program index and turns the row's addresses into poi
 
 Only boxes whose cells are whole scale blocks take this path (``_CellPlan.fused``:
 ``fp8_block``, ``fp8_rowwise`` rows up to ``MAX_TILE_COLS``); ``add`` returns False for
-the rest, which the caller sends through ``fp8_quant``. Per cell the arithmetic is the
-same as ``fp8_quant._fp8_cell_kernel``'s, so the bits are the same.
+the rest, which the caller sends through ``fp8_quant``. Per cell the bits are those of
+``fp8_quant._fp8_cell_kernel``: the same amax and scale, and quotients correctly rounded
+either way (``_block_quotient`` where a launch computes its block's scale).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
     s_off = b * tl.load(row + 9) + cell_r * tl.load(row + 10) + cell_c * tl.load(row + 11)
 
     # The cell is walked CHUNK_R rows at a time, twice when FROM_AMAX and QUANTIZE (the
-    # second read comes from L2): a whole 128x128 cell in registers took 167-255 of them a
-    # thread, 2-3 programs an SM, too few loads in flight to keep HBM busy.
+    # second read is meant to hit L2; not measured): a whole 128x128 cell in registers took
+    # 167-255 of them a thread, 2-3 programs an SM, too few loads in flight to keep HBM busy.
     tr = tl.arange(0, CHUNK_R)
     if FROM_AMAX:
         acc = tl.zeros([CHUNK_R, TILE_C], dtype=tl.int32)

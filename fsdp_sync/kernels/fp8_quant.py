@@ -18,8 +18,10 @@ Bit-exactness with the torch reference rests on four choices:
   inf's) wins, as ``torch.amax`` propagates it, where float max on GPU would drop it;
 * the scale ``amax / 448`` and every quotient ``x / scale`` are correctly rounded
   divisions, ``div_rn`` (Triton's ``/`` on fp32 is ``div.full.f32`` on GPU, approximate;
-  a CPU test checks the PTX). Multiplying by ``1 / scale`` would round twice and move
-  ~0.04% of codes one step, ties among them;
+  a CPU test checks the PTX), or, in grouped launches that compute a block's scale, a
+  correctly rounded reciprocal with one FMA residual (``_block_quotient``, exact there).
+  Multiplying by ``1 / scale`` alone would round twice and move ~0.04% of codes one step,
+  ties among them;
 * the FP8 encoding on sm_89+ is ``cvt.rn.satfinite``: round to nearest even, saturating
   to +-448, which equals torch's clamp-then-cast; elsewhere it is c10's algorithm in
   integers, because the CPU interpreter's fp8 cast is wrong on ties and subnormals and
@@ -110,7 +112,8 @@ def _quotient(x, scale):
     quantize_box / grouped x32): div.rn 67 / 75 / 57%. A reciprocal per block with one FMA
     residual (Markstein) is as exact and reached 76 / 88 / 70%, but the compiled FMA pair
     lost the sign of -0 / s; restoring it with a select fell to 48 / 61 / 51%. The inexact
-    ``x * (1 / scale)`` of before was 92 / 100 / 91%. Kept: the exact one that measured fastest.
+    ``x * (1 / scale)`` of before was 92 / 100 / 91%. Kept here; grouped launches that
+    compute their block's scale take ``_block_quotient``, with the sign mended.
     """
     return tl.math.div_rn(x, scale)
 
