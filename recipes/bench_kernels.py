@@ -135,6 +135,17 @@ def _bench_delta(name: str, new: torch.Tensor, fraction: float, size_mib: int, c
     return _row(name, size_mib, tuple(new.shape), moved_bytes, _time(lambda: delta_update(flat, shadow)), copy_gbps)
 
 
+def _bucket_of_32(x: torch.Tensor) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[torch.Tensor]]:
+    """``x`` cut into 32 tensors of whole 128-row blocks, as a push's bucket holds them:
+    (first row, rows) of each, the tensors, and a float32 scale grid for each."""
+    rows, cols = x.shape
+    step = max(128, rows // 32 // 128 * 128)
+    parts = [(r, min(step, rows - r)) for r in range(0, rows, step)]
+    tensors = [x[r:r + n].clone() for r, n in parts]
+    grids = [torch.empty(-(-n // 128), -(-cols // 128), device=x.device) for _, n in parts]
+    return parts, tensors, grids
+
+
 def _bench_grouped(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, size_mib: int, copy_gbps: float) -> dict:
     """A push's launch: ``x`` cut into 32 tensors of whole 128-row blocks, scales and FP8
     of all of them from one fused grouped launch, its table built once and replayed (the
@@ -142,12 +153,8 @@ def _bench_grouped(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, size_
     from fsdp_sync.boxes import Box
     from fsdp_sync.kernels.fp8_grouped import GroupedCells
 
-    rows, cols = x.shape
-    step = max(128, rows // 32 // 128 * 128)
-    parts = [(r, min(step, rows - r)) for r in range(0, rows, step)]
-    tensors = [x[r:r + n].clone() for r, n in parts]
+    parts, tensors, grids = _bucket_of_32(x)
     outs = [torch.empty(t.shape, dtype=q.dtype, device=x.device) for t in tensors]
-    grids = [torch.empty(-(-n // 128), -(-cols // 128), device=x.device) for _, n in parts]
 
     group = GroupedCells(x.device, quantize=True, fused=True)
     for t, out, grid in zip(tensors, outs, grids):
@@ -171,16 +178,12 @@ def _bench_grouped_delta(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     from fsdp_sync.boxes import Box
     from fsdp_sync.kernels.fp8_grouped import GroupedCells
 
-    rows, cols = x.shape
-    step = max(128, rows // 32 // 128 * 128)
-    parts = [(r, min(step, rows - r)) for r in range(0, rows, step)]
-    tensors = [x[r:r + n].clone() for r, n in parts]
+    parts, tensors, grids = _bucket_of_32(x)
     old = q.view(torch.uint8).clone()
     flipped = torch.rand(old.shape, device=x.device) < fraction
     old[flipped] ^= 1
     shadows = [old[r:r + n].clone().view(q.dtype) for r, n in parts]
     outs = [old[r:r + n].clone().view(q.dtype) for r, n in parts]  # the receiver holds the old codes
-    grids = [torch.empty(-(-n // 128), -(-cols // 128), device=x.device) for _, n in parts]
     changed = torch.zeros(64, dtype=torch.int64, device=x.device)
     anchor = torch.zeros(1, dtype=torch.int32, device=x.device)
 
