@@ -34,23 +34,26 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def _reference_codes(x: torch.Tensor) -> torch.Tensor:
-    """FP8 block codes of ``x`` (128x128) from the plain-torch quantizer, as uint8."""
+def _reference_codes(x: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """FP8 codes of ``x`` in ``block`` blocks from the plain-torch quantizer, as uint8."""
     box = Box.full(x.shape)
-    scales = quant.scales_from_amax(quant.block_amax(x, box, (128, 128)))
-    return quant.quantize_box(x, box, scales, Box.full(scales.shape), (128, 128)).view(torch.uint8)
+    scales = quant.scales_from_amax(quant.block_amax(x, box, block))
+    return quant.quantize_box(x, box, scales, Box.full(scales.shape), block).view(torch.uint8)
 
 
-@pytest.mark.parametrize("fused,aligned", [(True, True), (False, True), (True, False)])
-def test_fp8_cells_store_only_changed_codes_and_count_them(fused, aligned):
+# Rows of 512 (fp8_rowwise): a row's changed bytes are counted in pairs, not four byte counters.
+@pytest.mark.parametrize("fused,aligned,block", [(True, True, (128, 128)), (False, True, (128, 128)),
+                                                 (True, False, (128, 128)), (True, True, (1, 512))])
+def test_fp8_cells_store_only_changed_codes_and_count_them(fused, aligned, block):
     from fsdp_sync.kernels.fp8_grouped import GroupedCells
 
     g = torch.Generator().manual_seed(1)
-    old_x = torch.randn(256, 384 if aligned else 392, generator=g).to(torch.bfloat16)  # 392: no 16-wide rows
+    cols = block[1] if block[0] == 1 else 384 if aligned else 392  # 392: no 16-wide rows
+    old_x = torch.randn(256 if block[0] > 1 else 64, cols, generator=g).to(torch.bfloat16)
     new_x = old_x.clone()
-    moved = torch.rand(old_x.shape, generator=g) < 0.01
+    moved = torch.rand(old_x.shape, generator=g) < (0.01 if block[0] > 1 else 0.6)  # some rows: > 255 changes
     new_x[moved] = (old_x[moved].float() * 1.5).to(torch.bfloat16)
-    old_q, new_q = _reference_codes(old_x), _reference_codes(new_x)
+    old_q, new_q = _reference_codes(old_x, block), _reference_codes(new_x, block)
     want_changed = old_q != new_q
     assert 0 < int(want_changed.sum()) < new_q.numel()
 
@@ -64,9 +67,9 @@ def test_fp8_cells_store_only_changed_codes_and_count_them(fused, aligned):
     def launch(x: torch.Tensor, delta: bool) -> tuple[bool, int, int]:
         full = stores.begin(delta=delta)
         cells = GroupedCells(DEVICE, quantize=True, fused=fused, delta=stores.target(1))
-        scales = quant.scales_from_amax(quant.block_amax(x, box, (128, 128))).to(DEVICE)
+        scales = quant.scales_from_amax(quant.block_amax(x, box, block)).to(DEVICE)
         grid = torch.empty_like(scales) if fused else scales  # fused: the launch computes them
-        assert cells.add(x.to(DEVICE), box, (128, 128), grid, out=dst, shape=x.shape, shadow=shadow)
+        assert cells.add(x.to(DEVICE), box, block, grid, out=dst, shape=x.shape, shadow=shadow)
         cells.launch()
         return (full, *stores.end())
 
