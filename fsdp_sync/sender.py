@@ -84,9 +84,13 @@ class PushHandle:
             raise TimeoutError(f"push of version {self.version} still running after {timeout}s")
         if "error" in self._outcome:
             raise self._outcome["error"]
-        if self._after is not None:
-            self._after()
-            self._after = None
+        if self._after is not None:  # the acks, waited for once: a second wait() gives their outcome
+            after, self._after = self._after, None
+            try:
+                after()
+            except BaseException as e:
+                self._outcome["error"] = e
+                raise
         if self._on_result is not None:
             self._on_result(self._outcome["result"])
             self._on_result = None

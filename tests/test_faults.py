@@ -109,6 +109,28 @@ def _report(case: str, trainer: str, receiver: str, seconds: float) -> None:
 _values = fleet_workers.values
 
 
+def test_a_push_whose_acks_failed_raises_at_once_when_waited_for_again():
+    """close() waits for the push in flight: after the acks timed out in wait(), it must get
+    that error back, not wait a second timeout for the same acks (a trainer's close after a
+    dead receiver took 2 x timeout_s)."""
+    from fsdp_sync.errors import SyncTimeout
+    from fsdp_sync.sender import PushHandle
+
+    calls = []
+
+    def acks() -> None:
+        calls.append(1)
+        raise SyncTimeout("timed out after 4.0s waiting for receivers [1] to commit version 2")
+
+    handle = PushHandle(2, 2, _after=acks)
+    handle._outcome["result"] = object()
+    handle._finished.set()
+    for _ in range(2):
+        with pytest.raises(SyncTimeout, match="receivers \\[1\\]"):
+            handle.wait()
+    assert calls == [1]
+
+
 def test_killed_sender_mid_push():
     fleet = Fleet(_config("kill-sender-mid"), stall=(1, 2))
     fleet.serve_version_1()
