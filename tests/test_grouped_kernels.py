@@ -184,11 +184,22 @@ def test_gpu_grouped_launches_round_exactly(fused):
         assert_matches_numpy(q, scales, x, fmt)
 
 
-def test_self_check_passes_and_reports_a_broken_kernel(monkeypatch):
+def test_self_check_passes_covers_every_launch_kind_and_reports_a_broken_kernel(monkeypatch):
+    """Real models' shapes take the VEC launches: the self-check must run those too, beside
+    the unaligned ones (one passing run records the kinds; each run takes ~12 s interpreted)."""
     from fsdp_sync.kernels import fp8_grouped
 
+    kinds, freeze = set(), fp8_grouped.GroupedCells.freeze
+
+    def record(self):
+        kinds.update((self.quantize, self.fused, vec) for _, _, vec in self._rows)
+        return freeze(self)
+
+    monkeypatch.setattr(fp8_grouped.GroupedCells, "freeze", record)
     fp8_grouped.self_check.cache_clear()
     assert fp8_grouped.self_check(DEVICE) is None
+    assert kinds == {(q, f, v) for q, f in [(False, False), (True, False), (True, True)] for v in (False, True)}
+    monkeypatch.setattr(fp8_grouped.GroupedCells, "freeze", freeze)
     real_launch = GroupedCells.launch
 
     def fail(self):
@@ -207,23 +218,6 @@ def test_self_check_passes_and_reports_a_broken_kernel(monkeypatch):
     fp8_grouped.self_check.cache_clear()
     assert "disagree" in fp8_grouped.self_check(DEVICE)
     fp8_grouped.self_check.cache_clear()
-
-
-def test_self_check_covers_aligned_and_unaligned_launches(monkeypatch):
-    """Real models' shapes take the VEC launches: the self-check must run those too."""
-    from fsdp_sync.kernels import fp8_grouped
-
-    kinds, freeze = set(), fp8_grouped.GroupedCells.freeze
-
-    def record(self):
-        kinds.update((self.quantize, self.fused, vec) for _, _, vec in self._rows)
-        return freeze(self)
-
-    monkeypatch.setattr(fp8_grouped.GroupedCells, "freeze", record)
-    fp8_grouped.self_check.cache_clear()
-    assert fp8_grouped.self_check(DEVICE) is None
-    fp8_grouped.self_check.cache_clear()
-    assert kinds == {(q, f, v) for q, f in [(False, False), (True, False), (True, True)] for v in (False, True)}
 
 
 def test_fused_batch_computes_scales_and_values_in_one_pass():

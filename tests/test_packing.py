@@ -46,14 +46,16 @@ def _payloads(quant: str, kernels: str, *, mixed: bool, watermark_bytes: int) ->
     return out
 
 
-def test_grouped_launches_give_the_reference_bytes():
-    for quant in ("fp8_block", "fp8_rowwise"):
-        for mixed in (False, True):
-            want = _payloads(quant, "reference", mixed=mixed, watermark_bytes=1 << 30)
-            got = _payloads(quant, "grouped", mixed=mixed, watermark_bytes=1 << 30)
-            assert [w[:4] for w in want] == [g[:4] for g in got]
-            for w, g in zip(want, got):
-                assert w[4].dtype == g[4].dtype and torch.equal(w[4].view(torch.uint8), g[4].view(torch.uint8)), w[:4]
+@pytest.mark.parametrize("quant", ["fp8_block", "fp8_rowwise"])
+def test_grouped_launches_give_the_reference_bytes(quant):
+    """The mixed plan holds every box the FP8-only one does (the TP=2 receivers' slices) and
+    the bf16 receiver's besides, so it alone is checked (each interpreted plan costs ~11 s)."""
+    want = _payloads(quant, "reference", mixed=True, watermark_bytes=1 << 30)
+    got = _payloads(quant, "grouped", mixed=True, watermark_bytes=1 << 30)
+    assert {w[2] for w in want} == {0, 1, 2} and {w[1] for w in want} >= {"data", "scale"}
+    assert [w[:4] for w in want] == [g[:4] for g in got]
+    for w, g in zip(want, got):
+        assert w[4].dtype == g[4].dtype and torch.equal(w[4].view(torch.uint8), g[4].view(torch.uint8)), w[:4]
 
 
 def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
