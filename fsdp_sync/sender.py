@@ -37,6 +37,7 @@ from .packing import BucketPacker, groups_launches
 from .param_scan import ParamScan
 from .pipeline import ByteBudget, run_pipeline
 from .plan import SenderPlan
+from .push_thread import PushThread
 from .trace import Trace
 from .trainer_group import trainer_group
 from .transport import get_transport
@@ -69,18 +70,17 @@ class PushHandle:
 
     version: int
     seq: int
-    _thread: threading.Thread | None = None
+    _finished: threading.Event = field(default_factory=threading.Event)
     _outcome: dict = field(default_factory=dict)
     _weights_ready: object = None  # a CUDA event after the step that produced these weights
     _after: Callable[[], None] | None = None
     _on_result: Callable[["PushResult"], None] | None = None
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._finished.is_set()
 
     def wait(self, timeout: float | None = None) -> PushResult:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._finished.wait(timeout):
             raise TimeoutError(f"push of version {self.version} still running after {timeout}s")
         if "error" in self._outcome:
             raise self._outcome["error"]
@@ -138,6 +138,7 @@ class WeightSender:
         self._stores: DeltaStores | None = None  # one-sided deltas found by the packer's own stores
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
+        self._push_thread: PushThread | None = None  # started at the first push
         self._last_result: PushResult | None = None
         self._progress = progress
         self._pack_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -218,9 +219,9 @@ class WeightSender:
         if self.config.wait_for_receivers:
             registered = [self._plan.registered_rank(s) for s in range(self._plan.num_receivers)]
             handle._after = lambda: self._wait_for_acks(seq, version, registered)
-        handle._thread = threading.Thread(target=self._run, args=(handle, local), name=f"fsdp_sync-push-{seq}",
-                                          daemon=True)
-        handle._thread.start()
+        if self._push_thread is None:
+            self._push_thread = PushThread(f"fsdp_sync-push-rank{self.rank}")
+        self._push_thread.submit(lambda: self._run(handle, local), handle._finished)
         self._inflight = handle
         return handle
 
@@ -274,6 +275,8 @@ class WeightSender:
                 self._inflight.wait()
             except Exception:  # noqa: BLE001 - the caller saw it already or will not care at close
                 failed = True
+        if self._push_thread is not None:
+            self._push_thread.stop()
         if self._transport is not None:
             self._transport.close()
         self._packer = None  # its recorded launches hold the receivers' mapped tensors
