@@ -69,9 +69,23 @@ def even_part(name: str, size: int, num_parts: int, index: int, *, what: str, by
     return index * part, part
 
 
+# Expanded names by (template, pattern, groups): Python 3.11 parses a template on every
+# ``match.expand``, and a plan expands the same few hundred names once per receiver class.
+_EXPANDED: dict[tuple, str] = {}
+_MAX_EXPANDED = 1 << 16
+
+
 def target(template: str | None, match: re.Match, src: SourceParam) -> str:
     """The destination name: ``template`` expanded with the match's groups, or the source name."""
-    return src.name if template is None else match.expand(template)
+    if template is None:
+        return src.name
+    key = (template, match.re, match.groups())  # all an expansion reads of the match
+    name = _EXPANDED.get(key)
+    if name is None:
+        if len(_EXPANDED) >= _MAX_EXPANDED:
+            _EXPANDED.clear()
+        name = _EXPANDED[key] = match.expand(template)
+    return name
 
 
 def check_dim(src: SourceParam, dim: int) -> None:
