@@ -504,6 +504,12 @@ def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMet
     and those of the sources that write it (most often, one of them is simply wrong).
     """
     problems = []
+    # Replicas receive the very same box objects (a piece's split is computed once), so a
+    # cover proven for one set of boxes holds for every tensor of that shape given the same
+    # set. Keyed by the boxes' ids, kept valid by holding the proven boxes (a layout's
+    # unwritten boxes are new per receiver); only proofs are kept, so a failure is always
+    # checked, and named, on its own.
+    proven: dict[tuple, list[Box]] = {}
     for recv in receivers:
         boxes: dict[str, list[Box]] = defaultdict(list)
         unwritten = getattr(layouts[recv.rank], "unwritten", None)
@@ -513,12 +519,18 @@ def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMet
         for t in mine:
             boxes[t.dst].append(t.dst_box)
         for name, dest in recv.tensors.items():
-            why = check_exact_cover(boxes.get(name, []), dest.shape)
-            if why is not None:
-                writers = {t.src for t in mine if t.dst == name}  # only for the message
-                srcs = ", ".join(f"{s!r} {tuple(by_name[s].shape)}" for s in sorted(writers) if s in by_name)
-                problems.append(f"receiver {recv.rank} tensor {name!r} of shape {tuple(dest.shape)}: {why}"
-                                + (f" (written from {srcs})" if srcs else ""))
+            given = boxes.get(name, [])
+            key = (tuple(dest.shape), *sorted(map(id, given)))
+            if key in proven:
+                continue
+            why = check_exact_cover(given, dest.shape)
+            if why is None:
+                proven[key] = given
+                continue
+            writers = {t.src for t in mine if t.dst == name}  # only for the message
+            srcs = ", ".join(f"{s!r} {tuple(by_name[s].shape)}" for s in sorted(writers) if s in by_name)
+            problems.append(f"receiver {recv.rank} tensor {name!r} of shape {tuple(dest.shape)}: {why}"
+                            + (f" (written from {srcs})" if srcs else ""))
     if problems:
         raise PlanError("plan does not cover every destination element exactly once:\n  " + "\n  ".join(problems[:40]))
 
