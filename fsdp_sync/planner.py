@@ -25,10 +25,10 @@ from .config import LinkModel
 from .errors import PlanError
 from .layouts import Layout, Piece, make_layout
 from .meta import SUPPORTED_DTYPES, ReceiverMeta, SourceParam
-from .plan import DATA, SCALE, Bucket, Plan, PlanStats, Task, fingerprint
+from .plan import Bucket, Plan, PlanStats, Task, fingerprint
 from .quant import QuantFormat, get_quant_format, scale_name
 from .sharding import ShardGroup
-from .task_order import Assigned, TaskColumns, order_tasks, sums
+from .task_order import Assigned, Part, TaskColumns, order_tasks, sums
 
 _MAX_LISTED_ERRORS = 40
 # Planning that leaves more new objects than this ends with a full collection (``_collected_once``).
@@ -97,9 +97,9 @@ def _plan(sources: list[SourceParam], receivers: list[ReceiverMeta], *, sender_h
         raw = assigner.reconstruct(jobs, by_name)
     else:
         raise ValueError(f"unknown mode {mode!r}; valid: ['direct', 'reconstruct']")
-    buckets, bucket_of = _make_buckets(raw, by_name, mode, watermark_bytes)
-    cols = TaskColumns.of(raw, bucket_of, by_name)
-    tasks, arrivals = order_tasks(raw, cols)
+    cols = TaskColumns.of(raw, by_name)
+    buckets, piece_bucket = _make_buckets(raw, cols, by_name, mode, watermark_bytes)
+    tasks, arrivals = order_tasks(raw, cols, piece_bucket)
     _validate_cover(arrivals, receivers, layouts, by_name)
     fmt_of = {s.name: "none" for s in sources}
     for job in jobs:
@@ -259,12 +259,9 @@ class _Places:
         return "host" if self.sender_host[sender] == self.recv_host[receiver] else "remote"
 
 
-# A piece's part as a regular split holds it: (position in the shard group, source box,
-# destination box, owned scale blocks and their destination, data bytes, scale bytes).
-_Part = tuple[int, Box, Box, "Box | None", "Box | None", int, int]
 # The rank matrix of the positions holding parts, their data bytes, the parts, and the
 # seconds each candidate would take, per speed class of the receiver.
-_Split = tuple[np.ndarray, np.ndarray, list[_Part], dict[int, np.ndarray]]
+_Split = tuple[np.ndarray, np.ndarray, list[Part], dict[int, np.ndarray]]
 
 
 class _Assigner:
@@ -307,13 +304,13 @@ class _Assigner:
                 regular[src.name] = _Regular.of(src)
             elem = 1 if job.fmt.is_quantized else src.dtype.itemsize
             shards = regular[src.name]
+            piece = job.piece
             if shards is None:
                 chosen, irregular = self._best_irregular(src, job, elem)
-                out.append((chosen.ranks, [t for i, inter in irregular
-                                           for t in _tasks_for(chosen.ranks[i], job, inter, elem)]))
+                out.append(_assigned(chosen.ranks, job, _parts(piece, job.block, elem, irregular)))
                 continue
-            piece = job.piece
-            key = (src.name, piece.src_box, piece.dst_box, job.block, elem)
+            sb, db = piece.src_box, piece.dst_box  # plain tuples hash in C, a Box's hash is Python
+            key = (src.name, sb.offsets, sb.sizes, db.offsets, db.sizes, job.block, elem)
             split = splits.get(key)
             if split is None:
                 split = splits[key] = shards.split(piece, job.block, elem)
@@ -324,7 +321,7 @@ class _Assigner:
             best = int((self.load_s[ranks] + seconds).max(axis=1).argmin()) if len(ranks) > 1 else 0
             self.load_s[ranks[best]] += seconds[best]
             group = src.groups[best].ranks
-            out.append((group, _split_tasks(group, job, parts)))
+            out.append(_assigned(group, job, parts))
         return out
 
     def _best_irregular(self, src: SourceParam, job: _Job, elem: int) -> tuple[ShardGroup, list[tuple[int, Box]]]:
@@ -358,7 +355,7 @@ class _Assigner:
                                                                        dtype=np.float64))
                 best = int(np.argmin(self.load_s[ranks] + seconds))
                 self.load_s[ranks[best]] += seconds[best]
-                out.append((group.ranks, _tasks_for(int(ranks[best]), job, job.piece.src_box, elem)))
+                out.append(_assigned(group.ranks, job, _parts(job.piece, job.block, elem, [(best, job.piece.src_box)])))
         return out
 
 
@@ -390,35 +387,23 @@ class _Regular:
 
     def split(self, piece: Piece, block: tuple[int, ...] | None, elem: int) -> _Split:
         """A piece's parts, the ranks that could send each (one row per shard group) and their bytes."""
-        shifts = _shifts(piece, block)  # once per piece, not per part
-        parts = [(i, inter, *_geometry(piece, inter, block, shifts)) for i, inter in self.intersections(piece.src_box)]
-        parts = [(i, inter, dst, owned, owned_dst, inter.numel() * elem, owned.numel() * 4 if owned else 0)
-                 for i, inter, dst, owned, owned_dst in parts]
+        parts = _parts(piece, block, elem, self.intersections(piece.src_box))
         return (self.matrix[:, [p[0] for p in parts]], np.array([p[5] for p in parts], dtype=np.float64)[None, :],
                 parts, {})
 
 
-def _split_tasks(group: tuple[int, ...], job: _Job, parts: list[_Part]) -> list[Task]:
-    """The tasks of a regularly split piece once its shard group is chosen."""
-    piece, fmt, r = job.piece, job.fmt.name, job.receiver
-    src, dst, scale_dst = piece.src, piece.dst, job.scale_dst
+def _parts(piece: Piece, block: tuple[int, ...] | None, elem: int, hits: list[tuple[int, Box]]) -> list[Part]:
+    """The parts of a piece that ``hits`` cut it into: (position, source box) each."""
+    shifts = _shifts(piece, block)  # once per piece, not per part
     out = []
-    for i, inter, dst_box, owned, owned_dst, data_bytes, scale_bytes in parts:
-        out.append(Task(group[i], r, src, inter, dst, dst_box, DATA, fmt, data_bytes))
-        if owned is not None:
-            out.append(Task(group[i], r, src, owned, scale_dst, owned_dst, SCALE, fmt, scale_bytes))
+    for i, inter in hits:
+        dst, owned, owned_dst = _geometry(piece, inter, block, shifts)
+        out.append((i, inter, dst, owned, owned_dst, inter.numel() * elem, owned.numel() * 4 if owned else 0))
     return out
 
 
-def _tasks_for(rank: int, job: _Job, part: Box, elem: int) -> list[Task]:
-    """The tasks for ``part`` of a piece: its data and its share of the scales."""
-    piece = job.piece
-    dst_part, owned, owned_dst = _geometry(piece, part, job.block, _shifts(piece, job.block))
-    out = [Task(rank, job.receiver, piece.src, part, piece.dst, dst_part, DATA, job.fmt.name, part.numel() * elem)]
-    if owned is not None:
-        out.append(Task(rank, job.receiver, piece.src, owned, job.scale_dst, owned_dst, SCALE, job.fmt.name,
-                        owned.numel() * 4))
-    return out
+def _assigned(group: tuple[int, ...], job: _Job, parts: list[Part]) -> Assigned:
+    return Assigned(group, job.receiver, job.piece.src, job.piece.dst, job.scale_dst, job.fmt.name, parts)
 
 
 def _shifts(piece: Piece, block: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
@@ -442,31 +427,39 @@ def _geometry(piece: Piece, part: Box, block: tuple[int, ...] | None,
     return part.shift(delta), owned, owned.shift(grid_shift)
 
 
-def _make_buckets(raw: list[Assigned], by_name: dict[str, SourceParam], mode: str,
-                  watermark_bytes: int) -> tuple[list[Bucket], dict[tuple, int]]:
+def _make_buckets(raw: list[Assigned], cols: TaskColumns, by_name: dict[str, SourceParam], mode: str,
+                  watermark_bytes: int) -> tuple[list[Bucket], np.ndarray]:
     """Pack each group's params into buckets of at most half the watermark, then interleave groups.
 
     Half, so one bucket can be packed while the previous one is in transfer. A param
-    larger than that gets a bucket of its own.
+    larger than that gets a bucket of its own. Returns the buckets and each piece's bucket.
     """
-    per_group: dict[tuple[int, ...], dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0, False]))
-    rank_bytes: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # (group, param) -> rank -> bytes
-    for group, tasks in raw:
-        if not tasks:
-            continue
-        name = tasks[0].src  # one piece: one param, one format
-        entry = per_group[group][name]
-        entry[1] = entry[1] or tasks[0].fmt != "none"
-        per_rank = rank_bytes[(group, name)]
-        for task in tasks:
-            per_rank[task.sender] += task.nbytes
-    for (group, src), per_rank in rank_bytes.items():
+    keys: dict[tuple, int] = {}  # (group, param) of pieces with tasks -> its id
+    fp8: list[bool] = []
+    piece_key = []
+    for a in raw:
+        i = keys.setdefault((a.group, a.src), len(keys)) if a.parts else -1  # one piece: one param, one format
+        if i == len(fp8):
+            fp8.append(False)
+        if i >= 0 and a.fmt != "none":
+            fp8[i] = True
+        piece_key.append(i)
+    # The bytes of each (group, param) on its busiest rank, summed as integers over its tasks.
+    busiest = np.zeros(len(keys), dtype=np.int64)
+    if len(cols.sender):
+        width = int(cols.sender.max()) + 1
+        key_rank, where = np.unique(np.repeat(piece_key, cols.counts) * width + cols.sender, return_inverse=True)
+        per_rank = np.zeros(len(key_rank), dtype=np.int64)
+        np.add.at(per_rank, where, cols.nbytes)
+        np.maximum.at(busiest, key_rank // width, per_rank)
+    per_group: dict[tuple[int, ...], dict[str, tuple[int, bool]]] = defaultdict(dict)
+    for ((group, src), i), most in zip(keys.items(), busiest.tolist()):
         # Reconstruct holds the flat send buffer (1/G), the gathered flat buffer and the
         # unpacked full tensor at once; a shard group of one rank already holds it whole.
         # Whole bytes (rounded up): a Bucket's nbytes is an int, and the control plane checks it.
         g = len(group)
         held = -(-by_name[src].nbytes * (2 * g + 1) // g) if mode == "reconstruct" and g > 1 else 0
-        per_group[group][src][0] = held + max(per_rank.values())
+        per_group[group][src] = (held + most, fp8[i])
     cap = max(1, watermark_bytes // 2)
     lists = []
     for group in sorted(per_group):
@@ -482,7 +475,7 @@ def _make_buckets(raw: list[Assigned], by_name: dict[str, SourceParam], mode: st
             buckets.append((current, size))
         lists.append((group, buckets))
     ordered: list[Bucket] = []
-    bucket_of: dict[tuple, int] = {}
+    bucket_of: dict[tuple, int] = {}  # (group, param) -> bucket
     for i in range(max((len(b) for _, b in lists), default=0)):
         for group, buckets in lists:
             if i < len(buckets):
@@ -492,7 +485,8 @@ def _make_buckets(raw: list[Assigned], by_name: dict[str, SourceParam], mode: st
                                       tuple(n for n, q in members if q), size))
                 for name, _ in members:
                     bucket_of[(group, name)] = index
-    return ordered, bucket_of
+    key_bucket = np.array([bucket_of[key] for key in keys] + [-1], dtype=np.int64)  # [-1]: a piece without tasks
+    return ordered, key_bucket[np.array(piece_key, dtype=np.int64)]
 
 
 def _validate_cover(arrivals: dict[int, list[Task]], receivers: list[ReceiverMeta], layouts: dict[int, Layout],
