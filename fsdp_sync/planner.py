@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,9 +36,12 @@ _MAX_LISTED_ERRORS = 40
 _FULL_COLLECTION_AFTER = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """A checked piece with its receiver and quant format."""
+class _Job(NamedTuple):
+    """A checked piece with its receiver and quant format.
+
+    A tuple: replicas copy a class's jobs with their own receiver (99 k at Kimi-K2 scale),
+    and a frozen dataclass builds each field through ``object.__setattr__``.
+    """
 
     receiver: int
     piece: Piece
@@ -124,7 +128,10 @@ def _check_and_map(sources: list[SourceParam], receivers: list[ReceiverMeta]) ->
     # Replicas repeat the same layout and tensors: map each such class once, then relabel.
     mapped: dict[tuple, tuple[int, list[_Job]]] = {}
     for recv in receivers:
-        key = (recv.layout.name, repr(sorted(recv.layout.kwargs.items())), recv.quant, tuple(recv.tensors.items()))
+        # The tensors as plain tuples: they hash and compare in C, where a DestTensor's
+        # generated __hash__ and __eq__ are Python calls, one per tensor of every receiver.
+        tensors = tuple((n, d.name, d.shape, d.dtype) for n, d in recv.tensors.items())
+        key = (recv.layout.name, repr(sorted(recv.layout.kwargs.items())), recv.quant, tensors)
         if key in mapped:
             first, template = mapped[key]
             layouts[recv.rank] = layouts[first]
