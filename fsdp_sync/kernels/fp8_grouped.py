@@ -155,10 +155,8 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
                 h_words = h_base.to(tl.pointer_type(tl.uint32), bitcast=True) + h_start // 4 + tw[None, :]
             else:
                 h_at = h_base + (h_off + b * shb + r0 * shr + c0 * shc) + tc[None, :] * shc.to(tl.int32)
-            if VEC:  # all ones on an anchor: or'ed into each word's difference, every byte differs
-                all_bits = (0 - tl.load(anchor)).to(tl.uint32, bitcast=True)
-            else:  # the flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar
-                every = (tl.zeros([CHUNK_R, TILE_C], dtype=tl.int32) + tl.load(anchor)) != 0
+            # The flag broadcast as a tensor: the interpreter refuses a mask or'ed with a scalar.
+            every = (tl.zeros([CHUNK_R, TILE_C // 4 if VEC else TILE_C], dtype=tl.int32) + tl.load(anchor)) != 0
             count = tl.sum(tl.zeros([CHUNK_R], dtype=tl.int32), axis=0)
         for i in range(TILE_R // CHUNK_R):
             rr = i * CHUNK_R + tr
@@ -169,13 +167,12 @@ def _grouped_cell_kernel(table, row_of, order, x_base, q_base, h_base, changed, 
             if DELTA:
                 old = tl.load(h_at + rr[:, None] * shr.to(tl.int32), mask=mask, other=0)
                 if VEC:  # 4 codes a word: a store per word, not per code
-                    q_w = _words(q, CHUNK_R, TILE_C)
-                    diff = (q_w ^ _words(old, CHUNK_R, TILE_C)) | all_bits
-                    write = (mask_r[:, None] & mask_wc[None, :]) & (diff != 0)
+                    q_w, old_w = _words(q, CHUNK_R, TILE_C), _words(old, CHUNK_R, TILE_C)
+                    write = (mask_r[:, None] & mask_wc[None, :]) & ((q_w != old_w) | every)
                     tl.store(q_words + rr[:, None] * (sqr // 4).to(tl.int32), q_w, mask=write)
                     tl.store(h_words + rr[:, None] * (shr // 4).to(tl.int32), q_w, mask=write)
-                    # Codes, not words: the changed bytes of each stored word.
-                    count += _changed_bytes(tl.where(write, diff, 0), TILE_C)
+                    # Codes, not words: the changed bytes of each stored word (all four on an anchor).
+                    count += tl.sum(tl.sum(tl.where(write, _changed_bytes(q_w ^ old_w, every), 0), axis=1), axis=0)
                 else:
                     write = mask & ((q != old) | every)
                     tl.store(h_at + rr[:, None] * shr.to(tl.int32), q, mask=write)
@@ -220,21 +217,13 @@ def _words(codes, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
 
 
 @triton.jit
-def _changed_bytes(diff, TILE_C: tl.constexpr):
-    """How many bytes of ``[R, TILE_C // 4]`` uint32 words ``diff`` are nonzero.
-
-    A byte's top bit after ``(b & 0x7F) + 0x7F | b`` says whether it is nonzero; those bits,
-    shifted to the bottom of their bytes, are summed over each row with the four bytes as
-    separate counters, and one multiply per row adds the four up (its partial sums stay
-    below 256 while a row has fewer than 256 columns; wider rows pair the bytes first).
-    Five instructions a word, where adding up each word's bytes took nine.
-    """
-    ones = (((diff & 0x7F7F7F7F) + 0x7F7F7F7F) | diff) >> 7 & 0x01010101
-    if TILE_C < 256:
-        return tl.sum(((tl.sum(ones, axis=1) * 0x01010101) >> 24).to(tl.int32), axis=0)
-    else:
-        pairs = tl.sum((ones + (ones >> 8)) & 0x00FF00FF, axis=1)
-        return tl.sum(((pairs & 0xFFFF) + (pairs >> 16)).to(tl.int32), axis=0)
+def _changed_bytes(diff, every):
+    """How many of each uint32 word's 4 bytes are nonzero in ``diff`` (4 where ``every``)."""
+    t = diff | (diff >> 4)
+    t = t | (t >> 2)
+    t = (t | (t >> 1)) & 0x01010101
+    n = ((t * 0x01010101) >> 24).to(tl.int32)
+    return tl.where(every, 4, n)
 
 
 def fusable(box: Box, block: Sequence[int], shape: Sequence[int]) -> bool:
