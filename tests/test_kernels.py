@@ -172,14 +172,25 @@ def test_fp8_encoding_ties_and_saturation():
     assert_same_bits(q, K.reference_quantize_box(x, box, scales, scale_box, block))
 
 
+def _direct_rows(fmt: str, rows: int = 200) -> tuple[int, list[int]]:
+    """Rows of a direct-mode test tensor and where its shards' rows are cut. Row-wise blocks
+    are one row, so no row cut splits one, and the interpreter runs a program per row: 48
+    rows hold every case (cuts mid-tensor, a column cut through each row) at a quarter of
+    the time. 128-row blocks need more rows than a block for cuts to fall inside them."""
+    if fmt == "fp8_rowwise":
+        return 48, [17, 40]
+    return rows, [37, 150] if rows > 150 else [70]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("special", [False, True], ids=["plain", "special"])
 def test_direct_mode_2d(fmt, special):
     """Shards that start mid-block, column slices among them, match the reference on the full tensor."""
-    full = make_input((200, 300))
+    rows, cuts = _direct_rows(fmt) if not special else (200, [37, 150])  # the special values' rows
+    full = make_input((rows, 300))
     if special:
         full = with_special_values(full)
-    out, scales = direct_mode_with_kernels(full, fmt, grid_boxes(full.shape, [[37, 150], [129]]))
+    out, scales = direct_mode_with_kernels(full, fmt, grid_boxes(full.shape, [cuts, [129]]))
     ref_q, ref_scales = K.reference_quantize(full, fmt)
     # The MAX reduction of partial amax may turn a NaN into another NaN.
     assert_same_bits(out, ref_q, any_nan=special)
@@ -188,8 +199,9 @@ def test_direct_mode_2d(fmt, special):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_direct_mode_3d(fmt):
-    full = make_input((2, 150, 140))
-    out, scales = direct_mode_with_kernels(full, fmt, grid_boxes(full.shape, [[1], [70], [50]]))
+    rows, cuts = _direct_rows(fmt, rows=150)
+    full = make_input((2, rows, 140))
+    out, scales = direct_mode_with_kernels(full, fmt, grid_boxes(full.shape, [[1], cuts[:1], [50]]))
     ref_q, ref_scales = K.reference_quantize(full, fmt)
     assert_same_bits(out, ref_q)
     assert_same_bits(scales, ref_scales)
@@ -349,8 +361,9 @@ def test_random_values_match_numpy(fmt, shape, dtype):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_direct_mode_matches_numpy(fmt):
     """Shards that start mid-block: partial amax, MAX, quantize per shard, on tie inputs."""
-    full, _ = tie_input((200, 300), fmt, torch.float32, seed=4)
-    out, scales = direct_mode_with_kernels(full, fmt, grid_boxes(full.shape, [[37, 150], [129]]))
+    rows, cuts = _direct_rows(fmt)
+    full, _ = tie_input((rows, 300), fmt, torch.float32, seed=4)
+    out, scales = direct_mode_with_kernels(full, fmt, grid_boxes(full.shape, [cuts, [129]]))
     assert_matches_numpy(out, scales, full, fmt)
 
 

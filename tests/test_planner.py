@@ -19,11 +19,13 @@ from tests.planner_fixtures import llama_like_shapes, plan, receivers_for, sourc
 
 @pytest.mark.parametrize("mode,quant", [("direct", "fp8_block"), ("reconstruct", "none")])
 def test_256_senders_to_128_receivers(mode, quant):
-    """HSDP 16x16 -> 4 replicas of TP 32, > 1,000 params: exact cover, balanced.
+    """HSDP 16x16 -> 4 replicas of TP 32, hundreds of params: exact cover, balanced.
 
-    (How fast it plans is a benchmark's question: ``recipes.simulate`` prints planning time.)"""
-    shapes = llama_like_shapes(num_layers=112, hidden=4096, inter=12288, kv=4096, vocab=151552)
-    assert len(shapes) >= 1000
+    40 layers (363 params) hold every kind of weight a layer has; 112 layers (1,011) took
+    27 s on a 2-core CI machine and tested nothing more. (How fast it plans is a
+    benchmark's question: ``recipes.simulate`` prints planning time.)"""
+    shapes = llama_like_shapes(num_layers=40, hidden=4096, inter=12288, kv=4096, vocab=151552)
+    assert len(shapes) >= 360
     mesh = [[r * 16 + c for c in range(16)] for r in range(16)]
     sources = sources_on(shapes, mesh, [Replicate(), Shard(0)])
     receivers = receivers_for(sources, num_replicas=4, tp=32, quant=quant)
