@@ -136,10 +136,10 @@ def test_sender_anchor_then_delta_one_and_two_sided(kernels, strided):
     also a strided one (a TP column slice), with the Triton pass or the reference."""
     box = Box((0, 0), (8, 64))
     task = _task(DATA, box, 8 * 64 * 2)
-    old, new = (t.view(8, 64) for t in _pair(8 * 64, torch.bfloat16, 0.03, seed=3))
-    for one_sided in (False, True):
-        sender = DeltaSender([task], torch.device("cpu"), mode="auto", one_sided=one_sided, kernels=kernels)
-        holder = torch.zeros(8, 80, dtype=torch.bfloat16)
+    old, new = (t.view(8, 64).to(DEVICE) for t in _pair(8 * 64, torch.bfloat16, 0.03, seed=3))
+    for one_sided in (False, True):  # on the GPU where there is one: Triton launches need its tensors
+        sender = DeltaSender([task], DEVICE, mode="auto", one_sided=one_sided, kernels=kernels)
+        holder = torch.zeros(8, 80, dtype=torch.bfloat16, device=DEVICE)
         dest = holder[:, 8:72] if strided else holder[:, :64].contiguous()
         stats = DeltaStats()
         (item,) = sender.encode([(task, old)], delta=False, stats=stats, destination=lambda t: dest)
