@@ -33,6 +33,9 @@ from .trace import Trace
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+_WARNED_SELF_CHECK: set[str] = set()  # devices whose failed self-check was reported
+
+
 def _kernels_for(device: torch.device, kernels: str):
     """(per-box ops, whether to group launches): Triton or the plain-torch reference, same bits.
 
@@ -45,8 +48,10 @@ def _kernels_for(device: torch.device, kernels: str):
     from .kernels import fp8_grouped, fp8_quant
 
     if kernels == "auto" and (reason := fp8_grouped.self_check(device)):
-        warnings.warn(f"fsdp_sync: grouped FP8 launches failed their self-check on {device} ({reason}); "
-                      "launching per box instead", stacklevel=3)
+        if str(device) not in _WARNED_SELF_CHECK:  # the sender and its packer both ask: say it once
+            _WARNED_SELF_CHECK.add(str(device))
+            warnings.warn(f"fsdp_sync: grouped FP8 launches failed their self-check on {device} ({reason}); "
+                          "launching per box instead", stacklevel=3)
         return fp8_quant, False
     return fp8_quant, kernels in ("auto", "grouped")
 

@@ -190,3 +190,24 @@ def test_gpu_verdict_is_a_pinned_flag_filled_without_a_sync():
         except NonFiniteWeights as e:
             errors.append(str(e))
     assert len(errors) == 1 and "'model.layers.0.mlp.up_proj.weight' (a block amax" in errors[0], errors
+
+
+def test_a_failed_self_check_is_reported_once_per_device(monkeypatch):
+    """The sender asks whether launches are grouped, and so does each packer it builds: a
+    failed self-check is one warning, not one per question."""
+    import warnings
+
+    from fsdp_sync import packing
+    from fsdp_sync.kernels import fp8_grouped
+
+    device = torch.device("cuda", 7)  # never built on: only asked about
+    monkeypatch.setattr(fp8_grouped, "self_check", lambda d: "RuntimeError: no kernel today")
+    monkeypatch.setattr(packing, "_WARNED_SELF_CHECK", set(), raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not packing.groups_launches(device, "auto")
+        assert not packing.groups_launches(device, "auto")
+        assert packing._kernels_for(device, "auto")[1] is False
+    assert [str(w.message) for w in caught] == [
+        "fsdp_sync: grouped FP8 launches failed their self-check on cuda:7 (RuntimeError: no kernel today); "
+        "launching per box instead"]
