@@ -7,9 +7,12 @@ Handing a push to a waiting thread through a queue returns at once.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Callable
+
+log = logging.getLogger("fsdp_sync")
 
 
 class PushThread:
@@ -31,6 +34,8 @@ class PushThread:
         while (item := self._jobs.get()) is not None:
             job, finished = item
             try:
-                job()  # reports its own outcome (the sender's _run catches everything)
+                job()  # reports its own outcome (the sender's _run catches its push's errors)
+            except BaseException:  # noqa: BLE001 - a dead thread would leave every later push waiting
+                log.exception("fsdp_sync: a push job raised outside its push")
             finally:
                 finished.set()

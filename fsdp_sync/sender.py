@@ -84,6 +84,8 @@ class PushHandle:
             raise TimeoutError(f"push of version {self.version} still running after {timeout}s")
         if "error" in self._outcome:
             raise self._outcome["error"]
+        if "result" not in self._outcome:  # the push thread logged what ended it
+            raise SyncError(f"push of version {self.version} ended without a result (its error is in the log)")
         if self._after is not None:  # the acks, waited for once: a second wait() gives their outcome
             after, self._after = self._after, None
             try:

@@ -109,6 +109,32 @@ def _report(case: str, trainer: str, receiver: str, seconds: float) -> None:
 _values = fleet_workers.values
 
 
+def test_a_push_job_that_raises_leaves_the_push_thread_serving_and_its_handle_failing():
+    """Work after a push's own error handling (its trace, its result) can still raise: the
+    long-lived thread must run the next push, and the handle must fail, not hang or KeyError."""
+
+    from fsdp_sync.push_thread import PushThread
+    from fsdp_sync.sender import PushHandle
+
+    thread, ran = PushThread("test-push"), []
+    broken, later = PushHandle(1, 1), PushHandle(2, 2)
+
+    def fails() -> None:
+        raise OSError("trace_dir is not writable")
+
+    def lands() -> None:
+        later._outcome["result"] = "pushed"
+        ran.append(2)
+
+    thread.submit(fails, broken._finished)
+    thread.submit(lands, later._finished)
+    assert later._finished.wait(timeout=10) and ran == [2]
+    with pytest.raises(SyncError, match="version 1 ended without a result"):
+        broken.wait(timeout=10)
+    assert later.wait(timeout=10) == "pushed"
+    thread.stop()
+
+
 def test_a_push_whose_acks_failed_raises_at_once_when_waited_for_again():
     """close() waits for the push in flight: after the acks timed out in wait(), it must get
     that error back, not wait a second timeout for the same acks (a trainer's close after a
