@@ -53,7 +53,7 @@ class PushResult:
     seq: int
     seconds: float
     bytes_sent: int
-    stage_seconds: dict[str, float]
+    stage_seconds: dict[str, float]  # the push thread's stages
     peak_bytes: int
     floor_s: float | None = None  # the plan's floor, known on the controller
     trace_path: str | None = None
@@ -62,6 +62,10 @@ class PushResult:
     delta_base: int | None = None  # the version this push was a delta on; None: a full push
     changed_fraction: float | None = None  # of weight elements (scale grids not counted)
     shadow_bytes: int = 0  # the shadow of what this rank last sent, on its device
+    # The fixed cost around the push thread: announcing (push() returning) by step, and the
+    # wait for the receivers' acks (set once wait() read them).
+    announce_seconds: dict[str, float] = field(default_factory=dict)
+    acks_seconds: float | None = None
 
 
 @dataclass
@@ -75,6 +79,7 @@ class PushHandle:
     _weights_ready: object = None  # a CUDA event after the step that produced these weights
     _after: Callable[[], None] | None = None
     _on_result: Callable[["PushResult"], None] | None = None
+    _trace: Trace | None = None  # its spans: announcing, the push thread, the acks
 
     def done(self) -> bool:
         return self._finished.is_set()
@@ -88,11 +93,17 @@ class PushHandle:
             raise SyncError(f"push of version {self.version} ended without a result (its error is in the log)")
         if self._after is not None:  # the acks, waited for once: a second wait() gives their outcome
             after, self._after = self._after, None
+            started = time.perf_counter()
             try:
-                after()
+                if self._trace is not None:
+                    with self._trace.span("acks"):
+                        after()
+                else:
+                    after()
             except BaseException as e:
                 self._outcome["error"] = e
                 raise
+            self._outcome["result"].acks_seconds = time.perf_counter() - started
         if self._on_result is not None:
             self._on_result(self._outcome["result"])
             self._on_result = None
@@ -196,8 +207,9 @@ class WeightSender:
         if self.version is not None and version <= self.version:
             raise ValueError(f"version {version} does not increase: version {self.version} was pushed already")
         seq = self.seq + 1
+        trace = Trace(self.rank)
         try:
-            local = self._publish(seq, version)
+            local = self._publish(seq, version, trace)
         except PlanError:
             self.seq = seq  # receivers saw the refusal under this push number: the next push is seq + 1
             raise
@@ -214,7 +226,7 @@ class WeightSender:
                 raise
             raise SyncError(f"sender {self.rank} could not set up push {seq} (version {version}): {e!r}") from e
         self.seq, self.version = seq, version
-        handle = PushHandle(version, seq, _on_result=self._keep_result)
+        handle = PushHandle(version, seq, _on_result=self._keep_result, _trace=trace)
         if self._pack_stream is not None:
             handle._weights_ready = torch.cuda.Event()
             handle._weights_ready.record(torch.cuda.current_stream(self.device))
@@ -223,7 +235,8 @@ class WeightSender:
             handle._after = lambda: self._wait_for_acks(seq, version, registered)
         if self._push_thread is None:
             self._push_thread = PushThread(f"fsdp_sync-push-rank{self.rank}")
-        self._push_thread.submit(lambda: self._run(handle, local), handle._finished)
+        submitted = time.perf_counter()
+        self._push_thread.submit(lambda: self._run(handle, local, submitted), handle._finished)
         self._inflight = handle
         return handle
 
@@ -339,11 +352,13 @@ class WeightSender:
             hit = self._meshes[id(mesh)] = (mesh, tuple(mesh.mesh.reshape(-1).tolist()))
         return hit[1]
 
-    def _publish(self, seq: int, version: int) -> dict[str, torch.Tensor]:
+    def _publish(self, seq: int, version: int, trace: Trace) -> dict[str, torch.Tensor]:
         """Controller: plan if needed, then announce the push. Everyone: load the announced plan.
 
-        Returns this rank's local shards, by parameter name, for the push to read."""
-        key, local = self._scan.scan()
+        Returns this rank's local shards, by parameter name, for the push to read. Each step
+        is a span of the push's trace (its ``announce_seconds``)."""
+        with trace.span("scan"):
+            key, local = self._scan.scan()
         if key != self._sources_key:
             self._sources = {s.name: s for s in source_params(self.model, world_size=self.world_size,
                                                                  buffers=self.config.buffers,
@@ -351,23 +366,27 @@ class WeightSender:
             self._sources_key = key
         if self.controller is not None:
             if self._announced is not None:  # first, so its failure is in the count read next
-                self._wait_until_ended(self._announced)
+                with trace.span("previous push"):
+                    self._wait_until_ended(self._announced)
             try:
-                plan, generation = self.controller.ensure_plan(key, lambda: list(self._sources.values()))
+                with trace.span("plan"):
+                    plan, generation = self.controller.ensure_plan(key, lambda: list(self._sources.values()))
             except (PlanError, ControlPlaneError) as e:
                 # Everyone hears why: a refused plan, or a registration this side could not verify.
                 kind = "error" if isinstance(e, PlanError) else "refused"
                 self.control.set_many({push_key(seq): (kind, str(e)), PUSH_LATEST: seq})
                 raise
             announced = ("go", version, plan.fingerprint, generation, *self._delta_go(plan, generation))
-            self.control.set_many({push_key(seq): announced, PUSH_LATEST: seq})
+            with trace.span("go"):
+                self.control.set_many({push_key(seq): announced, PUSH_LATEST: seq})
             self._announced = seq
             self._last_go = (plan.fingerprint, generation, version)
         else:
             # A refused (forged) value under the push key counts as not announced yet: rank 0's replaces it.
-            (announced,) = self.control.wait_values([push_key(seq)], accept=is_announcement,
-                                                    what="a push announcement",
-                                                    describe=lambda _: f"trainer rank 0 to publish push {seq}")
+            with trace.span("go"):
+                (announced,) = self.control.wait_values([push_key(seq)], accept=is_announcement,
+                                                        what="a push announcement",
+                                                        describe=lambda _: f"trainer rank 0 to publish push {seq}")
         if announced[0] == "error":
             raise PlanError(announced[1])
         if announced[0] == "refused":
@@ -375,9 +394,11 @@ class WeightSender:
         _, _, fp, generation, base, verify = announced
         self._go = (base, verify)
         if self._plan is None or self._plan.fingerprint != fp:
-            self._load_plan(fp, generation, seq)
+            with trace.span("connect"):
+                self._load_plan(fp, generation, seq)
         elif generation != self._generation or self._transport is None:
-            self._open_transport(generation, seq)  # a push failed since: its connections may be unusable
+            with trace.span("connect"):
+                self._open_transport(generation, seq)  # a push failed since: its connections may be unusable
         return local
 
     def _delta_go(self, plan, generation: int) -> tuple[int | None, bool]:
@@ -459,13 +480,15 @@ class WeightSender:
                                     check_finite=self.config.check_finite, delta=self._stores)
 
     # -- the push itself -----------------------------------------------------------------
-    def _run(self, handle: PushHandle, local: dict[str, torch.Tensor]) -> None:
+    def _run(self, handle: PushHandle, local: dict[str, torch.Tensor], submitted: float) -> None:
         seq, plan = handle.seq, self._plan
         base, verify = self._go
         stats = DeltaStats()
-        trace = Trace(self.rank)
-        budget = ByteBudget(self.config.watermark_bytes)
+        trace = handle._trace
+        announce_stages = set(trace.stage_seconds()) | {"handoff"}  # the rest are this thread's
         started = time.perf_counter()
+        trace.add("handoff", submitted, started)  # queued until this thread took the push
+        budget = ByteBudget(self.config.watermark_bytes)
         try:
             if plan.gated:
                 # Staged or paused receivers open their buffers to this push explicitly; a
@@ -521,10 +544,12 @@ class WeightSender:
                         stats.digests.update(stores.digests())
                 stats.bytes_sent += stored
                 stats.changed += changed
-            self._transport.finish()
+            with trace.span("finish"):
+                self._transport.finish()
             if verify:  # what this rank sent, for each receiver to compare its destinations with
                 self.control.set(verify_key(seq, self.rank), stats.digests)
-            self.control.set(done_key(seq, self.rank), True)
+            with trace.span("done"):
+                self.control.set(done_key(seq, self.rank), True)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
             try:
                 self.control.record_failure(seq)
@@ -538,12 +563,15 @@ class WeightSender:
         path = trace.write_chrome(self.config.trace_dir, f"push{seq}") if self.config.trace_dir else None
         floor = self.controller.plan.stats.floor_s if self.controller else None
         full = sum(t.nbytes for t in plan.tasks)
+        stages = trace.stage_seconds()
         handle._outcome["result"] = PushResult(
-            handle.version, seq, seconds, stats.bytes_sent if self._delta else full, trace.stage_seconds(),
+            handle.version, seq, seconds, stats.bytes_sent if self._delta else full,
+            {k: v for k, v in stages.items() if k not in announce_stages},
             budget.peak, floor, path, full_bytes=full, delta_base=base if self._delta else None,
             changed_fraction=stats.changed / stats.elements if self._delta and stats.elements else None,
             shadow_bytes=(self._delta.shadow_bytes + (self._stores.shadow_bytes if self._stores else 0)
-                          if self._delta else 0))
+                          if self._delta else 0),
+            announce_seconds={k: v for k, v in stages.items() if k in announce_stages})
 
     def _wait_for_acks(self, seq: int, version: int, receivers: list[int]) -> None:
         keys = [ack_key(seq, r) for r in receivers]

@@ -36,9 +36,12 @@ class Trace:
         try:
             yield
         finally:
-            end = time.perf_counter()
-            with self._lock:
-                self.spans.append(Span(stage, label, start, end, threading.current_thread().name))
+            self.add(stage, start, time.perf_counter(), label)
+
+    def add(self, stage: str, start_s: float, end_s: float, label: str = "") -> None:
+        """A span measured elsewhere (e.g. begun on another thread), on this thread's row."""
+        with self._lock:
+            self.spans.append(Span(stage, label, start_s, end_s, threading.current_thread().name))
 
     def stage_seconds(self) -> dict[str, float]:
         totals: dict[str, float] = defaultdict(float)

@@ -193,7 +193,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
         for _ in range(spec.warmup):
             step()
             sender.push().wait()
-        times, peaks, stages, parts, moved = [], [], [], [], []
+        times, peaks, stages, parts, moved, announce_steps = [], [], [], [], [], []
         for _ in range(spec.repeats):
             step()
             dist.barrier()
@@ -210,6 +210,7 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
             moved.append((result.bytes_sent, result.full_bytes, result.changed_fraction or 0.0))
             # Where the wall time goes: announcing, the push thread, then the receivers' acks.
             parts.append(dict(publish=t1 - t0, run=result.seconds, acks=times[-1] - (t1 - t0) - result.seconds))
+            announce_steps.append({**result.announce_seconds, "acks wait": result.acks_seconds or 0.0})
         if spec.profile_dir:
             _profiled_push(sender, os.path.join(spec.profile_dir, f"{cfg.job}-rank{rank}"), rank)
         if optim is not None:  # the baselines must send what this quant's receivers last got
@@ -225,6 +226,8 @@ def trainer(rank: int, world_size: int, spec: Spec, results) -> None:
                              watermark_bytes=cfg.watermark_bytes, plan_s=plan.stats.plan_s,
                              num_tasks=plan.stats.num_tasks, stage_s=stages[len(stages) // 2], kernels=cfg.kernels,
                              parts_s={k: statistics.median(p[k] for p in parts) for k in parts[0]},
+                             fixed_s={k: statistics.median(a.get(k, 0.0) for a in announce_steps)
+                                      for k in announce_steps[0]},
                              delta=cfg.delta, lr=spec.lr if spec.update else None,
                              sent_over_full=(totals[0] / totals[1]).item(),
                              changed_fraction=statistics.median(m[2] for m in moved)))
@@ -490,8 +493,9 @@ def _print_case(report: dict) -> None:
         stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.get("stage_s", {}).items())
         named = {"publish": "announce", "run": "push thread", "acks": "acks"}
         parts = ", ".join(f"{named.get(k, k)} {v * 1e3:.1f}" for k, v in row.get("parts_s", {}).items())
+        fixed = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in row.get("fixed_s", {}).items())
         print(f"  stages ms, {row['quant']} {row['mode']} {row['transport']} ({row.get('kernels', 'auto')} kernels): "
-              f"{stages}; wall: {parts}")
+              f"{stages}; wall: {parts}; around the push thread (medians): {fixed}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     sender = WeightSender(model, cfg)
     sender.push(1).wait()  # plans and connects
-    times, parts, result = [], [], None
+    times, parts, steps, result = [], [], [], None
     profiler = cProfile.Profile() if profile and rank == 0 else None
     for version in range(2, pushes + 2):
         started = time.perf_counter()
@@ -63,13 +63,16 @@ def trainer(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes
         times.append(time.perf_counter() - started)
         parts.append(dict(publish=announced - started, run=result.seconds,
                           acks=times[-1] - (announced - started) - result.seconds))
+        steps.append({**result.announce_seconds, "acks wait": result.acks_seconds or 0.0})
     sender.close()
     top = ""
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
         top = out.getvalue()
-    return {"times_s": times, "parts_s": parts, "stage_s": result.stage_seconds, "announce_profile": top}
+    fixed = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in steps[0]}
+    return {"times_s": times, "parts_s": parts, "stage_s": result.stage_seconds, "fixed_s": fixed,
+            "announce_profile": top}
 
 
 def receiver(rank: int, world_size: int, cfg: SyncConfig, num_params: int, pushes: int) -> None:
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"push overhead on CPU ({os.cpu_count()} cores): {args.params} x {SHAPE} fp32 weights, "
           f"{args.senders} -> {args.receivers} over {args.transport}, torch {torch.__version__}: median "
           f"{median * 1e3:.2f} ms over {args.pushes} pushes (min {min(report['times_s']) * 1e3:.2f}); trainer rank 0 "
-          f"ms (median): {parts}; sender stages ms: {stages}")
+          f"ms (median): {parts}; sender stages ms: {stages}; around the push thread ms (medians): "
+          + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in report["fixed_s"].items()))
     if args.profile:
         print(report["announce_profile"])
     os.makedirs(args.out, exist_ok=True)

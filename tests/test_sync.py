@@ -24,6 +24,15 @@ def test_fsdp2_to_tp1_gloo_and_plan_cache():
         assert out[("trainer", 0, case.name, 2)]["plans"] == 1
     for rank in (0, 1):
         assert "does not increase" in out[("trainer", rank, cases[0].name, "bad_version")]
+    # The fixed cost around the push thread is in each result, step by step; a replayed
+    # push neither plans nor connects, and only the controller waits on the previous push.
+    for rank, steps in ((0, {"scan", "previous push", "plan", "go", "handoff"}), (1, {"scan", "go", "handoff"})):
+        result = out[("trainer", rank, cases[0].name, 2)]["result"]
+        assert set(result.announce_seconds) == steps, result.announce_seconds
+        assert result.acks_seconds is not None and result.acks_seconds > 0
+        assert {"finish", "done"} <= set(result.stage_seconds) and not steps & set(result.stage_seconds)
+        first = out[("trainer", rank, cases[0].name, 1)]["result"]
+        assert "connect" in first.announce_seconds and "connect" not in result.announce_seconds
 
 
 def test_fsdp4_to_tp2():
