@@ -129,6 +129,24 @@ def test_an_entry_moved_to_the_next_module_changes_the_key():
 
 
 
+def test_edits_straight_into_the_dicts_change_the_key():
+    """The snapshot check sees what bypasses nn.Module's API: a child swapped in its parent's
+    ``_modules`` (same size), a parameter deleted from ``_parameters``, a module deleted."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    scan = ParamScan(model, _ranks)
+    key, _ = scan.scan()
+    model._modules["1"] = nn.Linear(2, 3)
+    swapped, local = scan.scan()
+    assert swapped[2][1] == (3, 2) and local["1.weight"].data_ptr() == model[1].weight.data_ptr()
+    del model[1]._parameters["bias"]
+    assert [k[0] for k in scan.scan()[0]] == ["0.weight", "0.bias", "1.weight"]
+    del model[1]
+    before, _ = scan.scan()
+    assert [k[0] for k in before] == ["0.weight", "0.bias"]
+    model[0].weight = model[0].weight  # the same object again: the same key object
+    assert scan.scan()[0] is before
+
+
 def test_a_module_whose_dicts_are_not_dicts_is_walked_every_push():
     model = nn.Sequential(nn.Linear(2, 2))
     model[0]._parameters = UserDict(model[0]._parameters)  # no dict: the snapshot cannot read it
