@@ -12,6 +12,7 @@ import queue
 import threading
 from typing import Callable, Iterable, TypeVar
 
+from .push_thread import PushThread
 from .trace import Trace
 
 Item = TypeVar("Item")
@@ -41,9 +42,12 @@ class ByteBudget:
 
 
 def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce: Callable[[Item], object],
-                 transfer: Callable[[object], None], budget: ByteBudget, trace: Trace) -> None:
+                 transfer: Callable[[object], None], budget: ByteBudget, trace: Trace,
+                 worker: PushThread | None = None) -> None:
     """Run ``produce`` then ``transfer`` on every item, the two stages overlapping.
 
+    The transfers run on ``worker``, a long-lived thread (a fresh one if None: starting a
+    thread costs ~0.1-0.8 ms, as the new thread takes the GIL before ``start`` returns).
     An error on either side stops the other and is raised here.
     """
     handoff: queue.Queue = queue.Queue()
@@ -68,8 +72,11 @@ def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce
                 with trace.span("release"):
                     budget.release(size)
 
-    worker = threading.Thread(target=transfer_loop, name="fsdp_sync-transfer", daemon=True)
-    worker.start()
+    transfers_ended = threading.Event()
+    own = worker is None
+    if own:
+        worker = PushThread("fsdp_sync-transfer")
+    worker.submit(transfer_loop, transfers_ended)
     try:
         for item in work:
             if stop.is_set():
@@ -87,6 +94,8 @@ def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce
         stop.set()
     finally:
         handoff.put(_DONE)
-        worker.join()
+        transfers_ended.wait()
+        if own:
+            worker.stop()
     if errors:
         raise errors[0]

@@ -1,8 +1,8 @@
-"""The sender's push thread: one long-lived thread that runs every push in turn.
+"""The sender's long-lived threads: one runs every push in turn, another the pipeline's transfers.
 
 A fresh ``threading.Thread`` per push cost the trainer ~0.8 ms inside ``push()``:
 ``Thread.start`` waits until the new thread runs, and that thread then holds the GIL.
-Handing a push to a waiting thread through a queue returns at once.
+Handing a job to a waiting thread through a queue returns at once.
 """
 
 from __future__ import annotations

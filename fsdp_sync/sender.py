@@ -152,6 +152,7 @@ class WeightSender:
         self._packer: BucketPacker | None = None
         self._inflight: PushHandle | None = None
         self._push_thread: PushThread | None = None  # started at the first push
+        self._transfer_thread: PushThread | None = None  # the pipeline's transfers, started with it
         self._last_result: PushResult | None = None
         self._progress = progress
         self._pack_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -290,8 +291,9 @@ class WeightSender:
                 self._inflight.wait()
             except Exception:  # noqa: BLE001 - the caller saw it already or will not care at close
                 failed = True
-        if self._push_thread is not None:
-            self._push_thread.stop()
+        for thread in (self._push_thread, self._transfer_thread):
+            if thread is not None:
+                thread.stop()
         if self._transport is not None:
             self._transport.close()
         self._packer = None  # its recorded launches hold the receivers' mapped tensors
@@ -535,8 +537,10 @@ class WeightSender:
             if stores is not None:
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     stores.begin(delta=base is not None)
+            if self._transfer_thread is None:
+                self._transfer_thread = PushThread(f"fsdp_sync-transfer-rank{self.rank}")
             run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes, produce=produce, transfer=transfer,
-                         budget=budget, trace=trace)
+                         budget=budget, trace=trace, worker=self._transfer_thread)
             if stores is not None:
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     stored, changed = stores.end()
