@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 
 from .config import SyncConfig
+from .doorbell import Doorbell, same_host
 from .errors import ControlPlaneError, ControlPlaneLost, SyncError, SyncTimeout
 from .wire import Signer, WireError, dumps, loads
 
@@ -102,6 +103,14 @@ class ControlPlane:
         self.poll_max_s = _POLL_MAX_S
         self.signer = Signer(secret, self.prefix)
         self.signed = self.signer.signed
+        self.doorbell: Doorbell | None = None  # when set, a peer's ring ends a wait's pause early
+
+    def pause(self, seconds: float) -> None:
+        """The sleep between polls: cut short by a ring on this process's doorbell."""
+        if self.doorbell is not None:
+            self.doorbell.sleep(seconds)
+        else:
+            time.sleep(seconds)
 
     def set_pollers(self, count: int) -> None:
         """How many processes (senders and receivers) poll this store: sets the longest poll interval."""
@@ -211,7 +220,7 @@ class ControlPlane:
                 missing = [k for k in keys if not self.store.check([k])]
                 what = describe(missing) if describe else f"keys {missing}"
                 raise SyncTimeout(f"timed out after {timeout_s or self.timeout_s:.1f}s waiting for {what}")
-            time.sleep(pause)
+            self.pause(pause)
             pause = min(pause * 2, self.poll_max_s)
 
     @_store_errors
@@ -264,7 +273,7 @@ class ControlPlane:
                     raise ControlPlaneError(f"gave up after {waited} waiting for {what_open}: "
                                             + "; ".join(refused.values()), key=next(iter(refused)))
                 raise SyncTimeout(f"timed out after {waited} waiting for {what_open}")
-            time.sleep(pause)
+            self.pause(pause)
             pause = min(pause * 2, self.poll_max_s)
 
     @_store_errors
@@ -323,8 +332,20 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 what = describe(pending) if describe else f"one of each of {[alternatives[i] for i in pending]}"
                 raise SyncTimeout(f"timed out after {timeout_s or self.timeout_s:.1f}s waiting for {what}")
-            time.sleep(pause)
+            self.pause(pause)
             pause = min(pause * 2, self.poll_max_s)
+
+    def bells(self, role: str, ranks: Sequence[int], host: str) -> list[str]:
+        """The doorbell addresses of ``role`` ranks on ``host``, to ring after setting a key
+        they wait for; those that published none (or a value that does not verify) are left
+        to their polling."""
+        keys = [bell_key(role, r) for r in ranks]
+        try:
+            if not self.has_all(keys):
+                keys = [k for k in keys if self.has(k)]
+            return same_host(self.get_many(keys), host)
+        except ControlPlaneError:
+            return []
 
     @_store_errors
     def first_error(self, keys: Sequence[str]) -> str | None:
@@ -367,6 +388,11 @@ PUSH_FAILURES = "push/failures"  # pushes that failed somewhere: transports are 
 
 def sender_host_key(rank: int) -> str:
     return f"send/host/{rank}"
+
+
+def bell_key(role: str, rank: int) -> str:
+    """A sender's or receiver's (host, doorbell address); ("", "") where it has none."""
+    return f"bell/{role}/{rank}"
 
 
 def sender_closed_key(rank: int) -> str:

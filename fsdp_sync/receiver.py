@@ -35,9 +35,10 @@ from torch import nn
 
 from .claims import Claim, receiver_claim, trainer_holder
 from .config import SyncConfig
-from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, plan_receiver_key,
-                      plan_sender_key, push_key, ready_key, recv_meta_key, verify_key, listening)
+from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, bell_key,
+                      plan_receiver_key, plan_sender_key, push_key, ready_key, recv_meta_key, verify_key, listening)
 from .delta import digest
+from .doorbell import Doorbell, ring
 from .delta_plan import DELTA_KINDS
 from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout, TrainerGone
 from .meta import LayoutSpec, ReceiverMeta, as_layout_spec, clean_name, dest_tensors, device_id, with_tp_defaults
@@ -96,6 +97,8 @@ class WeightReceiver:
                                  config.shared_settings())
         self.control: ControlPlane | None = None
         self._claim: Claim | None = None
+        self._bell = Doorbell.open()  # the senders ring it after announcing and after their done keys
+        self._ring: list[str] = []  # the senders' doorbells on this host: rung after an ack or ready key
         self._register(ControlPlane.connect(config, serve=False))
         self._gone: str | None = None  # why no trainer is there now (closed, or its store went away)
         self._backoff = _RECONNECT_MIN_S
@@ -120,6 +123,8 @@ class WeightReceiver:
         """Claim this rank on ``control`` and publish the metadata the controller plans from."""
         claim = receiver_claim(control, self.rank)
         self.control, self._claim = control, claim
+        control.doorbell = self._bell
+        control.set(bell_key("receiver", self.rank), (self.host, self._bell.address) if self._bell else ("", ""))
         self._seq = control.get(PUSH_LATEST) if control.has(PUSH_LATEST) else 0
         self._publish_meta()
         if self.rank == 0:
@@ -193,7 +198,11 @@ class WeightReceiver:
 
     def close(self) -> None:
         self._stop.set()
+        if self._bell is not None:
+            ring([self._bell.address])  # out of a pause at once
         self._thread.join(timeout=5)
+        if self._bell is not None:
+            self._bell.close()
         if self._transport is not None:
             self._transport.close()
         if self._claim is not None:
@@ -212,7 +221,7 @@ class WeightReceiver:
             seq = self._seq + 1
             try:
                 if not self.control.has(push_key(seq)):
-                    time.sleep(pause)
+                    self.control.pause(pause)
                     pause = min(pause * 2, _IDLE_POLL_S)
                     continue
                 try:
@@ -235,7 +244,7 @@ class WeightReceiver:
                 try:
                     if not isinstance(e, PlanError):  # a refused plan moved no bytes
                         self.control.record_failure(seq)
-                    self.control.set(ack_key(seq, self.rank), f"receiver {self.rank}: {e}")
+                    self._answer(ack_key(seq, self.rank), f"receiver {self.rank}: {e}")
                 except Exception:  # noqa: BLE001 - the store itself may be gone
                     pass
                 with self._cond:
@@ -301,6 +310,7 @@ class WeightReceiver:
         self._closed_by = (holder, time.monotonic())
         try:
             control.set(ack_key(seq, self.rank), "closed")
+            ring(self._ring)  # the store's host waits for this before it exits
         except Exception:  # noqa: BLE001 - it went already
             pass
 
@@ -370,6 +380,7 @@ class WeightReceiver:
             if self._plan is None or self._plan.fingerprint != fp:
                 self._plan = self._load_plan(seq, fp)
                 self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
+                self._ring = self.control.bells("sender", range(self._plan.num_senders), self.host)
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None  # a failed build below leaves none, and the next push builds again
@@ -387,13 +398,18 @@ class WeightReceiver:
                 self._buffer_version = None
                 with self._cond:  # the shadow no longer holds the landed version: only the live one is left
                     self.landed_version = self.version
-                self.control.set(ready_key(seq, self.rank), True)
+                self._answer(ready_key(seq, self.rank), True)
                 self._receive(seq, delta=base is not None, verify=verify)
                 self._landed(version, live=False)
                 self._staging_valid = True
         else:
             self._land_in_place(seq, version, delta=base is not None, verify=verify)
-        self.control.set(ack_key(seq, self.rank), "ok")
+        self._answer(ack_key(seq, self.rank), "ok")
+
+    def _answer(self, key: str, value: object) -> None:
+        """Set a key the senders wait for (an ack, a ready key), and ring their doorbells."""
+        self.control.set(key, value)
+        ring(self._ring)
 
     def _load_plan(self, seq: int, fp: str) -> ReceiverPlan:
         key = plan_receiver_key(fp, self.rank)
@@ -452,7 +468,7 @@ class WeightReceiver:
             self._pause()
             self._paused = True
         if self.meta.gated:
-            self.control.set(ready_key(seq, self.rank), True)
+            self._answer(ready_key(seq, self.rank), True)
         self._buffer_version = None
         try:
             self._receive(seq, delta=delta, verify=verify)

@@ -24,13 +24,14 @@ from torch import nn
 
 from .config import SyncConfig
 from .claims import Claim, receiver_held, trainer_claim
-from .control import (CLOSED, ControlPlane, PUSH_LATEST, RECV_COUNT, ack_key, done_key, is_announcement, plan_sender_key,
+from .control import (CLOSED, ControlPlane, PUSH_LATEST, RECV_COUNT, ack_key, bell_key, done_key, is_announcement, plan_sender_key,
                       push_key, ready_key, recv_meta_key, sender_closed_key, sender_error_key, sender_host_key,
                       verify_key)
 from .controller import Controller
 from .delta import DeltaSender, DeltaStats
 from .delta_plan import DELTA_KINDS
 from .delta_stores import DeltaStores
+from .doorbell import Doorbell, ring
 from .errors import ControlPlaneError, PlanError, SyncError, SyncTimeout
 from .meta import ReceiverMeta, SourceParam, device_id, source_params
 from .packing import BucketPacker, groups_launches
@@ -131,7 +132,13 @@ class WeightSender:
         self._hosts_store = self.rank == 0 and config.host_control
         self._claim: Claim | None = None
         self.control = self._join_control_plane()
-        self.control.set(sender_host_key(self.rank), (self.host, device_id(self.device)))
+        # Receivers on this host ring it after their acks (and ready keys); it rings theirs.
+        self._bell = Doorbell.open()
+        self.control.doorbell = self._bell
+        self.control.set_many({sender_host_key(self.rank): (self.host, device_id(self.device)),
+                               bell_key("sender", self.rank): (self.host, self._bell.address) if self._bell else ("", "")})
+        self._ring_done: list[str] = []  # the doorbells of the receivers this rank sends to
+        self._ring_go: tuple[str, list[str]] = ("", [])  # controller: (plan, the doorbells of its receivers and senders)
         self.controller = Controller(self.control, config, self.world_size, self.run_id) if self.rank == 0 else None
         self.version: int | None = None
         self.seq = self.control.get(PUSH_LATEST, expect=int) if self.control.has(PUSH_LATEST) else 0
@@ -300,6 +307,8 @@ class WeightSender:
         self._leave_control_plane(wait_for_peers=not failed)
         if self._claim is not None:
             self._claim.release()
+        if self._bell is not None:
+            self._bell.close()
 
     def _leave_control_plane(self, *, wait_for_peers: bool) -> None:
         """The controller waits for every sender rank to close, then tells the receivers.
@@ -325,6 +334,7 @@ class WeightSender:
             warnings.warn(f"fsdp_sync: closing the control plane anyway: {e}", stacklevel=3)
         self.seq += 1
         self.control.set_many({push_key(self.seq): (CLOSED,), PUSH_LATEST: self.seq})
+        ring(self._ring_go[1])
         if self._hosts_store:
             self._linger_for_receivers()
         for key in keys:
@@ -381,6 +391,7 @@ class WeightSender:
             announced = ("go", version, plan.fingerprint, generation, *self._delta_go(plan, generation))
             with trace.span("go"):
                 self.control.set_many({push_key(seq): announced, PUSH_LATEST: seq})
+            ring(self._go_bells(plan))
             self._announced = seq
             self._last_go = (plan.fingerprint, generation, version)
         else:
@@ -402,6 +413,15 @@ class WeightSender:
             with trace.span("connect"):
                 self._open_transport(generation, seq)  # a push failed since: its connections may be unusable
         return local
+
+    def _go_bells(self, plan) -> list[str]:
+        """Controller: the doorbells on this host of every receiver of ``plan`` and of the other
+        sender ranks, all waiting for its announcements; read once per plan."""
+        if self._ring_go[0] != plan.fingerprint:
+            registered = [plan.registered_rank(s) for s in range(plan.num_receivers)]
+            self._ring_go = (plan.fingerprint, self.control.bells("receiver", registered, self.host)
+                             + self.control.bells("sender", range(1, self.world_size), self.host))
+        return self._ring_go[1]
 
     def _delta_go(self, plan, generation: int) -> tuple[int | None, bool]:
         """Controller: the (delta base, verify) of the push it announces next.
@@ -464,6 +484,7 @@ class WeightSender:
         self._transport = send_cls(self.control, self._plan, receivers, self.config, self.host,
                                    generation=generation, abort=lambda: self.control.failure_in(seq, errors))
         self._generation = generation
+        self._ring_done = self.control.bells("receiver", [plan.registered_rank(r) for r in plan.receivers], self.host)
         kind = DELTA_KINDS.get(plan.transport) if self.config.delta != "off" else None
         # A delta diffs every payload against its shadow first, so the packer hands them over
         # instead of writing destinations; a new transport starts with no shadow (an anchor).
@@ -554,10 +575,12 @@ class WeightSender:
                 self.control.set(verify_key(seq, self.rank), stats.digests)
             with trace.span("done"):
                 self.control.set(done_key(seq, self.rank), True)
+                ring(self._ring_done)
         except BaseException as e:  # noqa: BLE001 - recorded for the receivers, raised in wait()
             try:
                 self.control.record_failure(seq)
                 self.control.set(sender_error_key(seq, self.rank), f"sender {self.rank} failed in push {seq}: {e!r}")
+                ring(self._ring_done + self._ring_go[1])
             except SyncError:  # the store is gone too: nobody is left to tell
                 pass
             handle._outcome["error"] = e if isinstance(e, SyncError) else SyncError(f"push {seq} failed on sender {self.rank}: {e!r}")
