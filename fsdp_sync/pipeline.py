@@ -43,8 +43,14 @@ class ByteBudget:
 
 def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce: Callable[[Item], object],
                  transfer: Callable[[object], None], budget: ByteBudget, trace: Trace,
-                 worker: PushThread | None = None) -> None:
+                 worker: PushThread | None = None, held: Callable[[object], int] | None = None) -> None:
     """Run ``produce`` then ``transfer`` on every item, the two stages overlapping.
+
+    Each item reserves ``nbytes(item)`` of the budget while it is produced; ``held(packed)``
+    (default: all of it) says how much of that its product still holds until transferred.
+    Weights written straight into their destinations hold nothing: the next bucket's
+    launches then need not wait for this one's transfer, and the GPU never idles between
+    buckets for the want of memory that is not used.
 
     The transfers run on ``worker``, a long-lived thread (a fresh one if None: starting a
     thread costs ~0.1-0.8 ms, as the new thread takes the GIL before ``start`` returns).
@@ -88,6 +94,10 @@ def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce
             except BaseException:
                 budget.release(size)
                 raise
+            if held is not None:
+                keep = min(size, held(packed))
+                budget.release(size - keep)
+                size = keep
             handoff.put((packed, size))
     except BaseException as e:
         errors.append(e)

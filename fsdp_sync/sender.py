@@ -561,7 +561,7 @@ class WeightSender:
             if self._transfer_thread is None:
                 self._transfer_thread = PushThread(f"fsdp_sync-transfer-rank{self.rank}")
             run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes, produce=produce, transfer=transfer,
-                         budget=budget, trace=trace, worker=self._transfer_thread)
+                         budget=budget, trace=trace, worker=self._transfer_thread, held=_payload_bytes)
             if stores is not None:
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     stored, changed = stores.end()
@@ -608,6 +608,17 @@ class WeightSender:
         failures = [a for a in acks if a != "ok"]
         if failures:
             raise SyncError(f"version {version} did not land: " + "; ".join(failures))
+
+
+def _payload_bytes(packed: tuple) -> int:
+    """What a produced bucket holds until its transfer: its payloads, tensors or a delta's
+    encoded bodies (None where a weight was written straight into its destination)."""
+    total = 0
+    for _, payload in packed[0]:
+        data = getattr(payload, "body", payload)
+        if data is not None:
+            total += data.numel() * data.element_size()
+    return total
 
 
 def _model_device(model: nn.Module) -> torch.device:
