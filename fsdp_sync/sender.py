@@ -377,7 +377,9 @@ class WeightSender:
                                                                  rank_of=self.trainers.local_ranks)}
             self._sources_key = key
         if self.controller is not None:
-            if self._announced is not None:  # first, so its failure is in the count read next
+            # First, so its failure is in the count read next. Alone, this rank's own push
+            # thread ended it already (push() waited for it), failure counted.
+            if self._announced is not None and self.world_size > 1:
                 with trace.span("previous push"):
                     self._wait_until_ended(self._announced)
             try:
