@@ -53,6 +53,9 @@ _POLL_MIN_S = 0.00005
 _POLL_FLOOR_S = 0.00025
 _POLL_MAX_S = 0.005
 _CHECKS_PER_S = 100_000
+# compare_set's answer for a missing key (it creates nothing when the expected value is not
+# empty): no genuine value starts with a NUL byte (they are JSON, or signed JSON).
+_MISSING = b"\x00fsdp_sync: no such key"
 
 
 def listening(host: str, port: int, timeout_s: float) -> bool:
@@ -183,6 +186,12 @@ class ControlPlane:
         return [self._loads(k, raw, expect) for k, raw in zip(keys, self.store.multi_get(keys))] if keys else []
 
     @_store_errors
+    def _try_get(self, key: str) -> bytes | None:
+        """The raw value under ``key`` or None, in one round trip (check then get is two)."""
+        raw = self.store.compare_set(key, _MISSING, _MISSING)
+        return None if raw == _MISSING else raw
+
+    @_store_errors
     def get(self, key: str, *, expect: type | tuple[type, ...] | None = None) -> Any:
         """The value of a key that is known to exist (check or wait first); ControlPlaneError if
         it is refused (or, with ``expect``, not of that type)."""
@@ -245,8 +254,13 @@ class ControlPlane:
         while True:
             if not pending:
                 return [values[k] for k in keys]
-            if self.store.check(pending):
-                for key, raw in zip(pending, self.store.multi_get(pending)):
+            if len(pending) == 1:  # one key (an ack, a done key, the go): one round trip
+                raw = self._try_get(pending[0])
+                found = [raw] if raw is not None else None
+            else:
+                found = self.store.multi_get(pending) if self.store.check(pending) else None
+            if found is not None:
+                for key, raw in zip(pending, found):
                     try:
                         value = self._loads(key, raw)
                     except ControlPlaneError as e:
@@ -287,13 +301,17 @@ class ControlPlane:
                          f"to finish push {seq}")
 
     @_store_errors
-    def announcement(self, seq: int) -> tuple:
+    def announcement(self, seq: int) -> tuple | None:
         """Push ``seq``'s announcement, checked: ("go", version, fingerprint, generation, base,
         verify) where ``base`` is the version a delta push applies to (None: a full push) and
         ``verify`` says whether both sides hash the destinations after it, or
-        ("error", message) for a refused plan, or ("refused", message) for a refused control value."""
+        ("error", message) for a refused plan, or ("refused", message) for a refused control value;
+        None while it is not there (one round trip either way)."""
         key = push_key(seq)
-        value = self.get(key)
+        raw = self._try_get(key)
+        if raw is None:
+            return None
+        value = self._loads(key, raw)
         if not is_announcement(value):
             raise ControlPlaneError(f"control key {self.prefix}{key} refused: {value!r:.80} is no push "
                                     "announcement", key=key)

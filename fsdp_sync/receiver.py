@@ -36,7 +36,7 @@ from torch import nn
 from .claims import Claim, receiver_claim, trainer_holder
 from .config import SyncConfig
 from .control import (CLOSED, PUSH_LATEST, RECV_COUNT, RECV_EPOCH, ControlPlane, ack_key, bell_key,
-                      plan_receiver_key, plan_sender_key, push_key, ready_key, recv_meta_key, verify_key, listening)
+                      plan_receiver_key, plan_sender_key, ready_key, recv_meta_key, verify_key, listening)
 from .delta import digest
 from .doorbell import Doorbell, ring
 from .delta_plan import DELTA_KINDS
@@ -220,15 +220,15 @@ class WeightReceiver:
                 continue
             seq = self._seq + 1
             try:
-                if not self.control.has(push_key(seq)):
-                    self.control.pause(pause)
-                    pause = min(pause * 2, _IDLE_POLL_S)
-                    continue
                 try:
                     announced = self.control.announcement(seq)
                 except ControlPlaneError as e:
                     self._refuse(e)
                     time.sleep(_IDLE_POLL_S)
+                    continue
+                if announced is None:
+                    self.control.pause(pause)
+                    pause = min(pause * 2, _IDLE_POLL_S)
                     continue
                 self._refused = None
                 pause = _IDLE_POLL_MIN_S

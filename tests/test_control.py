@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from fsdp_sync.control import PUSH_FAILURES, ControlPlane, done_key, sender_error_key
+from fsdp_sync.control import PUSH_FAILURES, ControlPlane, done_key, push_key, sender_error_key
 from fsdp_sync.errors import SyncTimeout
 from recipes.jobs import free_port
 
@@ -53,3 +53,18 @@ def test_get_many_reads_values_in_order_in_one_call(control):
     control.set_many({"a": ("go", 1), "b": "ok", "c": [3]})
     assert control.get_many(["c", "a", "b"]) == [[3], ("go", 1), "ok"]
     assert control.get_many([]) == []
+
+
+def test_one_key_is_read_in_one_round_trip_and_a_missing_one_is_not_made(control):
+    """A wait for one key (an ack, a done key, the announcement) reads it with compare_set,
+    which answers a missing key without creating it."""
+    assert control._try_get("ack") is None and not control.has("ack")
+    assert control.announcement(7) is None and not control.has(push_key(7))
+    control.set(push_key(7), ("go", 3, "fp", 0, None, False))
+    assert control.announcement(7) == ("go", 3, "fp", 0, None, False)
+    control.set("ack", "forged shape")  # refused by accept: as if not written yet
+    threading.Timer(0.05, lambda: control.set("ack", ["ok"])).start()
+    assert control.wait_values(["ack"], accept=lambda v: isinstance(v, list), timeout_s=5.0) == [["ok"]]
+    with pytest.raises(SyncTimeout):
+        control.wait_values(["never"], timeout_s=0.05)
+    assert not control.has("never")
