@@ -41,6 +41,7 @@ class DeltaCase:
     events: dict[int, str] = field(default_factory=dict)
     timeout_s: float = 60.0
     kernels: str = "auto"  # SyncConfig.kernels of the delta job (grouped: Triton, interpreted on CPU)
+    device: str = "cpu"  # "cuda": every process on the GPU recipes.jobs.start_job gave it
 
     def config(self, delta: bool) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port if delta else self.full_port}",
@@ -58,18 +59,23 @@ def _model_config():
     return tiny_llama_config(num_hidden_layers=1, vocab_size=256)
 
 
+def _device(case: DeltaCase) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if case.device == "cuda" else torch.device("cpu")
+
+
 def trainer(rank: int, world_size: int, cases: list[DeltaCase], results, barrier) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     for case in cases:
-        mesh = (init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("replicate", "shard")) if case.hsdp
-                else init_device_mesh("cpu", (world_size,), mesh_dim_names=("shard",)))
-        model = apply_fsdp(build_model(_model_config(), seed=0, dtype=case.dtype), mesh)
+        device = _device(case)
+        mesh = (init_device_mesh(case.device, (world_size, 1), mesh_dim_names=("replicate", "shard")) if case.hsdp
+                else init_device_mesh(case.device, (world_size,), mesh_dim_names=("shard",)))
+        model = apply_fsdp(build_model(_model_config(), seed=0, dtype=case.dtype).to(device), mesh)
         optim = torch.optim.AdamW(model.parameters(), lr=case.lr, weight_decay=0.0)
         delta, full = WeightSender(model, case.config(True)), WeightSender(model, case.config(False))
         report = []
         for version in range(1, case.versions + 1):
-            ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(version))
+            ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(version)).to(device)
             model(input_ids=ids, labels=ids).loss.backward()
             optim.step()
             optim.zero_grad()
@@ -88,7 +94,8 @@ def trainer(rank: int, world_size: int, cases: list[DeltaCase], results, barrier
 
 def _receiver(case: DeltaCase, rank: int, delta: bool) -> WeightReceiver:
     layout = case.layout(rank)
-    dests = allocate_destinations(param_shapes(_model_config(), case.dtype), layout=layout, quant=case.quant)
+    dests = allocate_destinations(param_shapes(_model_config(), case.dtype), layout=layout, quant=case.quant,
+                                  device=_device(case))
     return WeightReceiver(dests, config=case.config(delta), layout=layout.name, layout_kwargs=layout.kwargs,
                           commit=case.commit)
 
