@@ -22,6 +22,10 @@ KERNELS = ("auto", "grouped", "per_box", "reference")
 # off: every push is full. on: a push after a good one sends only what changed (see
 # fsdp_sync.delta). auto: as on, but a piece whose encoded change is not smaller goes dense.
 DELTA_MODES = ("off", "auto", "on")
+# Where a delta sender keeps the last payload it sent (its shadow): beside its weights, or in
+# pinned host memory, which a GPU sender's kernels read and write over PCIe (UVA): device
+# memory saved, every delta pass PCIe-bound.
+DELTA_SHADOWS = ("device", "pinned")
 # After a failed push: "fail" keeps every registered receiver in the plan (the next push
 # waits for them all again); "drop" leaves out the receivers whose heartbeat stopped and
 # pushes on to the rest, and plans with the receivers registered so far.
@@ -73,6 +77,7 @@ class SyncConfig:
     check_finite: bool = False  # refuse inf/NaN in tensors sent unquantized too (FP8 ones always are)
     delta: str = "off"  # off | auto | on: send only what changed since the receiver's last version
     verify_every: int = 0  # every N-th push both sides hash every destination and compare (0: never)
+    delta_shadow: str = "device"  # device | pinned: where a sender's shadow of what it sent lives
     links: LinkModel = field(default_factory=LinkModel)
     # Shared secret that signs every control value (HMAC-SHA256); None: $FSDP_SYNC_SECRET if
     # set, else unsigned. Never printed: repr=False, and only its HMAC state is kept once connected.
@@ -92,6 +97,8 @@ class SyncConfig:
                              f"{list(RECEIVER_FAILURE_POLICIES)}")
         if self.delta not in DELTA_MODES:
             raise ValueError(f"SyncConfig.delta={self.delta!r} is not one of {list(DELTA_MODES)}")
+        if self.delta_shadow not in DELTA_SHADOWS:
+            raise ValueError(f"SyncConfig.delta_shadow={self.delta_shadow!r} is not one of {list(DELTA_SHADOWS)}")
         if type(self.verify_every) is not int or self.verify_every < 0:
             raise ValueError(f"SyncConfig.verify_every must be an int >= 0, got {self.verify_every!r}")
         if self.watermark_mb <= 0:

@@ -64,7 +64,9 @@ class DeltaSender:
     """The shadows of one sender's tasks, and the per-push pass over its packed buckets."""
 
     def __init__(self, tasks: list[Task], device: torch.device, *, mode: str, one_sided: bool,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", pinned: bool = False):
+        """``pinned``: shadows in pinned host memory (a GPU sender's pass reads them over PCIe)."""
+        self.pinned = pinned and device.type == "cuda"
         self.mode = mode
         self.one_sided = one_sided
         self.programs = {id(t): p for t, p in zip(tasks, lower(tasks, one_sided=one_sided))}
@@ -96,7 +98,10 @@ class DeltaSender:
             if delta and shadow is not None:
                 out.append((task, self._diff(task, program, new.view(-1), shadow, stats, destination)))
                 continue
-            self.shadows[id(task)] = new.clone().view(-1) if shadow is None else shadow.copy_(new.view(-1))
+            if shadow is None:
+                shadow = self.shadows[id(task)] = (torch.empty(new.numel(), dtype=new.dtype, pin_memory=True)
+                                                   if self.pinned else torch.empty_like(new).view(-1))
+            shadow.copy_(new.view(-1))
             if task.kind == DATA:
                 stats.elements += program.numel
                 stats.changed += program.numel
@@ -135,6 +140,11 @@ class DeltaSender:
         A strided destination (a column slice) takes a scatter after the pass; one that torch
         would have to index on a peer GPU is written whole instead (correct, not smaller).
         """
+        if shadow.device != new.device:  # pinned host shadow: the pass runs on a device copy
+            here = shadow.to(new.device)
+            result = self._update(new, here, out)
+            shadow.copy_(here)
+            return result
         delta_pass = self._kernel or delta_update_reference
         if out is None or (out.dim() == 1 and (self._kernel is not None or out.device == new.device)):
             return (*delta_pass(new, shadow, out), False)

@@ -25,11 +25,19 @@ ITEMSIZES = (1, 2, 4, 8)  # the rows of ``changed``
 SPREAD = 64  # words per row: each program adds into one, so that atomics do not queue on one address
 
 
+def _empty(like: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    if pinned:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+    return torch.empty(like.shape, dtype=like.dtype, device=device)
+
+
 class DeltaStores:
     """The shadows of the tasks one packer stores itself, and the current push's counts."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, pinned: bool = False):
+        """``pinned``: shadows in pinned host memory, which the launches address over PCIe."""
         self.device = device
+        self.pinned = pinned and device.type == "cuda"
         self.anchor = torch.ones(1, dtype=torch.int32, device=device)
         self.changed = torch.zeros(len(ITEMSIZES), SPREAD, dtype=torch.int64, device=device)
         self._itemsizes = torch.tensor(ITEMSIZES, dtype=torch.int64, device=device)
@@ -59,7 +67,7 @@ class DeltaStores:
         (its bytes are unset until an anchor stores them all)."""
         hit = self._shadows.get(id(task))
         if hit is None:
-            hit = self._shadows[id(task)] = (task, torch.empty(like.shape, dtype=like.dtype, device=self.device))
+            hit = self._shadows[id(task)] = (task, _empty(like, self.device, self.pinned))
         return hit[1]
 
     def whole(self, nbytes: int, elements: int) -> None:

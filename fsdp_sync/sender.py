@@ -62,7 +62,7 @@ class PushResult:
     full_bytes: int | None = None  # what a full push of this version sends from this rank
     delta_base: int | None = None  # the version this push was a delta on; None: a full push
     changed_fraction: float | None = None  # of weight elements (scale grids not counted)
-    shadow_bytes: int = 0  # the shadow of what this rank last sent, on its device
+    shadow_bytes: int = 0  # the shadow of what this rank last sent (SyncConfig.delta_shadow: where)
     # The fixed cost around the push thread: announcing (push() returning) by step, and the
     # wait for the receivers' acks (set once wait() read them).
     announce_seconds: dict[str, float] = field(default_factory=dict)
@@ -490,13 +490,14 @@ class WeightSender:
         kind = DELTA_KINDS.get(plan.transport) if self.config.delta != "off" else None
         # A delta diffs every payload against its shadow first, so the packer hands them over
         # instead of writing destinations; a new transport starts with no shadow (an anchor).
+        pinned = self.config.delta_shadow == "pinned"
         self._delta = (DeltaSender(plan.tasks, self.device, mode=self.config.delta, one_sided=kind == "one_sided",
-                                   kernels=self.config.kernels) if kind else None)
+                                   kernels=self.config.kernels, pinned=pinned) if kind else None)
         # One-sided with grouped kernels, into buffers on the sender's kind of device (cuda_ipc
         # from a GPU, shm from the CPU), the packer's own stores find the change as they write
         # (fsdp_sync.delta_stores); else the delta pass diffs the packed payloads.
         same_kind = (plan.transport == "cuda_ipc") == (self.device.type == "cuda")
-        self._stores = (DeltaStores(self.device) if kind == "one_sided" and same_kind and self.config.fused_writes
+        self._stores = (DeltaStores(self.device, pinned=pinned) if kind == "one_sided" and same_kind and self.config.fused_writes
                         and groups_launches(self.device, self.config.kernels) else None)
         fused = self.config.fused_writes and (self._delta is None or self._stores is not None)
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,

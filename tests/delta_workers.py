@@ -42,13 +42,14 @@ class DeltaCase:
     timeout_s: float = 60.0
     kernels: str = "auto"  # SyncConfig.kernels of the delta job (grouped: Triton, interpreted on CPU)
     device: str = "cpu"  # "cuda": every process on the GPU recipes.jobs.start_job gave it
+    delta_shadow: str = "device"  # SyncConfig.delta_shadow of the delta job
 
     def config(self, delta: bool) -> SyncConfig:
         return SyncConfig(control=f"127.0.0.1:{self.port if delta else self.full_port}",
                           job=f"{self.name}-{'delta' if delta else 'full'}", quant=self.quant, mode=self.mode,
                           transport=self.transport, timeout_s=scaled(self.timeout_s), connect_timeout_s=scaled(60),
                           delta=self.delta if delta else "off", verify_every=self.verify_every if delta else 0,
-                          kernels=self.kernels if delta else "auto")
+                          kernels=self.kernels if delta else "auto", delta_shadow=self.delta_shadow)
 
     def layout(self, rank: int) -> LayoutSpec:
         return LayoutSpec("hf_tp", {"tp_rank": rank % self.tp, "tp_size": self.tp}) if self.tp > 1 else \
@@ -88,6 +89,10 @@ def trainer(rank: int, world_size: int, cases: list[DeltaCase], results, barrier
             full.push(version).wait()
             barrier.wait(timeout=scaled(case.timeout_s))  # receivers compared this version
         results.put(("trainer", rank, case.name, "report", pack(report)))
+        shadows = [s for _, s in delta._stores._shadows.values()] if delta._stores is not None else []
+        shadows += list(delta._delta.shadows.values()) if delta._delta is not None else []
+        results.put(("trainer", rank, case.name, "shadows", pack(sorted({str(s.device) + (" pinned" if s.is_pinned()
+                                                                          else "") for s in shadows}))))
         delta.close()
         full.close()
 

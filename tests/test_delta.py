@@ -182,3 +182,11 @@ def test_both_jobs_must_agree_on_delta():
         SyncConfig(delta="sometimes")
     with pytest.raises(ValueError, match="verify_every"):
         SyncConfig(verify_every=-1)
+
+
+def test_an_unknown_shadow_place_is_refused_by_name():
+    from fsdp_sync import SyncConfig
+
+    with pytest.raises(ValueError, match=r"SyncConfig.delta_shadow='nvme' is not one of \['device', 'pinned'\]"):
+        SyncConfig(delta_shadow="nvme")
+    assert SyncConfig().delta_shadow == "device"

@@ -56,18 +56,20 @@ def test_grouped_and_per_box_launches_land_the_same_bytes(kernels):
         check_cases(run_cases(cases, num_senders=senders, num_receivers=1, receiver_gpu_offset=1), cases, 1)
 
 
-@pytest.mark.parametrize("quant", ["none", "fp8_block", "fp8_rowwise"])
-def test_delta_over_cuda_ipc_equals_full_over_50_steps_on_one_gpu(quant):
+@pytest.mark.parametrize("quant, shadow", [("none", "device"), ("fp8_block", "device"), ("fp8_rowwise", "device"),
+                                           ("none", "pinned"), ("fp8_block", "pinned")])
+def test_delta_over_cuda_ipc_equals_full_over_50_steps_on_one_gpu(quant, shadow):
     """The delta contract on the GPU: trainer and engine processes on one GPU, the delta
     sender's grouped launches storing changed codes (or values) straight into the receiver's
     buffers over CUDA IPC; a full sender beside it, AdamW steps between pushes, and the two
-    destination sets equal bit for bit at each of 50 versions."""
+    destination sets equal bit for bit at each of 50 versions. With ``delta_shadow="pinned"``
+    the launches read and write shadows in pinned host memory."""
     from tests import delta_workers
     from tests.delta_workers import DeltaCase
     from tests.harness import new_port
 
-    case = DeltaCase(name=f"gpu-delta-{quant}", quant=quant, mode="direct", transport="cuda_ipc", port=new_port(),
-                     full_port=new_port(), delta="on", device="cuda", lr=1e-5)
+    case = DeltaCase(name=f"gpu-delta-{quant}-{shadow}", quant=quant, mode="direct", transport="cuda_ipc",
+                     port=new_port(), full_port=new_port(), delta="on", device="cuda", lr=1e-5, delta_shadow=shadow)
     out = run_cases([case], num_senders=1, num_receivers=1, receiver_gpu_offset=0, workers=delta_workers,
                     timeout_s=300)
     assert not [k for k in out if k[2] == "process"], {k: v for k, v in out.items() if k[2] == "process"}
@@ -78,3 +80,4 @@ def test_delta_over_cuda_ipc_equals_full_over_50_steps_on_one_gpu(quant):
     assert [r[1] for r in report] == [None] + list(range(1, case.versions))  # one anchor, then deltas
     sent, whole = sum(r[2] for r in report[5:]), sum(r[3] for r in report[5:])
     assert sent < whole and report[-1][5] > 0, (sent, whole)
+    assert out[("trainer", 0, case.name, "shadows")] == (["cpu pinned"] if shadow == "pinned" else ["cuda:0"])

@@ -144,7 +144,9 @@ class GroupedStores:
     def add(self, dst: torch.Tensor, src: torch.Tensor, shadow: torch.Tensor) -> bool:
         """Queue the store; False (nothing queued) where it does not apply (devices, shapes or
         dtypes differ, or dims that do not collapse to two)."""
-        on_device = src.device == shadow.device == self.device and dst.device.type == self.device.type
+        # A pinned host shadow is addressed over PCIe (UVA), like one on the device.
+        shadow_here = shadow.device == self.device or (self.device.type == "cuda" and shadow.is_pinned())
+        on_device = src.device == self.device and shadow_here and dst.device.type == self.device.type
         if not (on_device and (self.device.type == "cuda" or _interpreting())):
             return False
         if not (src.shape == dst.shape == shadow.shape and src.dtype == dst.dtype == shadow.dtype):
