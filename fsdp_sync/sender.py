@@ -57,7 +57,7 @@ class PushResult:
     stage_seconds: dict[str, float]  # the push thread's stages
     peak_bytes: int
     floor_s: float | None = None  # the plan's floor, known on the controller
-    trace_path: str | None = None
+    trace_path: str | None = None  # SyncConfig.trace_dir: the push's Chrome trace, acks included
     # Delta push (SyncConfig.delta): bytes_sent is what moved; these say against what.
     full_bytes: int | None = None  # what a full push of this version sends from this rank
     delta_base: int | None = None  # the version this push was a delta on; None: a full push
@@ -81,6 +81,7 @@ class PushHandle:
     _after: Callable[[], None] | None = None
     _on_result: Callable[["PushResult"], None] | None = None
     _trace: Trace | None = None  # its spans: announcing, the push thread, the acks
+    _trace_dir: str | None = None  # SyncConfig.trace_dir: the trace is written once the acks are in
 
     def done(self) -> bool:
         return self._finished.is_set()
@@ -89,6 +90,7 @@ class PushHandle:
         if not self._finished.wait(timeout):
             raise TimeoutError(f"push of version {self.version} still running after {timeout}s")
         if "error" in self._outcome:
+            self._write_trace()
             raise self._outcome["error"]
         if "result" not in self._outcome:  # the push thread logged what ended it
             raise SyncError(f"push of version {self.version} ended without a result (its error is in the log)")
@@ -103,12 +105,28 @@ class PushHandle:
                     after()
             except BaseException as e:
                 self._outcome["error"] = e
+                self._write_trace()
                 raise
             self._outcome["result"].acks_seconds = time.perf_counter() - started
+        self._write_trace()
         if self._on_result is not None:
             self._on_result(self._outcome["result"])
             self._on_result = None
         return self._outcome["result"]
+
+    def _write_trace(self) -> None:
+        """The push's Chrome trace, acks included, once (a trace folder that cannot be written
+        is logged, not raised: the push itself landed or failed on its own)."""
+        folder, self._trace_dir = self._trace_dir, None
+        if folder is None or self._trace is None:
+            return
+        try:
+            path = self._trace.write_chrome(folder, f"push{self.seq}")
+        except OSError as e:
+            log.warning("fsdp_sync: could not write the trace of push %d: %s", self.seq, e)
+            return
+        if "result" in self._outcome:
+            self._outcome["result"].trace_path = path
 
 
 class WeightSender:
@@ -234,7 +252,7 @@ class WeightSender:
                 raise
             raise SyncError(f"sender {self.rank} could not set up push {seq} (version {version}): {e!r}") from e
         self.seq, self.version = seq, version
-        handle = PushHandle(version, seq, _on_result=self._keep_result, _trace=trace)
+        handle = PushHandle(version, seq, _on_result=self._keep_result, _trace=trace, _trace_dir=self.config.trace_dir)
         if self._pack_stream is not None:
             handle._weights_ready = torch.cuda.Event()
             handle._weights_ready.record(torch.cuda.current_stream(self.device))
@@ -590,14 +608,13 @@ class WeightSender:
             handle._outcome["error"].__cause__ = e
             return
         seconds = time.perf_counter() - started
-        path = trace.write_chrome(self.config.trace_dir, f"push{seq}") if self.config.trace_dir else None
         floor = self.controller.plan.stats.floor_s if self.controller else None
         full = sum(t.nbytes for t in plan.tasks)
         stages = trace.stage_seconds()
         handle._outcome["result"] = PushResult(
             handle.version, seq, seconds, stats.bytes_sent if self._delta else full,
             {k: v for k, v in stages.items() if k not in announce_stages},
-            budget.peak, floor, path, full_bytes=full, delta_base=base if self._delta else None,
+            budget.peak, floor, None, full_bytes=full, delta_base=base if self._delta else None,
             changed_fraction=stats.changed / stats.elements if self._delta and stats.elements else None,
             shadow_bytes=(self._delta.shadow_bytes + (self._stores.shadow_bytes if self._stores else 0)
                           if self._delta else 0),

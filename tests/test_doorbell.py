@@ -7,6 +7,7 @@ because each announcement and done key rings the receiver's doorbell.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -49,7 +50,7 @@ def test_only_published_bells_on_this_host_are_rung():
     assert same_host(values, here) == ["a"]
 
 
-def test_pushes_land_through_doorbells_when_polling_alone_would_miss_the_timeout(monkeypatch):
+def test_pushes_land_through_doorbells_when_polling_alone_would_miss_the_timeout(monkeypatch, tmp_path):
     # The receiver's polls (idle, and waiting for done keys) pause 60 s; the push timeout is 15 s.
     monkeypatch.setattr(receiver_module, "_IDLE_POLL_S", 60.0)
     monkeypatch.setattr(receiver_module, "_IDLE_POLL_MIN_S", 60.0)
@@ -58,7 +59,8 @@ def test_pushes_land_through_doorbells_when_polling_alone_would_miss_the_timeout
     monkeypatch.setattr(control_module, "_POLL_MAX_S", 60.0)
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
-    cfg = SyncConfig(control=f"127.0.0.1:{port}", job="bells", transport="shm", host_control=False, timeout_s=15.0)
+    cfg = SyncConfig(control=f"127.0.0.1:{port}", job="bells", transport="shm", host_control=False, timeout_s=15.0,
+                     trace_dir=str(tmp_path))
     ctx = spawn_context()
     results, commands = ctx.Queue(), ctx.Queue()
     procs = start_job(ctx, wire_workers.trainer, 1, results, [cfg], commands, results)
@@ -72,6 +74,9 @@ def test_pushes_land_through_doorbells_when_polling_alone_would_miss_the_timeout
             assert recv.wait_for(version, timeout=30) == version
         sender_bell = ControlPlane(store, "bells", 5.0).get(bell_key("sender", 0))
         assert recv._ring == [sender_bell[1]] and sender_bell[0] == recv.host
+        # Each push's Chrome trace holds its steps, announcing and acks included.
+        events = json.loads((tmp_path / "push3.rank0.trace.json").read_text())["traceEvents"]
+        assert {"scan", "plan", "go", "handoff", "done", "acks"} <= {e["name"] for e in events if e.get("ph") == "X"}
         commands.put("next")
     finally:
         if recv is not None:

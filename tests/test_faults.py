@@ -258,3 +258,32 @@ def test_a_receiver_that_never_starts():
 def _first_error(outcome: str) -> str:
     m = re.search(r"(ControlPlaneLost|SyncTimeout|SyncError|TrainerGone)", outcome)
     return m.group(1) if m else outcome[:80]
+
+
+def test_a_push_trace_is_written_once_its_acks_are_in(tmp_path):
+    """With trace_dir, the Chrome trace holds the push's every span, the acks' too, and is
+    written once, however often the handle is waited for; a failed push's trace as well."""
+    import json
+
+    from fsdp_sync.sender import PushHandle, PushResult
+    from fsdp_sync.trace import Trace
+
+    trace = Trace(3)
+    with trace.span("scan"):
+        pass
+    handle = PushHandle(7, 5, _after=lambda: time.sleep(0.01), _trace=trace, _trace_dir=str(tmp_path))
+    handle._outcome["result"] = PushResult(7, 5, 0.1, 0, {}, 0)
+    handle._finished.set()
+    result = handle.wait(timeout=10)
+    assert result.trace_path == str(tmp_path / "push5.rank3.trace.json") and result.acks_seconds >= 0.01
+    names = {e["name"] for e in json.loads(open(result.trace_path).read())["traceEvents"] if e.get("ph") == "X"}
+    assert names == {"scan", "acks"}
+    open(result.trace_path, "w").close()
+    assert handle.wait(timeout=10) is result and open(result.trace_path).read() == ""  # not written again
+
+    failed = PushHandle(8, 6, _trace=Trace(3), _trace_dir=str(tmp_path))
+    failed._outcome["error"] = SyncError("push 6 failed on sender 3")
+    failed._finished.set()
+    with pytest.raises(SyncError, match="push 6 failed"):
+        failed.wait(timeout=10)
+    assert (tmp_path / "push6.rank3.trace.json").exists()
