@@ -22,21 +22,31 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+_HANDED_OUT: set[int] = set()  # ports this process picked: a later pick never repeats one
+
+
 def free_port() -> int:
-    """A port nothing listens on, below the kernel's ephemeral range.
+    """A port nothing listens on, below the kernel's ephemeral range, never one this process
+    picked before.
 
     Outgoing connections (gloo pairs, store clients) take their local ports from that
     range, so a port picked there can be taken before its server binds it (EADDRINUSE).
+    Picks are often made before any is bound (a test's cases' control ports, then its jobs'
+    rendezvous ports): a repeat would leave two servers for one port, the second failing
+    with EADDRINUSE for its whole connect timeout.
     """
     low = _ephemeral_low()
     for _ in range(200):
         port = random.SystemRandom().randrange(max(1024, low - 16384), low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:  # a crowded range: take the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -68,3 +68,10 @@ def test_one_key_is_read_in_one_round_trip_and_a_missing_one_is_not_made(control
     with pytest.raises(SyncTimeout):
         control.wait_values(["never"], timeout_s=0.05)
     assert not control.has("never")
+
+
+def test_ports_picked_before_any_is_bound_never_repeat():
+    """A test picks its cases' control ports, then its jobs' rendezvous ports, before any
+    server binds one: two equal picks failed a CI run with EADDRINUSE."""
+    ports = [free_port() for _ in range(2000)]
+    assert len(set(ports)) == len(ports)
