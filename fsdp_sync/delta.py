@@ -99,8 +99,7 @@ class DeltaSender:
                 out.append((task, self._diff(task, program, new.view(-1), shadow, stats, destination)))
                 continue
             if shadow is None:
-                shadow = self.shadows[id(task)] = (torch.empty(new.numel(), dtype=new.dtype, pin_memory=True)
-                                                   if self.pinned else torch.empty_like(new).view(-1))
+                shadow = self.shadows[id(task)] = empty_shadow((new.numel(),), new.dtype, new.device, self.pinned)
             shadow.copy_(new.view(-1))
             if task.kind == DATA:
                 stats.elements += program.numel
@@ -154,6 +153,14 @@ class DeltaSender:
             return mask, count, True
         out[mask.view(out.shape)] = new[mask]
         return mask, count, False
+
+
+def empty_shadow(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pinned: bool) -> torch.Tensor:
+    """A shadow's memory (bytes unset): on ``device``, or pinned on the host
+    (``SyncConfig.delta_shadow="pinned"``), where a GPU's kernels reach it over PCIe."""
+    if pinned:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def delta_update_reference(new: torch.Tensor, shadow: torch.Tensor,

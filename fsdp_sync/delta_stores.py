@@ -18,17 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from .delta import digest
+from .delta import digest, empty_shadow
 from .plan import Task
 
 ITEMSIZES = (1, 2, 4, 8)  # the rows of ``changed``
 SPREAD = 64  # words per row: each program adds into one, so that atomics do not queue on one address
-
-
-def _empty(like: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
-    if pinned:
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-    return torch.empty(like.shape, dtype=like.dtype, device=device)
 
 
 class DeltaStores:
@@ -67,7 +61,7 @@ class DeltaStores:
         (its bytes are unset until an anchor stores them all)."""
         hit = self._shadows.get(id(task))
         if hit is None:
-            hit = self._shadows[id(task)] = (task, _empty(like, self.device, self.pinned))
+            hit = self._shadows[id(task)] = (task, empty_shadow(like.shape, like.dtype, self.device, self.pinned))
         return hit[1]
 
     def whole(self, nbytes: int, elements: int) -> None:

@@ -32,9 +32,9 @@ _LOCAL = operator.attrgetter("_local_tensor")
 _NEEDS_GRAD = operator.attrgetter("requires_grad")
 
 
-def _walk(model: nn.Module, buffers: tuple[str, ...] = ()) -> tuple[list[tuple[str, torch.Tensor]], list[nn.Module]]:
+def _walk(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[nn.Module]]:
     """(``list(model.named_parameters())``, every module once, in ``named_modules`` order),
-    without nn.Module's generator chain; then the named buffers matching a ``buffers`` pattern."""
+    without nn.Module's generator chain."""
     out: list[tuple[str, nn.Parameter]] = []
     modules: list[nn.Module] = []
     seen_modules: set[int] = set()
@@ -52,8 +52,6 @@ def _walk(model: nn.Module, buffers: tuple[str, ...] = ()) -> tuple[list[tuple[s
                 walk(child, prefix + name + ".")
 
     walk(model, "")
-    if buffers:
-        out.extend(synced_buffers(model, buffers))
     return out, modules
 
 

@@ -28,7 +28,7 @@ from .control import (CLOSED, ControlPlane, PUSH_LATEST, RECV_COUNT, ack_key, be
                       push_key, ready_key, recv_meta_key, sender_closed_key, sender_error_key, sender_host_key,
                       verify_key)
 from .controller import Controller
-from .delta import DeltaSender, DeltaStats
+from .delta import DeltaSender, DeltaStats, Encoded
 from .delta_plan import DELTA_KINDS
 from .delta_stores import DeltaStores
 from .doorbell import Doorbell, ring
@@ -96,18 +96,19 @@ class PushHandle:
             raise SyncError(f"push of version {self.version} ended without a result (its error is in the log)")
         if self._after is not None:  # the acks, waited for once: a second wait() gives their outcome
             after, self._after = self._after, None
-            started = time.perf_counter()
+            started, error = time.perf_counter(), None
             try:
-                if self._trace is not None:
-                    with self._trace.span("acks"):
-                        after()
-                else:
-                    after()
-            except BaseException as e:
-                self._outcome["error"] = e
+                after()
+            except BaseException as e:  # noqa: BLE001 - raised below, once its span is in the trace
+                error = e
+            ended = time.perf_counter()
+            if self._trace is not None:
+                self._trace.add("acks", started, ended)
+            if error is not None:
+                self._outcome["error"] = error
                 self._write_trace()
-                raise
-            self._outcome["result"].acks_seconds = time.perf_counter() - started
+                raise error
+            self._outcome["result"].acks_seconds = ended - started
         self._write_trace()
         if self._on_result is not None:
             self._on_result(self._outcome["result"])
@@ -161,6 +162,7 @@ class WeightSender:
         self.version: int | None = None
         self.seq = self.control.get(PUSH_LATEST, expect=int) if self.control.has(PUSH_LATEST) else 0
         self._plan: SenderPlan | None = None
+        self._full_bytes = 0  # what a full push of the plan sends from this rank, summed once per plan
         self._sources: dict[str, SourceParam] = {}
         self._sources_key: tuple | None = None
         self._scan = ParamScan(model, self._mesh_ranks, buffers=config.buffers)
@@ -476,6 +478,7 @@ class WeightSender:
             raise ControlPlaneError(f"control key {key} holds the plan of sender {plan.rank} with fingerprint "
                                     f"{plan.fingerprint}", key=key)
         self._plan = plan
+        self._full_bytes = sum(t.nbytes for t in plan.tasks)  # what a full push sends from this rank
         self.control.set_pollers(self._plan.num_senders + self._plan.num_receivers)
         for ranks in self._plan.groups:
             if ranks not in self._groups:
@@ -609,7 +612,7 @@ class WeightSender:
             return
         seconds = time.perf_counter() - started
         floor = self.controller.plan.stats.floor_s if self.controller else None
-        full = sum(t.nbytes for t in plan.tasks)
+        full = self._full_bytes
         stages = trace.stage_seconds()
         handle._outcome["result"] = PushResult(
             handle.version, seq, seconds, stats.bytes_sent if self._delta else full,
@@ -635,7 +638,7 @@ def _payload_bytes(packed: tuple) -> int:
     encoded bodies (None where a weight was written straight into its destination)."""
     total = 0
     for _, payload in packed[0]:
-        data = getattr(payload, "body", payload)
+        data = payload.body if isinstance(payload, Encoded) else payload
         if data is not None:
             total += data.numel() * data.element_size()
     return total
