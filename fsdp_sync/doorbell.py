@@ -27,7 +27,16 @@ _ringer_lock = threading.Lock()
 
 
 class Doorbell:
-    """This process's wake-up socket; ``sleep`` is a pause that a ring ends early."""
+    """This process's wake-up socket; ``sleep`` is a pause that a ring ends early.
+
+    Several threads of a process may pause at once (a sender's push thread and its caller),
+    and a ring drained by one must still end the others' pauses: otherwise a thread that
+    checked its key just before the ring, then found the socket emptied by another, would
+    sleep its whole pause (up to a minute in tests that poll slowly, a flake). So one thread
+    at a time selects on the socket, holding a lock; it counts the rings it drains; the
+    others wait for the lock (as long as their own pause), and any thread whose count of
+    rings seen is behind polls at once.
+    """
 
     def __init__(self) -> None:
         self.address = f"fsdp_sync-{uuid.uuid4().hex}"
@@ -38,6 +47,9 @@ class Doorbell:
             self._sock.close()
             raise
         self._sock.setblocking(False)
+        self._lock = threading.Lock()  # held by the one thread that selects on the socket
+        self._rings = 0  # wake-ups drained so far (not datagrams: each drain counts once)
+        self._seen = threading.local()  # per thread: ``_rings`` when its last pause ended
 
     @classmethod
     def open(cls) -> "Doorbell | None":
@@ -50,14 +62,27 @@ class Doorbell:
             return None
 
     def sleep(self, seconds: float) -> None:
-        """Pause up to ``seconds``; a ring (or one that came since the last pause) ends it."""
-        try:
-            ready, _, _ = select.select([self._sock], [], [], seconds)
-        except (OSError, ValueError):  # closed under us: a plain pause
-            time.sleep(seconds)
+        """Pause up to ``seconds``; a ring ends it, and so does one that came since this
+        thread's last pause (also when another thread drained it)."""
+        seen = getattr(self._seen, "rings", -1)  # a thread's first pause counts every ring as new
+        deadline = time.monotonic() + seconds
+        if not self._lock.acquire(timeout=max(seconds, 0.0)):  # another thread selects; its wake frees it
+            self._seen.rings = self._rings
             return
-        if ready:
-            self._drain()
+        try:
+            remaining = deadline - time.monotonic()
+            if self._rings == seen and remaining > 0:
+                try:
+                    ready, _, _ = select.select([self._sock], [], [], remaining)
+                except (OSError, ValueError):  # closed under us: a plain pause
+                    time.sleep(remaining)
+                    return
+                if ready:
+                    self._drain()
+                    self._rings += 1
+        finally:
+            self._seen.rings = self._rings
+            self._lock.release()
 
     def _drain(self) -> None:
         while True:

@@ -29,6 +29,7 @@ def test_a_ring_ends_a_pause_and_a_ring_before_it_too():
     bell = Doorbell.open()
     assert bell is not None  # Linux: abstract Unix sockets
     try:
+        bell.sleep(0.0)  # a thread's first pause ends at once (it cannot know which rings it saw)
         threading.Timer(0.2, ring, args=([bell.address],)).start()
         started = time.monotonic()
         bell.sleep(30.0)
@@ -42,6 +43,51 @@ def test_a_ring_ends_a_pause_and_a_ring_before_it_too():
         bell.close()
     ring([bell.address, "fsdp_sync-nobody-listens-here"])  # gone or never there: no error
     bell.sleep(0.01)  # closed: a plain pause
+
+
+def test_a_ring_another_thread_drained_still_ends_this_threads_next_pause():
+    """Two threads of one process pause on one doorbell. A ring that the other thread drains
+    (as it would between this thread's look at its key and its pause) must not leave this
+    thread asleep for its whole pause."""
+    bell = Doorbell.open()
+    assert bell is not None
+    try:
+        bell.sleep(0.0)  # this thread's first pause: now it has seen every ring so far
+        other = threading.Thread(target=bell.sleep, args=(30.0,))
+        other.start()
+        time.sleep(0.2)  # the other thread selects on the socket
+        ring([bell.address])
+        other.join(timeout=20)
+        assert not other.is_alive(), "the ring did not end the other thread's pause"
+        started = time.monotonic()
+        bell.sleep(30.0)  # the ring came after this thread's last pause: poll at once
+        assert time.monotonic() - started < 20.0, "a ring drained by another thread was lost to this one"
+        started = time.monotonic()
+        bell.sleep(0.05)  # seen: a plain pause again
+        assert time.monotonic() - started >= 0.04
+    finally:
+        bell.close()
+
+
+def test_a_ring_ends_the_pauses_of_every_thread_waiting_on_it():
+    bell = Doorbell.open()
+    assert bell is not None
+    try:
+        for _ in range(2):
+            bell.sleep(0.0)
+        ended: list[float] = []
+        threads = [threading.Thread(target=lambda: (bell.sleep(0.0), bell.sleep(30.0), ended.append(time.monotonic())))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # one selects, two wait for its lock
+        rung = time.monotonic()
+        ring([bell.address])
+        for t in threads:
+            t.join(timeout=20)
+        assert len(ended) == 3 and max(ended) - rung < 10.0, ended
+    finally:
+        bell.close()
 
 
 def test_only_published_bells_on_this_host_are_rung():
