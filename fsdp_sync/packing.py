@@ -27,6 +27,7 @@ from .meta import SourceParam
 from .plan import DATA, Bucket, SenderPlan, Task
 from . import quant
 from .quant import get_quant_format, scales_from_amax
+from .staging import StagingSlots
 from .trace import Trace
 
 # torch 2.13 renamed all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
@@ -78,9 +79,11 @@ class _Replay:
     """A bucket's launches, recorded on the push that built them, to run again on later
     pushes while its source tensors stay where they were (FSDP2 updates shards in place).
 
-    Only buckets whose every task is stored straight into its destination are recorded:
-    then a push of the bucket is a memset, an amax launch, the all-reduce, the scale
-    arithmetic, a quantize launch per kind and the copies, with no Python per parameter.
+    A bucket is recorded when every launch reads the shards themselves and writes memory
+    that stays: destinations, or (``staging_slots``) its FP8 payloads' fixed places in
+    ``fsdp_sync.staging``. A push of the bucket is then a memset, an amax launch, the
+    all-reduce, the scale arithmetic, a quantize launch per kind and the copies, with no
+    Python per parameter.
     """
 
     sources: tuple[int, ...]  # data_ptr of each held tensor, in bucket order
@@ -94,7 +97,7 @@ class _Replay:
     rest: list = field(default_factory=list)  # (dst, src) copies too large for one launch
     stores: object | None = None  # delta pushes: PreparedLaunch of the large copies' changed elements
     whole: tuple[int, int] = (0, 0)  # delta pushes: bytes and weight elements stored whole
-    out: list = field(default_factory=list)
+    out: list = field(default_factory=list)  # (task, payload): None, or memory that stays (a slot, a shard)
 
     def run(self, bucket: Bucket, trace: Trace, mode: str, stores=None) -> list:
         with trace.span("amax" if mode == "direct" else "scale", f"bucket {bucket.index} (replay)"):
@@ -130,12 +133,17 @@ class BucketPacker:
 
     ``delta`` (grouped kernels and a ``destination`` only): the shadows its stores compare
     with, for delta pushes (``fsdp_sync.delta_stores``).
+
+    ``staging_slots`` (grouped kernels): FP8 payloads that are not stored straight into a
+    destination go into that many slots that outlive a push (``fsdp_sync.staging``), so
+    their buckets are recorded and replayed too; the pipeline must then hold at most that
+    many buckets at once (``run_pipeline(slots=...)``). 0: a fresh buffer per payload and push.
     """
 
     def __init__(self, plan: SenderPlan, sources: dict[str, SourceParam], groups: dict[tuple[int, ...], object],
                  device: torch.device, destination: Callable[[Task], torch.Tensor | None] | None = None,
                  kernels: str = "auto", remote: Callable[[Task], bool] | None = None, check_finite: bool = False,
-                 delta=None):
+                 delta=None, staging_slots: int = 0):
         """``remote(task)``: whether ``destination(task)`` is on a peer GPU (see GroupedCells.freeze).
         ``check_finite``: check the unquantized params for inf and NaN too (see ``fsdp_sync.finite``)."""
         self.plan = plan
@@ -160,6 +168,16 @@ class BucketPacker:
         self._replayable = False  # within one pack: every launch so far can be recorded
         for t in plan.tasks:
             self.tasks_of[t.bucket].append(t)
+        self._staging: StagingSlots | None = None  # where staged FP8 payloads live, if anywhere
+        if staging_slots and self.grouped:
+            staging = StagingSlots(plan.buckets, self.tasks_of, self._stages, device, count=staging_slots)
+            self._staging = staging if staging.capacity else None
+        self.slots = self._staging.count if self._staging is not None else 0  # for run_pipeline
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes held by the staging slots."""
+        return self._staging.nbytes if self._staging is not None else 0
 
     def pack(self, bucket: Bucket, local: dict[str, torch.Tensor],
              trace: Trace) -> tuple[list[tuple[Task, torch.Tensor | None]], FiniteCheck | None]:
@@ -197,7 +215,7 @@ class BucketPacker:
             if self.stores is not None:
                 replay.whole = tuple(self._whole)
                 self.stores.whole(*replay.whole)
-            if self._replayable and all(payload is None for _, payload in out):
+            if self._replayable:  # payloads are None, slots or shards: they stay where they are
                 replay.out = out
                 self._replays[bucket.index] = replay
         return out, self._finite(bucket, shards, replay)
@@ -442,18 +460,17 @@ class BucketPacker:
         """
         shape = self.sources[task.src].shape
         block = get_quant_format(task.fmt).block_shape(shape)
-        # A destination the kernels cannot store into (CPU memory from a GPU) gets a copy of
-        # what this returns, made by the caller.
-        direct = out is not None and out.device.type == self.device.type
+        direct = self._direct(out)
         if batches is None:  # per-box kernels or the torch reference: the grid is complete already
             self._replayable = False
             if direct and self.device.type == "cuda":
                 self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block, out=out)
                 return None
             return self.ops.quantize_box(part, task.src_box, grid, Box.full(grid.shape), block)
-        if not direct:
+        target = out if direct else self._staged(task, part.shape)
+        if target is None:
             self._replayable = False  # a fresh buffer per push, which a replay would keep alive
-        target = out if direct else torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
+            target = torch.empty(part.shape, dtype=quant.FP8_DTYPE, device=self.device)
         shadow = self.stores.shadow(task, target) if self.stores is not None and direct else None
         for box, whole, rel, blocks in self._pieces_of(task, inner, block):
             x, dst, region = part[rel], target[rel], grid[blocks]
@@ -470,6 +487,19 @@ class BucketPacker:
                 self._whole[0] += dst.numel()
                 self._whole[1] += dst.numel()
         return None if direct else target
+
+    def _direct(self, out: torch.Tensor | None) -> bool:
+        """Whether the kernels store into ``out`` themselves. A destination they cannot store
+        into (CPU memory from a GPU) gets a copy of the payload, made by the caller."""
+        return out is not None and out.device.type == self.device.type
+
+    def _stages(self, task: Task) -> bool:
+        """Whether the task's FP8 goes into a payload (not straight into its destination)."""
+        return task.kind == DATA and task.fmt != "none" and not self._direct(self.destination(task))
+
+    def _staged(self, task: Task, shape: torch.Size) -> torch.Tensor | None:
+        """The task's FP8 payload in the staging slots; None without slots."""
+        return self._staging.target(task, shape) if self._staging is not None else None
 
     def _pieces_of(self, task: Task, inner: Box | None, block: tuple[int, ...]) -> list[tuple]:
         """(box, whole, its slices in the task's box, its slices in the scale grid) per piece

@@ -3,7 +3,9 @@
 The producer (the caller's thread) runs gather/H2D and quantize+pack per bucket; a
 transfer thread sends and then releases the bucket's memory. A byte budget (the
 watermark) bounds temporary bytes in flight: a bucket waits until it fits, except when
-nothing else is in flight, so one oversized bucket can still pass alone.
+nothing else is in flight, so one oversized bucket can still pass alone. With ``slots``
+at most that many buckets are between the start of their packing and the end of their
+transfer (the packer's staging slots, ``fsdp_sync.staging``).
 """
 
 from __future__ import annotations
@@ -41,9 +43,18 @@ class ByteBudget:
             self._cond.notify_all()
 
 
+def _acquire(free: threading.Semaphore, stop: threading.Event) -> bool:
+    """Take a slot, or give up (False) once ``stop`` is set."""
+    while not free.acquire(timeout=0.05):
+        if stop.is_set():
+            return False
+    return True
+
+
 def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce: Callable[[Item], object],
                  transfer: Callable[[object], None], budget: ByteBudget, trace: Trace,
-                 worker: PushThread | None = None, held: Callable[[object], int] | None = None) -> None:
+                 worker: PushThread | None = None, held: Callable[[object], int] | None = None,
+                 slots: int | None = None) -> None:
     """Run ``produce`` then ``transfer`` on every item, the two stages overlapping.
 
     Each item reserves ``nbytes(item)`` of the budget while it is produced; ``held(packed)``
@@ -55,10 +66,13 @@ def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce
     The transfers run on ``worker``, a long-lived thread (a fresh one if None: starting a
     thread costs ~0.1-0.8 ms, as the new thread takes the GIL before ``start`` returns).
     An error on either side stops the other and is raised here.
+
+    ``slots``: the i-th item is produced only once item i - slots has been transferred.
     """
     handoff: queue.Queue = queue.Queue()
     stop = threading.Event()
     errors: list[BaseException] = []
+    free = threading.Semaphore(slots) if slots else None
 
     def transfer_loop() -> None:
         while True:
@@ -77,6 +91,8 @@ def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce
                 del packed
                 with trace.span("release"):
                     budget.release(size)
+                    if free is not None:
+                        free.release()
 
     transfers_ended = threading.Event()
     own = worker is None
@@ -87,12 +103,16 @@ def run_pipeline(work: Iterable[Item], *, nbytes: Callable[[Item], int], produce
         for item in work:
             if stop.is_set():
                 break
+            if free is not None and not _acquire(free, stop):
+                break
             size = nbytes(item)
             budget.acquire(size, stop)
             try:
                 packed = produce(item)
             except BaseException:
                 budget.release(size)
+                if free is not None:
+                    free.release()
                 raise
             if held is not None:
                 keep = min(size, held(packed))

@@ -44,6 +44,9 @@ from .trainer_group import trainer_group
 from .transport import get_transport
 
 log = logging.getLogger("fsdp_sync")
+# Staged FP8 payloads live in this many slots that outlive a push (fsdp_sync.staging): the
+# transfer of one bucket overlaps the packing of the next, and their launches replay.
+STAGING_SLOTS = 2
 
 
 @dataclass
@@ -524,7 +527,8 @@ class WeightSender:
         self._packer = BucketPacker(self._plan, self._sources, self._groups, self.device,
                                     destination=self._transport.destination if fused else None,
                                     kernels=self.config.kernels, remote=self._transport.writes_to_peer,
-                                    check_finite=self.config.check_finite, delta=self._stores)
+                                    check_finite=self.config.check_finite, delta=self._stores,
+                                    staging_slots=STAGING_SLOTS)
 
     # -- the push itself -----------------------------------------------------------------
     def _run(self, handle: PushHandle, local: dict[str, torch.Tensor], submitted: float) -> None:
@@ -585,7 +589,8 @@ class WeightSender:
             if self._transfer_thread is None:
                 self._transfer_thread = PushThread(f"fsdp_sync-transfer-rank{self.rank}")
             run_pipeline(plan.buckets, nbytes=lambda b: b.nbytes, produce=produce, transfer=transfer,
-                         budget=budget, trace=trace, worker=self._transfer_thread, held=_payload_bytes)
+                         budget=budget, trace=trace, worker=self._transfer_thread, held=_payload_bytes,
+                         slots=self._packer.slots or None)
             if stores is not None:
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     stored, changed = stores.end()

@@ -97,6 +97,54 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
     assert packer._replays[bucket_of_moved] is not replays[bucket_of_moved]
 
 
+def test_staged_payloads_live_in_slots_and_their_buckets_replay():
+    """A two-sided transport's payloads (no destination) with staging slots: each FP8 payload
+    has a fixed place in its bucket's slot (consecutive buckets in different slots), so the
+    bucket is recorded on the first push and replayed on later ones, and the payloads
+    follow the weights' new values, bit for bit with the reference."""
+    sources = sources_on(SHAPES, [0], [Shard(0)])
+    receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")
+    sender = plan(sources, receivers, watermark_bytes=300_000).for_sender(0)
+    assert len(sender.buckets) >= 2
+    packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="grouped",
+                          staging_slots=2)
+    reference = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="reference")
+    assert packer.slots == 2 and packer.staging_bytes > 0
+    slots = packer._staging._buffer
+    gen = torch.Generator().manual_seed(2)
+    local = {s.name: (torch.randn(s.shape, generator=gen) * 3).to(torch.bfloat16) for s in sources}
+
+    def check(push: int) -> dict[int, set[int]]:
+        used: dict[int, set[int]] = {}  # bucket position -> the slots its FP8 payloads lie in
+        for position, bucket in enumerate(sender.buckets):
+            got = packer.pack(bucket, local, Trace(0))[0]
+            want = reference.pack(bucket, local, Trace(0))[0]
+            assert [t for t, _ in got] == [t for t, _ in want]
+            for (task, g), (_, w) in zip(got, want):
+                assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8), w.view(torch.uint8)), (push, task)
+                if g.dtype == torch.float8_e4m3fn:
+                    offset = g.data_ptr() - slots.data_ptr()
+                    assert 0 <= offset < slots.numel() and offset % 16 == 0
+                    used.setdefault(position, set()).add(offset // slots.shape[1])
+        return used
+
+    used = check(0)
+    assert all(len(s) == 1 for s in used.values()) and len(set().union(*used.values())) == 2
+    assert all(used[p] != used[p + 1] for p in used if p + 1 in used)
+    replays = dict(packer._replays)
+    assert set(replays) == {b.index for b in sender.buckets}
+    for name in local:  # an optimizer step: in place, new values
+        local[name].mul_(-2).add_(0.5)
+    assert check(1) == used
+    assert packer._replays == replays  # the same recorded launches ran
+
+    fresh = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="grouped")
+    assert fresh.slots == 0
+    for bucket in sender.buckets:  # without slots a staged bucket is not recorded
+        fresh.pack(bucket, local, Trace(0))
+    assert fresh._replays == {}
+
+
 def test_inf_or_nan_in_a_weight_is_refused_naming_it():
     """FP8 params show it in their block scales (reference, grouped fused and two-pass, and
     a replayed bucket); unquantized ones (the norm) are checked with check_finite only.

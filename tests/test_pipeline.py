@@ -60,3 +60,50 @@ def test_products_that_hold_their_bytes_wait_for_the_budget(held):
     gate.set()
     done.join(timeout=30)
     assert produced == [0, 1, 2, 3] and box[0].peak <= 100 and box[0].in_flight == 0
+
+
+def test_slots_let_an_item_start_only_once_the_one_that_many_before_it_is_transferred():
+    """Staging slots (fsdp_sync.staging): item i reuses item i - 2's memory, so it must not be
+    produced before that transfer ended, even when the byte budget would let it."""
+    produced: list[int] = []
+    transferred: list[int] = []
+    seen: list[tuple[int, list[int]]] = []  # (item, what was transferred when its production began)
+    gates = [threading.Event() for _ in range(5)]
+
+    def produce(i: int) -> int:
+        seen.append((i, list(transferred)))
+        produced.append(i)
+        return i
+
+    def transfer(i: int) -> None:
+        if not gates[i].wait(timeout=30):
+            raise TimeoutError("the test never opened the gate")
+        transferred.append(i)
+
+    done = threading.Thread(target=lambda: run_pipeline(
+        range(5), nbytes=lambda i: 1, produce=produce, transfer=transfer, budget=ByteBudget(watermark_bytes=100),
+        trace=Trace(0), slots=2))
+    done.start()
+    deadline = time.monotonic() + 30
+    while len(produced) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # room for a wrong third start to show
+    assert produced == [0, 1]
+    for i in range(5):
+        gates[i].set()
+        deadline = time.monotonic() + 30
+        while len(transferred) <= i and time.monotonic() < deadline:
+            time.sleep(0.01)
+    done.join(timeout=30)
+    assert not done.is_alive() and transferred == [0, 1, 2, 3, 4]
+    assert all(i < 2 or i - 2 in before for i, before in seen), seen
+
+
+def test_slots_do_not_hang_a_failed_transfer():
+    """A transfer error stops the producer even while it waits for a slot."""
+    def transfer(i: int) -> None:
+        raise RuntimeError(f"transfer {i} failed")
+
+    with pytest.raises(RuntimeError, match="transfer 0 failed"):
+        run_pipeline(range(6), nbytes=lambda i: 1, produce=lambda i: i, transfer=transfer,
+                     budget=ByteBudget(watermark_bytes=100), trace=Trace(0), slots=1)
