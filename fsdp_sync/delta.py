@@ -82,8 +82,13 @@ class DeltaSender:
         """The items to hand the transport: the payloads themselves on an anchor push (the
         shadows take a copy), their changes on a delta push. ``destination(task)``: the
         one-sided transport's view of the task's destination. A None payload is a task the
-        packer stored itself (``fsdp_sync.delta_stores``), which counts its own bytes."""
-        out = []
+        packer stored itself (``fsdp_sync.delta_stores``), which counts its own bytes.
+
+        A delta push runs every task's pass first and reads all their change counts in one
+        device sync for the bucket, not one per task; the two-sided bodies are then built
+        knowing their sizes, with no further sync."""
+        out: list = []
+        passes = []  # (index in out, task, program, new, mask, count tensor, whether out was written whole)
         for task, payload in items:
             program = self.programs[id(task)]
             stats.full_bytes += task.nbytes
@@ -96,7 +101,18 @@ class DeltaSender:
                 stats.digests[f"{task.receiver}/{task.seq}"] = digest(new)
             shadow = self.shadows.get(id(task))
             if delta and shadow is not None:
-                out.append((task, self._diff(task, program, new.view(-1), shadow, stats, destination)))
+                if self.one_sided and program.dense:  # a scale grid: stored whole, like a full push
+                    shadow.copy_(new.view(-1))
+                    bits(destination(task)).copy_(new.view(task.dst_box.sizes))
+                    stats.bytes_sent += task.nbytes
+                    out.append((task, None))
+                    continue
+                dst = bits(destination(task)) if self.one_sided else None
+                flat = new.view(-1)
+                mask, count, whole = self._update(
+                    flat, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
+                passes.append((len(out), task, program, flat, mask, count, whole))
+                out.append(None)  # filled in below, once the counts are read
                 continue
             if shadow is None:
                 shadow = self.shadows[id(task)] = empty_shadow((new.numel(),), new.dtype, new.device, self.pinned)
@@ -110,18 +126,15 @@ class DeltaSender:
             else:
                 out.append((task, payload))
                 stats.bytes_sent += task.nbytes
+        counts = torch.stack([p[5] for p in passes]).tolist() if passes else []  # the bucket's one sync
+        for (at, task, program, new, mask, _, whole), count in zip(passes, counts):
+            out[at] = (task, self._emit(task, program, new, mask, count, whole, stats))
         return out
 
-    def _diff(self, task: Task, program: DeltaProgram, new: torch.Tensor, shadow: torch.Tensor,
-              stats: DeltaStats, destination) -> object:
-        if self.one_sided and program.dense:  # a scale grid: stored whole, like a full push
-            shadow.copy_(new)
-            bits(destination(task)).copy_(new.view(task.dst_box.sizes))
-            stats.bytes_sent += task.nbytes
-            return None
-        dst = bits(destination(task)) if self.one_sided else None
-        mask, count, whole = self._update(new, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
-        count = int(count)
+    def _emit(self, task: Task, program: DeltaProgram, new: torch.Tensor, mask: torch.Tensor, count: int,
+              whole: bool, stats: DeltaStats) -> object:
+        """A delta task's item once its change count is known: None where the pass stored it
+        (one-sided), else its encoded body; its bytes and changes counted."""
         if task.kind == DATA:
             stats.elements += program.numel
             stats.changed += count
@@ -129,7 +142,7 @@ class DeltaSender:
             stats.bytes_sent += (program.numel if whole else count) * program.itemsize
             return None
         encoding = program.choose(count, self.mode)
-        encoded = Encoded(encoding, count, encode_body(program, encoding, mask, new))
+        encoded = Encoded(encoding, count, encode_body(program, encoding, mask, new, count=count))
         stats.bytes_sent += HEADER_BYTES + encoded.body.numel()
         return encoded
 
@@ -176,13 +189,18 @@ def delta_update_reference(new: torch.Tensor, shadow: torch.Tensor,
     return mask, mask.sum(dtype=torch.int64)
 
 
-def encode_body(program: DeltaProgram, encoding: int, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """The uint8 body of ``encoding`` for the changed elements of ``new`` (flat bits)."""
+def encode_body(program: DeltaProgram, encoding: int, mask: torch.Tensor, new: torch.Tensor, *,
+                count: int | None = None) -> torch.Tensor:
+    """The uint8 body of ``encoding`` for the changed elements of ``new`` (flat bits).
+    ``count``: how many changed, if known; then no step waits on the device for it."""
     if encoding == DENSE:
         return new.view(torch.uint8)
-    values = new[mask].view(torch.uint8)
+    if count is None:
+        count = int(mask.sum())
+    positions = torch.nonzero_static(mask.view(-1), size=count).view(-1)
+    values = new[positions].view(torch.uint8)
     if encoding == POSITIONS:
-        return torch.cat([mask.nonzero().view(-1).to(program.index_dtype).view(torch.uint8), values])
+        return torch.cat([positions.to(program.index_dtype).view(torch.uint8), values])
     assert encoding == BITMAP
     padded = torch.zeros(program.bitmap_nbytes * 8, dtype=torch.uint8, device=mask.device)
     padded[:mask.numel()] = mask

@@ -159,6 +159,32 @@ def test_sender_anchor_then_delta_one_and_two_sided(kernels, strided):
         assert not strided or (not holder[:, :8].any() and not holder[:, 72:].any())
 
 
+def test_a_delta_bucket_reads_its_change_counts_in_one_sync(monkeypatch):
+    """Every task's pass runs first and the bucket's counts are read together: on a GPU each
+    read of a count waits for the device, so one per task cost a sync apiece. Bodies are
+    then built from the known counts; each still rebuilds its payload at the receiver."""
+    tasks = [_task(DATA, Box((0, 0), (4, 64)), 4 * 64 * 2, seq=i) for i in range(5)]
+    pairs = [(t.view(4, 64), u.view(4, 64)) for t, u in (_pair(256, torch.bfloat16, 0.05, seed=i) for i in range(5))]
+    sender = DeltaSender(tasks, torch.device("cpu"), mode="auto", one_sided=False, kernels="reference")
+    sender.encode([(t, old) for t, (old, _) in zip(tasks, pairs)], delta=False, stats=DeltaStats())
+    real = {"tolist": torch.Tensor.tolist, "__int__": torch.Tensor.__int__, "item": torch.Tensor.item}
+    reads = dict.fromkeys(real, 0)  # the ways a Python value is read off a tensor
+    for attr, method in real.items():
+        def counted(self, *args, _attr=attr, _method=method, **kwargs):
+            reads[_attr] += 1
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, attr, counted)
+    stats = DeltaStats()
+    items = sender.encode([(t, new) for t, (_, new) in zip(tasks, pairs)], delta=True, stats=stats)
+    monkeypatch.undo()
+    assert reads == {"tolist": 1, "__int__": 0, "item": 0}, reads
+    for (task, encoded), (old, new) in zip(items, pairs):
+        dest = old.clone()
+        apply(sender.programs[id(task)], encoded, dest)
+        assert torch.equal(bits(dest), bits(new))
+    assert stats.changed == sum(int((bits(o) != bits(n)).sum()) for o, n in pairs)
+
+
 def test_digest_sees_one_byte():
     x = torch.randn(1000).to(torch.bfloat16)
     y = x.clone()
