@@ -9,6 +9,8 @@ timeout_s, and a staged receiver keeps its last whole version. Each case prints 
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 import signal
@@ -34,7 +36,9 @@ class Fleet:
     """A trainer job (``senders`` processes) and this process's staged receiver of rank 0."""
 
     def __init__(self, cfg: SyncConfig, *, senders: int = 2, versions=(1, 2), stall=None, receivers: int = 1,
-                 extra_receiver: bool = False):
+                 extra_receiver: bool = False, receiver_timeout_s: float | None = None):
+        """``receiver_timeout_s``: this process's receiver's own, where the sender's timeout must
+        fire first (two equal timeouts started milliseconds apart race under load)."""
         self.cfg, self.ctx = cfg, spawn_context()
         self.results = self.ctx.Queue()
         self.trainer = start_job(self.ctx, fleet_workers.trainer, senders, self.results, cfg, list(versions),
@@ -44,7 +48,8 @@ class Fleet:
         if extra_receiver:  # receiver rank 1, a process of its own
             self.other = self.ctx.Process(target=fleet_workers.lone_receiver, args=(cfg, 1, receivers, 9, self.replica))
             self.other.start()
-        self.receiver = WeightReceiver(fleet_workers.model(), config=cfg, rank=0, world_size=receivers,
+        own = cfg if receiver_timeout_s is None else dataclasses.replace(cfg, timeout_s=receiver_timeout_s)
+        self.receiver = WeightReceiver(fleet_workers.model(), config=own, rank=0, world_size=receivers,
                                        commit="staged")
 
     def serve_version_1(self) -> None:
@@ -232,7 +237,10 @@ def test_killed_receiver_mid_push():
 
 
 def test_killed_receiver_between_pushes():
-    fleet = Fleet(_config("kill-recv-idle"), senders=1, receivers=2, extra_receiver=True)
+    # The sender's wait for the dead receiver must time out first, to name it: receiver 0 waits
+    # longer, and fails as soon as the sender's failure is recorded.
+    fleet = Fleet(_config("kill-recv-idle"), senders=1, receivers=2, extra_receiver=True,
+                  receiver_timeout_s=2 * TIMEOUT_S)
     fleet.serve_version_1()
     assert fleet.replica.get(timeout=scaled(60))[:2] == (1, 1)
     _kill(fleet.other)
