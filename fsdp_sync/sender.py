@@ -66,6 +66,7 @@ class PushResult:
     delta_base: int | None = None  # the version this push was a delta on; None: a full push
     changed_fraction: float | None = None  # of weight elements (scale grids not counted)
     shadow_bytes: int = 0  # the shadow of what this rank last sent (SyncConfig.delta_shadow: where)
+    staging_bytes: int = 0  # held between pushes for staged FP8 payloads (fsdp_sync.staging)
     # The fixed cost around the push thread: announcing (push() returning) by step, and the
     # wait for the receivers' acks (set once wait() read them).
     announce_seconds: dict[str, float] = field(default_factory=dict)
@@ -626,6 +627,7 @@ class WeightSender:
             changed_fraction=stats.changed / stats.elements if self._delta and stats.elements else None,
             shadow_bytes=(self._delta.shadow_bytes + (self._stores.shadow_bytes if self._stores else 0)
                           if self._delta else 0),
+            staging_bytes=self._packer.staging_bytes,
             announce_seconds={k: v for k, v in stages.items() if k in announce_stages})
 
     def _wait_for_acks(self, seq: int, version: int, receivers: list[int]) -> None:

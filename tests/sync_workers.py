@@ -166,6 +166,9 @@ def trainer(rank: int, world_size: int, cases: list[Case], results, barrier) -> 
             if "error" in outcome:
                 break
             barrier.wait(timeout=case.timeout_s)
+        if case.extra.get("report_replays"):  # buckets whose launches were recorded, of how many
+            results.put(("trainer", rank, case.name, "replays",
+                         pack((sorted(sender._packer._replays), len(sender._plan.buckets)))))
         if case.extra.get("report_reduce"):  # per bucket: whether direct mode still all-reduces amaxes
             results.put(("trainer", rank, case.name, "reduce", pack(sorted(sender._packer._reduce.items()))))
         if case.extra.get("bad_version"):
