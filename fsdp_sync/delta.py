@@ -84,9 +84,11 @@ class DeltaSender:
         one-sided transport's view of the task's destination. A None payload is a task the
         packer stored itself (``fsdp_sync.delta_stores``), which counts its own bytes.
 
-        A delta push runs every task's pass first and reads all their change counts in one
-        device sync for the bucket, not one per task; the two-sided bodies are then built
-        knowing their sizes, with no further sync."""
+        A delta push runs every task's pass first and reads all their change counts at once
+        (one device sync for the bucket where it was one per task); two-sided bodies are then
+        built knowing their sizes. Some passes still wait on the device themselves: a pinned
+        shadow's round trip, a strided or host destination's scatter or copy. Two-sided, each
+        task's change mask lives until the bucket's counts are read (a byte an element)."""
         out: list = []
         passes = []  # (index in out, task, program, new, mask, count tensor, whether out was written whole)
         for task, payload in items:
@@ -111,7 +113,8 @@ class DeltaSender:
                 flat = new.view(-1)
                 mask, count, whole = self._update(
                     flat, shadow, dst.view(-1) if dst is not None and dst.is_contiguous() else dst)
-                passes.append((len(out), task, program, flat, mask, count, whole))
+                # One-sided, the pass stored the change already: only its count is kept for later.
+                passes.append((len(out), task, program, flat, None if self.one_sided else mask, count, whole))
                 out.append(None)  # filled in below, once the counts are read
                 continue
             if shadow is None:
@@ -158,7 +161,9 @@ class DeltaSender:
             shadow.copy_(here)
             return result
         delta_pass = self._kernel or delta_update_reference
-        if out is None or (out.dim() == 1 and (self._kernel is not None or out.device == new.device)):
+        # The kernel stores into this GPU or a peer it can write, never into host memory.
+        kernel_reaches = self._kernel is not None and out is not None and out.device.type == new.device.type
+        if out is None or (out.dim() == 1 and (kernel_reaches or out.device == new.device)):
             return (*delta_pass(new, shadow, out), False)
         mask, count = delta_pass(new, shadow)
         if out.device != new.device:

@@ -12,8 +12,9 @@ Why a slot is never refilled while it is read: the pipeline holds at most ``coun
 buckets between the start of their packing and the end of their transfer
 (``run_pipeline(slots=...)``), and every transport's ``send`` returns only once it has
 read its payloads. Pushes do not overlap on a sender. The slots cost ``count`` times the
-largest bucket's staged FP8 bytes (buckets are at most half the watermark), held as long
-as the packer (the plan and transport) lives.
+largest bucket's staged FP8 bytes, padded (buckets are at most half the watermark, but for
+a parameter larger than that, alone in its bucket), held as long as the packer (the plan
+and transport) lives.
 """
 
 from __future__ import annotations

@@ -53,12 +53,14 @@ def test_a_ring_another_thread_drained_still_ends_this_threads_next_pause():
     assert bell is not None
     try:
         bell.sleep(0.0)  # this thread's first pause: now it has seen every ring so far
-        other = threading.Thread(target=bell.sleep, args=(30.0,))
+        # The other thread's first pause ends at once too; its second selects on the socket.
+        other = threading.Thread(target=lambda: (bell.sleep(0.0), bell.sleep(30.0)))
         other.start()
-        time.sleep(0.2)  # the other thread selects on the socket
+        time.sleep(0.2)
         ring([bell.address])
         other.join(timeout=20)
         assert not other.is_alive(), "the ring did not end the other thread's pause"
+        assert bell._rings == 1  # the other thread drained it: this one never saw the datagram
         started = time.monotonic()
         bell.sleep(30.0)  # the ring came after this thread's last pause: poll at once
         assert time.monotonic() - started < 20.0, "a ring drained by another thread was lost to this one"

@@ -100,7 +100,9 @@ def test_slots_let_an_item_start_only_once_the_one_that_many_before_it_is_transf
 
 
 def test_slots_do_not_hang_a_failed_transfer():
-    """A transfer error stops the producer even while it waits for a slot."""
+    """A transfer error ends the pipeline with that error when items wait for slots (a smoke
+    test: the transfer loop frees each slot whatever happens, so the producer never waits
+    on a slot that will not come back)."""
     def transfer(i: int) -> None:
         raise RuntimeError(f"transfer {i} failed")
 
