@@ -73,9 +73,9 @@ class Planned:
     hosts: list[str]
     devices: list[str]
 
-    def work(self, transport: str = "auto") -> dict[int, list[cm.BucketWork]]:
+    def work(self, transport: str = "auto", *, staged_replay: bool = False) -> dict[int, list[cm.BucketWork]]:
         return cm.count_work(self.plan, self.sources, self.receivers, sender_hosts=self.hosts,
-                             sender_devices=self.devices, transport=transport)
+                             sender_devices=self.devices, transport=transport, staged_replay=staged_replay)
 
 
 @dataclass
@@ -346,6 +346,15 @@ def print_validation(report: dict, rows: list[BenchRow], fit: Fit) -> None:
         errs = ", ".join(f"{r.error:+.1%}" for r in chosen)
         print(f"  {label}: {len(chosen)} rows, {within} within 15% ({errs})")
     print(f"  twins dropped: {sum(k == 'twin' for k in kind.values())} (case a reconstruct = direct at 1 -> 1)")
+    print("  forecast, not measured: the NCCL rows on the code since the staging slots (489eae8),")
+    print("  whose two-sided buckets replay like cuda_ipc's (same constants, replayed work):")
+    for r in rows:
+        if r.transport == "nccl":
+            ahead = cm.predict(r.planned.plan, r.planned.work(r.transport, staged_replay=True),
+                               bench_hardware(r.ceilings, fit.hw), fit.ov,
+                               watermark_bytes=r.raw["watermark_bytes"]).seconds
+            print(f"  {r.case:<5}{r.quant:<10}{r.mode:<12}{r.transport:<10}{r.measured_s * 1e3:12.1f}"
+                  f"{ahead * 1e3:13.1f}   (measured before)")
     print("  rank-0 funnel (handshake per parameter fitted on case a, none):")
     for case in report["cases"]:
         hw = bench_hardware(case["ceilings"], fit.hw)

@@ -235,6 +235,24 @@ def test_count_work_replays_only_buckets_stored_straight_into_their_destinations
     assert sum(w.peer_in_bytes for w in ipc) == 0  # no sender on the receiver's GPU
 
 
+def test_staged_replay_counts_two_sided_buckets_as_replayed():
+    """The forecast for the code since the staging slots: over nccl case a's buckets replay
+    (no Python per task) and still send every byte; the default counts them packed afresh."""
+    report = json.loads(simulate.BENCH_RUN.read_text())
+    a = report["cases"][0]
+    planned = simulate.bench_plan("a", a["model"], "fp8_block", "direct", a["ceilings"], 4 << 30)
+    afresh, staged = planned.work("nccl")[0], planned.work("nccl", staged_replay=True)[0]
+    assert all(w.replayed for w in staged) and not any(w.replayed for w in afresh)
+    assert sum(w.tasks + w.quant_tasks + w.amax_params for w in staged) == 0
+    assert sum(w.link_bytes for w in staged) == sum(w.link_bytes for w in afresh) == planned.plan.stats.bytes_total
+    assert sum(w.sends for w in staged) == planned.plan.stats.num_tasks
+    reconstruct = simulate.bench_plan("b", report["cases"][1]["model"], "fp8_block", "reconstruct",
+                                      report["cases"][1]["ceilings"], 4 << 30)
+    gathered = [w for ws in reconstruct.work("nccl", staged_replay=True).values() for w in ws]
+    assert any(w.collectives for w in gathered)
+    assert not any(w.replayed for w in gathered if w.collectives)  # a gather's buffers are fresh: packed afresh
+
+
 def test_quantize_launch_is_bound_by_the_slower_of_hbm_and_nvlink():
     hw = cm.Hardware(hbm_gbps=1.0, nvlink_gbps=1.0, peer_store_efficiency=0.5)  # 1 GB/s HBM, 0.5 GB/s stores
     local = cm.BucketWork(1, quant_bytes=3e9)

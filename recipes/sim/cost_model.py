@@ -170,7 +170,8 @@ class Prediction:
 
 def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[ReceiverMeta], *,
                sender_hosts: Sequence[str], sender_devices: Sequence[str] | None = None,
-               transport: str = "auto", max_write_bytes: int = 1 << 30) -> dict[int, list[BucketWork]]:
+               transport: str = "auto", max_write_bytes: int = 1 << 30,
+               staged_replay: bool = False) -> dict[int, list[BucketWork]]:
     """Per sender, the work of every bucket it takes part in, in pipeline order.
 
     This restates what ``fsdp_sync.packing`` and the transports do per bucket and task on
@@ -180,6 +181,10 @@ def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[R
     (``nccl`` inside a host, RDMA across hosts). A bucket whose every task is stored
     straight into its destination, in direct mode or by a shard group of one, is replayed:
     its launches were recorded, so it pays no Python per task.
+
+    ``staged_replay``: the code since the staging slots (``fsdp_sync.staging``, 489eae8)
+    replays such buckets whatever their transport (staged payloads keep their addresses).
+    Off by default: the NCCL rows the constants were fitted on ran the code before it.
     """
     devices = sender_devices or [""] * len(sender_hosts)
     mapped = transport in _MAPPED
@@ -212,8 +217,8 @@ def count_work(plan: Plan, sources: Sequence[SourceParam], receivers: Sequence[R
         for s in b.group:
             w = BucketWork(b.nbytes, peer_in_bytes=stored_in.get(devices[s], 0) if devices[s] else 0)
             mine_tasks = tasks_of.get((s, b.index), ())
-            w.replayed = (plan.mode == "direct" or size == 1) and all(
-                mapped and recv[t.receiver].host == sender_hosts[s] for t in mine_tasks)
+            w.replayed = (plan.mode == "direct" or size == 1) and (staged_replay or all(
+                mapped and recv[t.receiver].host == sender_hosts[s] for t in mine_tasks))
             for name in b.params:
                 src = by_name[name]
                 box = held[(name, b.group)][s]
