@@ -97,31 +97,35 @@ def test_direct_writes_are_recorded_and_replayed_while_the_shards_stay():
     assert packer._replays[bucket_of_moved] is not replays[bucket_of_moved]
 
 
-def test_staged_payloads_live_in_slots_and_their_buckets_replay():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_staged_payloads_live_in_slots_and_their_buckets_replay(device):
     """A two-sided transport's payloads (no destination) with staging slots: each FP8 payload
     has a fixed place in its bucket's slot (consecutive buckets in different slots), so the
     bucket is recorded on the first push and replayed on later ones, and the payloads
-    follow the weights' new values, bit for bit with the reference."""
+    follow the weights' new values, bit for bit with the reference (on the CPU, from the
+    same weights). On CPU the grouped kernels run interpreted; on a GPU compiled."""
+    device = torch.device(device)
     sources = sources_on(SHAPES, [0], [Shard(0)])
     receivers = receivers_for(sources, num_replicas=1, tp=2, quant="fp8_block")
     sender = plan(sources, receivers, watermark_bytes=300_000).for_sender(0)
     assert len(sender.buckets) >= 2
-    packer = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="grouped",
-                          staging_slots=2)
+    packer = BucketPacker(sender, {s.name: s for s in sources}, {}, device, kernels="grouped", staging_slots=2)
     reference = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="reference")
     assert packer.slots == 2 and packer.staging_bytes > 0
     slots = packer._staging._buffer
     gen = torch.Generator().manual_seed(2)
     local = {s.name: (torch.randn(s.shape, generator=gen) * 3).to(torch.bfloat16) for s in sources}
+    shards = {n: t.to(device) for n, t in local.items()} if device.type != "cpu" else local
 
     def check(push: int) -> dict[int, set[int]]:
         used: dict[int, set[int]] = {}  # bucket position -> the slots its FP8 payloads lie in
         for position, bucket in enumerate(sender.buckets):
-            got = packer.pack(bucket, local, Trace(0))[0]
+            got = packer.pack(bucket, shards, Trace(0))[0]
             want = reference.pack(bucket, local, Trace(0))[0]
             assert [t for t, _ in got] == [t for t, _ in want]
             for (task, g), (_, w) in zip(got, want):
-                assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8), w.view(torch.uint8)), (push, task)
+                assert g.dtype == w.dtype and torch.equal(g.cpu().view(torch.uint8), w.view(torch.uint8)), (push, task)
                 if g.dtype == torch.float8_e4m3fn:
                     offset = g.data_ptr() - slots.data_ptr()
                     assert 0 <= offset < slots.numel() and offset % 16 == 0
@@ -135,13 +139,15 @@ def test_staged_payloads_live_in_slots_and_their_buckets_replay():
     assert set(replays) == {b.index for b in sender.buckets}
     for name in local:  # an optimizer step: in place, new values
         local[name].mul_(-2).add_(0.5)
+        if shards[name] is not local[name]:
+            shards[name].copy_(local[name])  # in place on the device too: the shard stays where it is
     assert check(1) == used
     assert packer._replays == replays  # the same recorded launches ran
 
-    fresh = BucketPacker(sender, {s.name: s for s in sources}, {}, torch.device("cpu"), kernels="grouped")
+    fresh = BucketPacker(sender, {s.name: s for s in sources}, {}, device, kernels="grouped")
     assert fresh.slots == 0
     for bucket in sender.buckets:  # without slots a staged bucket is not recorded
-        fresh.pack(bucket, local, Trace(0))
+        fresh.pack(bucket, shards, Trace(0))
     assert fresh._replays == {}
 
 
