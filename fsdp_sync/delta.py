@@ -20,6 +20,7 @@ from .delta_plan import BITMAP, DENSE, POSITIONS, HEADER_BYTES, BITS_DTYPES, Del
 from .plan import DATA, Task
 
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
+MASK_BATCH_BYTES = 64 << 20  # two-sided change masks waiting for their counts, at most (then one more sync)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -88,9 +89,11 @@ class DeltaSender:
         (one device sync for the bucket where it was one per task); two-sided bodies are then
         built knowing their sizes. Some passes still wait on the device themselves: a pinned
         shadow's round trip, a strided or host destination's scatter or copy. Two-sided, each
-        task's change mask lives until the bucket's counts are read (a byte an element)."""
+        task's change mask (a byte an element) waits until the counts are read, so they are
+        read once ``MASK_BATCH_BYTES`` of masks wait, and at the bucket's end."""
         out: list = []
         passes = []  # (index in out, task, program, new, mask, count tensor, whether out was written whole)
+        held = 0  # bytes of the masks in ``passes``
         for task, payload in items:
             program = self.programs[id(task)]
             stats.full_bytes += task.nbytes
@@ -116,6 +119,10 @@ class DeltaSender:
                 # One-sided, the pass stored the change already: only its count is kept for later.
                 passes.append((len(out), task, program, flat, None if self.one_sided else mask, count, whole))
                 out.append(None)  # filled in below, once the counts are read
+                held += 0 if self.one_sided else mask.numel()
+                if held > MASK_BATCH_BYTES:  # bound the masks waiting: read these counts now
+                    self._emit_all(out, passes, stats)
+                    passes, held = [], 0
                 continue
             if shadow is None:
                 shadow = self.shadows[id(task)] = empty_shadow((new.numel(),), new.dtype, new.device, self.pinned)
@@ -129,10 +136,14 @@ class DeltaSender:
             else:
                 out.append((task, payload))
                 stats.bytes_sent += task.nbytes
-        counts = torch.stack([p[5] for p in passes]).tolist() if passes else []  # the bucket's one sync
+        self._emit_all(out, passes, stats)
+        return out
+
+    def _emit_all(self, out: list, passes: list, stats: DeltaStats) -> None:
+        """Read the passes' counts in one device sync, then put their items in ``out``."""
+        counts = torch.stack([p[5] for p in passes]).tolist() if passes else []
         for (at, task, program, new, mask, _, whole), count in zip(passes, counts):
             out[at] = (task, self._emit(task, program, new, mask, count, whole, stats))
-        return out
 
     def _emit(self, task: Task, program: DeltaProgram, new: torch.Tensor, mask: torch.Tensor, count: int,
               whole: bool, stats: DeltaStats) -> object:

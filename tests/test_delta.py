@@ -185,6 +185,28 @@ def test_a_delta_bucket_reads_its_change_counts_in_one_sync(monkeypatch):
     assert stats.changed == sum(int((bits(o) != bits(n)).sum()) for o, n in pairs)
 
 
+def test_two_sided_masks_waiting_for_their_counts_are_bounded(monkeypatch):
+    """A bucket whose change masks would outgrow MASK_BATCH_BYTES reads its counts in turns:
+    here 256-byte masks against a 300-byte bound, so every second task's pass flushes."""
+    from fsdp_sync import delta as delta_module
+
+    monkeypatch.setattr(delta_module, "MASK_BATCH_BYTES", 300)
+    tasks = [_task(DATA, Box((0, 0), (4, 64)), 4 * 64 * 2, seq=i) for i in range(5)]
+    pairs = [(t.view(4, 64), u.view(4, 64)) for t, u in (_pair(256, torch.bfloat16, 0.05, seed=10 + i) for i in range(5))]
+    sender = DeltaSender(tasks, torch.device("cpu"), mode="auto", one_sided=False, kernels="reference")
+    sender.encode([(t, old) for t, (old, _) in zip(tasks, pairs)], delta=False, stats=DeltaStats())
+    real, reads = torch.Tensor.tolist, []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    items = sender.encode([(t, new) for t, (_, new) in zip(tasks, pairs)], delta=True, stats=DeltaStats())
+    monkeypatch.undo()
+    assert reads == [2, 2, 1], reads  # counts read two tasks at a time, then the last one
+    assert [t for t, _ in items] == tasks
+    for (task, encoded), (old, new) in zip(items, pairs):
+        dest = old.clone()
+        apply(sender.programs[id(task)], encoded, dest)
+        assert torch.equal(bits(dest), bits(new))
+
+
 def test_digest_sees_one_byte():
     x = torch.randn(1000).to(torch.bfloat16)
     y = x.clone()
