@@ -251,6 +251,12 @@ class ControlPlane:
         refused: dict[str, str] = {}
         pending = keys
         pause = _POLL_MIN_S
+
+        def open_keys() -> list[str]:
+            """Named on failure: the keys still missing (or refused), not those merely read in no
+            poll yet (with several pending, a poll reads them only once all exist)."""
+            return [k for k in pending if k in refused or not self.store.check([k])] or pending
+
         while True:
             if not pending:
                 return [values[k] for k in keys]
@@ -276,12 +282,11 @@ class ControlPlane:
                     continue
             if abort is not None and (reason := abort()):
                 # Another side failed first; what this one still waited for may name the culprit.
-                still = f" (this side still waited for {describe(pending)})" if describe else ""
+                still = f" (this side still waited for {describe(open_keys())})" if describe else ""
                 raise SyncError(reason + still)
             if time.monotonic() > deadline:
                 waited = f"{timeout_s or self.timeout_s:.1f}s"
-                # Name the keys still missing (or refused), not those merely read in no poll yet.
-                missing = [k for k in pending if k in refused or not self.store.check([k])] or pending
+                missing = open_keys()
                 what_open = describe(missing) if describe else f"keys {missing}"
                 if refused:
                     raise ControlPlaneError(f"gave up after {waited} waiting for {what_open}: "

@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from fsdp_sync.control import PUSH_FAILURES, ControlPlane, done_key, push_key, sender_error_key
-from fsdp_sync.errors import SyncTimeout
+from fsdp_sync.errors import SyncError, SyncTimeout
 from recipes.jobs import free_port
 
 
@@ -47,6 +47,20 @@ def test_a_failure_is_counted_and_then_found(control):
     assert control.failure_in(5, keys) is None  # another push's failure is not this one's
     control.record_failure(5)
     assert control.add(PUSH_FAILURES, 0) == 2
+
+
+def test_a_wait_aborted_by_another_side_names_only_the_keys_still_missing(control):
+    """Several keys are read only once all exist, so the ones already set were never read; the
+    error must still name only the missing one (a sender waiting for two receivers' ready keys
+    that fails on a live receiver's report must blame the dead one)."""
+    keys = [f"ready/7/{r}" for r in range(3)]
+    control.set(keys[0], True)
+    control.set(keys[2], True)
+    with pytest.raises(SyncError, match=r"receiver 0 gave up \(this side still waited for \['ready/7/1'\]\)"):
+        control.wait_values(keys, accept=lambda v: v is True, describe=lambda ks: str(ks),
+                            abort=lambda: "receiver 0 gave up")
+    with pytest.raises(SyncTimeout, match=r"waiting for \['ready/7/1'\]"):
+        control.wait_values(keys, timeout_s=0.05, describe=lambda ks: str(ks))
 
 
 def test_get_many_reads_values_in_order_in_one_call(control):
