@@ -170,8 +170,9 @@ def bench_rows(report: dict) -> list[BenchRow]:
     return rows
 
 
-def predict_row(r: BenchRow, fit: Fit) -> cm.Prediction:
-    return cm.predict(r.planned.plan, r.work, bench_hardware(r.ceilings, fit.hw), fit.ov,
+def predict_row(r: BenchRow, fit: Fit, work: dict[int, list[cm.BucketWork]] | None = None) -> cm.Prediction:
+    """The model's prediction of a row, from its counted work or from ``work`` (another count of it)."""
+    return cm.predict(r.planned.plan, r.work if work is None else work, bench_hardware(r.ceilings, fit.hw), fit.ov,
                       watermark_bytes=r.raw["watermark_bytes"])
 
 
@@ -350,9 +351,7 @@ def print_validation(report: dict, rows: list[BenchRow], fit: Fit) -> None:
     print("  whose two-sided buckets replay like cuda_ipc's (same constants, replayed work):")
     for r in rows:
         if r.transport == "nccl":
-            ahead = cm.predict(r.planned.plan, r.planned.work(r.transport, staged_replay=True),
-                               bench_hardware(r.ceilings, fit.hw), fit.ov,
-                               watermark_bytes=r.raw["watermark_bytes"]).seconds
+            ahead = predict_row(r, fit, r.planned.work(r.transport, staged_replay=True)).seconds
             print(f"  {r.case:<5}{r.quant:<10}{r.mode:<12}{r.transport:<10}{r.measured_s * 1e3:12.1f}"
                   f"{ahead * 1e3:13.1f}   (measured before)")
     print("  rank-0 funnel (handshake per parameter fitted on case a, none):")
